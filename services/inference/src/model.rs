@@ -1,0 +1,296 @@
+//! Loaded ONNX models and the pool of sessions that runs them.
+//!
+//! `ort::Session::run` takes `&mut self`, so one session cannot serve two requests at once. For
+//! models this small, handing a request to another thread costs more than the inference, so
+//! each model keeps one session per core (one intra-op thread each); a request scans the pool
+//! with `try_lock` and runs inline on its own task. With as many tokio workers as sessions, a
+//! free session is almost always found; otherwise the request waits on one lock.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use mesh_runtime::registry::{FeatureKind, ModelManifest, ModelVersion};
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+
+use crate::error::InferenceError;
+
+/// ONNX Runtime allows one environment per process (a second `build()` fails even after the
+/// first is dropped), so it lives here once, shared by every model and by tests that start
+/// several replicas in one process.
+static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
+static ENVIRONMENT_INIT: Mutex<()> = Mutex::new(());
+
+/// Loads `libonnxruntime.so` from `dylib` (once per process) and returns the environment.
+pub fn environment(dylib: &Path) -> Result<Environment, InferenceError> {
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env.clone());
+    }
+    let _guard = ENVIRONMENT_INIT
+        .lock()
+        .map_err(|_| InferenceError::Runtime("environment lock poisoned".into()))?;
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env.clone());
+    }
+    let env = ort::init_from(dylib)
+        .map_err(|e| {
+            InferenceError::Runtime(format!(
+                "cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH; scripts/bootstrap.sh installs it)",
+                dylib.display()
+            ))
+        })?
+        .with_name("mesh-inference")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+    let _ = ENVIRONMENT.set(env.clone());
+    Ok(env)
+}
+
+/// One column of input, already converted to what the graph takes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Column {
+    /// float32 values of a number feature.
+    Numbers(Vec<f32>),
+    /// Strings of a category feature.
+    Categories(Vec<String>),
+}
+
+impl Column {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        match self {
+            Column::Numbers(v) => v.len(),
+            Column::Categories(v) => v.len(),
+        }
+    }
+
+    /// Whether it has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a model run returns: each output by name, flattened, with its shape.
+#[derive(Debug, Clone)]
+pub enum OutputData {
+    /// float32 output.
+    F32(Vec<f32>),
+    /// int64 output.
+    I64(Vec<i64>),
+}
+
+/// One output tensor.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// ONNX output name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<i64>,
+    /// Values, row-major.
+    pub data: OutputData,
+}
+
+/// An output's name and KServe datatype, for metadata.
+#[derive(Debug, Clone)]
+pub struct OutputInfo {
+    /// Name.
+    pub name: String,
+    /// KServe datatype (`FP32`, `INT64`).
+    pub datatype: &'static str,
+    /// Shape with -1 for dynamic dimensions.
+    pub shape: Vec<i64>,
+}
+
+/// A model version ready to run.
+pub struct LoadedModel {
+    /// Its manifest: input names and types.
+    pub manifest: ModelManifest,
+    /// Outputs of the graph.
+    pub outputs: Vec<OutputInfo>,
+    sessions: Vec<Mutex<Session>>,
+    next: AtomicUsize,
+}
+
+impl LoadedModel {
+    /// Loads `version` into `pool_size` sessions and checks that the graph's inputs are the
+    /// manifest's features with matching types.
+    pub fn load(
+        env: &Environment,
+        version: &ModelVersion,
+        pool_size: usize,
+    ) -> Result<Self, InferenceError> {
+        let mut sessions = Vec::with_capacity(pool_size);
+        for _ in 0..pool_size.max(1) {
+            sessions.push(Mutex::new(open_session(env, &version.model_path)?));
+        }
+        let first = sessions[0]
+            .lock()
+            .map_err(|_| InferenceError::Runtime("session lock poisoned".into()))?;
+        for feature in &version.manifest.features {
+            let input = first
+                .inputs()
+                .iter()
+                .find(|i| i.name() == feature.name)
+                .ok_or_else(|| {
+                    InferenceError::Runtime(format!(
+                        "{}: manifest feature {:?} is not an input of the graph",
+                        version.model_path.display(),
+                        feature.name
+                    ))
+                })?;
+            let want = match feature.kind {
+                FeatureKind::Number => ort::value::TensorElementType::Float32,
+                FeatureKind::Category => ort::value::TensorElementType::String,
+            };
+            if input.dtype().tensor_type() != Some(want) {
+                return Err(InferenceError::Runtime(format!(
+                    "{}: input {:?} has type {:?}, manifest says {}",
+                    version.model_path.display(),
+                    feature.name,
+                    input.dtype().tensor_type(),
+                    feature.kind.as_str()
+                )));
+            }
+        }
+        let outputs = first
+            .outputs()
+            .iter()
+            .map(|o| OutputInfo {
+                name: o.name().to_owned(),
+                datatype: match o.dtype().tensor_type() {
+                    Some(ort::value::TensorElementType::Int64) => "INT64",
+                    _ => "FP32",
+                },
+                shape: o
+                    .dtype()
+                    .tensor_shape()
+                    .map(|s| s.to_vec())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        drop(first);
+        Ok(Self {
+            manifest: version.manifest.clone(),
+            outputs,
+            sessions,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs the graph on `columns` (one per manifest feature, in manifest order, equal lengths).
+    pub fn run(&self, columns: Vec<Column>) -> Result<Vec<Output>, InferenceError> {
+        let rows = columns.first().map(Column::len).unwrap_or(0);
+        let inputs = self.tensors(columns)?;
+        let _span = tracing::info_span!("onnx.run", otel.name = "onnx.run", model = %self.manifest.name, version = %self.manifest.version, rows).entered();
+        let mut session = self.acquire()?;
+        let outputs = session
+            .run(inputs)
+            .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+        let mut result = Vec::with_capacity(self.outputs.len());
+        for info in &self.outputs {
+            let Some(value) = outputs.get(info.name.as_str()) else {
+                continue;
+            };
+            let (shape, data) = if info.datatype == "INT64" {
+                let (shape, data) = value
+                    .try_extract_tensor::<i64>()
+                    .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+                (shape.to_vec(), OutputData::I64(data.to_vec()))
+            } else {
+                let (shape, data) = value
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+                (shape.to_vec(), OutputData::F32(data.to_vec()))
+            };
+            result.push(Output {
+                name: info.name.clone(),
+                shape,
+                data,
+            });
+        }
+        Ok(result)
+    }
+
+    fn acquire(&self) -> Result<std::sync::MutexGuard<'_, Session>, InferenceError> {
+        let n = self.sessions.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            if let Ok(guard) = self.sessions[(start + i) % n].try_lock() {
+                return Ok(guard);
+            }
+        }
+        self.sessions[start]
+            .lock()
+            .map_err(|_| InferenceError::Runtime("session lock poisoned".into()))
+    }
+
+    /// One row of plausible inputs built from the manifest, for warm-up.
+    pub fn warmup_columns(&self) -> Vec<Column> {
+        self.manifest
+            .features
+            .iter()
+            .map(|f| match f.kind {
+                FeatureKind::Number => Column::Numbers(vec![1.0]),
+                FeatureKind::Category => Column::Categories(vec![f
+                    .categories
+                    .first()
+                    .cloned()
+                    .unwrap_or_default()]),
+            })
+            .collect()
+    }
+
+    /// Runs every session `iterations` times so first requests do not pay for lazy
+    /// initialisation inside ONNX Runtime.
+    pub fn warm_up(&self, iterations: usize) -> Result<(), InferenceError> {
+        for session in &self.sessions {
+            let mut session = session
+                .lock()
+                .map_err(|_| InferenceError::Runtime("session lock poisoned".into()))?;
+            for _ in 0..iterations.max(1) {
+                let inputs = self.tensors(self.warmup_columns())?;
+                session
+                    .run(inputs)
+                    .map_err(|e| InferenceError::Runtime(format!("warm-up failed: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn tensors(&self, columns: Vec<Column>) -> Result<Vec<(String, DynValue)>, InferenceError> {
+        let rows = columns.first().map(Column::len).unwrap_or(0);
+        self.manifest
+            .features
+            .iter()
+            .zip(columns)
+            .map(|(feature, column)| {
+                let value = match column {
+                    Column::Numbers(v) => {
+                        Tensor::from_array(([rows, 1usize], v)).map(|t| t.into_dyn())
+                    }
+                    Column::Categories(v) => {
+                        Tensor::from_string_array(([rows, 1usize], v.as_slice()))
+                            .map(|t| t.into_dyn())
+                    }
+                }
+                .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+                Ok((feature.name.clone(), value))
+            })
+            .collect()
+    }
+}
+
+fn open_session(env: &Environment, path: &Path) -> Result<Session, InferenceError> {
+    let build = || -> ort::Result<Session> {
+        Session::builder(env)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_intra_threads(1)?
+            .with_inter_threads(1)?
+            .commit_from_file(path)
+    };
+    build().map_err(|e| InferenceError::Runtime(format!("cannot load {}: {e}", path.display())))
+}

@@ -1,0 +1,69 @@
+//! Generated protobuf messages and tonic clients/servers for every API of the mesh.
+//!
+//! # Layout
+//! - [`types`]: values shared by the mesh's own APIs (`mesh.types.v1`).
+//! - [`gateway`]: the public API (`mesh.gateway.v1.Gateway`).
+//! - [`features`]: the feature store (`mesh.features.v1.Features`).
+//! - [`logger`]: the prediction log (`mesh.logger.v1.PredictionLog`).
+//! - [`inference`]: the Open Inference Protocol / KServe V2 (`inference.GRPCInferenceService`),
+//!   generated from the public `grpc_predict_v2.proto` so any KServe V2 client can call it.
+//! - [`FILE_DESCRIPTOR_SET`]: every file above, encoded, for server reflection.
+
+#![allow(missing_docs, clippy::all)]
+
+/// The mesh's own packages, nested as their proto packages are (`mesh.<api>.v1`).
+pub mod mesh {
+    /// `mesh.types.v1`.
+    pub mod types {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mesh.types.v1");
+        }
+    }
+    /// `mesh.gateway.v1`.
+    pub mod gateway {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mesh.gateway.v1");
+        }
+    }
+    /// `mesh.features.v1`.
+    pub mod features {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mesh.features.v1");
+        }
+    }
+    /// `mesh.logger.v1`.
+    pub mod logger {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mesh.logger.v1");
+        }
+    }
+}
+
+pub use mesh::features::v1 as features;
+pub use mesh::gateway::v1 as gateway;
+pub use mesh::logger::v1 as logger;
+pub use mesh::types::v1 as types;
+
+/// `inference` (KServe V2).
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// Encoded `FileDescriptorSet` of every proto of the mesh, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mesh_descriptor");
+
+/// Fully qualified names of the services each binary exposes, as reflection and health use them.
+pub mod service_names {
+    /// `mesh.gateway.v1.Gateway`.
+    pub const GATEWAY: &str = "mesh.gateway.v1.Gateway";
+    /// `mesh.features.v1.Features`.
+    pub const FEATURES: &str = "mesh.features.v1.Features";
+    /// `mesh.logger.v1.PredictionLog`.
+    pub const LOGGER: &str = "mesh.logger.v1.PredictionLog";
+    /// `inference.GRPCInferenceService`.
+    pub const INFERENCE: &str = "inference.GRPCInferenceService";
+}

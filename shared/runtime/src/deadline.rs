@@ -1,0 +1,221 @@
+//! Deadline budgets. The caller's `grpc-timeout` header is the budget; without one, a service
+//! may apply a default. Every downstream call carries what remains as its own `grpc-timeout`
+//! (`tonic::Request::set_timeout`), and no service works on a request whose deadline passed.
+//!
+//! [`DeadlineLayer`] reads the header, answers `DEADLINE_EXCEEDED` at once if nothing is left,
+//! stores a [`Deadline`] in the request's extensions for handlers, and cuts the handler off with
+//! `DEADLINE_EXCEEDED` when the budget runs out (tonic's own server timeout says `CANCELLED`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The instant by which a request must be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(Instant);
+
+impl Deadline {
+    /// A deadline `budget` from now.
+    pub fn after(budget: Duration) -> Self {
+        Self(Instant::now() + budget)
+    }
+
+    /// The deadline the [`DeadlineLayer`] stored for this request, if any.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<Self> {
+        request.extensions().get::<Deadline>().copied()
+    }
+
+    /// Time left (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+
+    /// The instant itself.
+    pub fn instant(&self) -> Instant {
+        self.0
+    }
+
+    /// Whether the deadline has passed.
+    pub fn expired(&self) -> bool {
+        Instant::now() >= self.0
+    }
+
+    /// Gives an outgoing request what remains of this budget minus `margin` (time for the answer
+    /// to travel back), as its `grpc-timeout`. Fails with `DEADLINE_EXCEEDED` if nothing remains.
+    pub fn propagate<T>(
+        &self,
+        request: &mut tonic::Request<T>,
+        margin: Duration,
+    ) -> Result<Duration, tonic::Status> {
+        let remaining = self.remaining().saturating_sub(margin);
+        if remaining.is_zero() {
+            return Err(exceeded());
+        }
+        request.set_timeout(remaining);
+        Ok(remaining)
+    }
+
+    /// Runs `fut` until this deadline; past it, `DEADLINE_EXCEEDED`.
+    pub async fn run<F, T>(&self, fut: F) -> Result<T, tonic::Status>
+    where
+        F: Future<Output = Result<T, tonic::Status>>,
+    {
+        match tokio::time::timeout_at(self.0, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(exceeded()),
+        }
+    }
+}
+
+/// The status every component returns when a budget runs out.
+pub fn exceeded() -> tonic::Status {
+    tonic::Status::deadline_exceeded("deadline exceeded")
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Applies deadlines to every RPC except health checks and reflection.
+#[derive(Debug, Clone)]
+pub struct DeadlineLayer {
+    default_budget: Option<Duration>,
+    max_budget: Duration,
+}
+
+impl DeadlineLayer {
+    /// `default_budget` applies when the caller sent no `grpc-timeout` (`None`: only
+    /// `max_budget`); no request runs longer than `max_budget`.
+    pub fn new(default_budget: Option<Duration>, max_budget: Duration) -> Self {
+        Self {
+            default_budget,
+            max_budget,
+        }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for DeadlineLayer {
+    type Service = DeadlineService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        DeadlineService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`DeadlineLayer`].
+#[derive(Debug, Clone)]
+pub struct DeadlineService<S> {
+    inner: S,
+    layer: DeadlineLayer,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// Paths that must answer even for a caller without a budget: probes and tooling.
+pub(crate) fn is_control_path(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for DeadlineService<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if is_control_path(req.uri().path()) {
+            return Box::pin(inner.call(req));
+        }
+        let requested = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .or(self.layer.default_budget);
+        let budget = requested
+            .map(|b| b.min(self.layer.max_budget))
+            .unwrap_or(self.layer.max_budget);
+        if budget.is_zero() {
+            return Box::pin(async { Ok(exceeded().into_http()) });
+        }
+        let deadline = Deadline::after(budget);
+        req.extensions_mut().insert(deadline);
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline.instant(), inner.call(req)).await {
+                Ok(result) => result,
+                Err(_) => Ok(exceeded().into_http()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_grpc_timeout_unit() {
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("900u"), Some(Duration::from_micros(900)));
+        assert_eq!(parse_grpc_timeout("1000n"), Some(Duration::from_nanos(1000)));
+        assert_eq!(parse_grpc_timeout("12345678m"), Some(Duration::from_millis(12_345_678)));
+    }
+
+    #[test]
+    fn rejects_malformed_grpc_timeouts() {
+        for bad in ["", "m", "5", "5x", "-5m", "123456789m", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?} should not parse");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn propagate_gives_the_remainder_minus_margin_and_refuses_when_spent() {
+        let deadline = Deadline::after(Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(40)).await;
+        let mut req = tonic::Request::new(());
+        let sent = deadline
+            .propagate(&mut req, Duration::from_millis(5))
+            .expect("budget left");
+        assert_eq!(sent, Duration::from_millis(55));
+        tokio::time::advance(Duration::from_millis(58)).await;
+        let err = deadline
+            .propagate(&mut req, Duration::from_millis(5))
+            .expect_err("only 2 ms left, less than the margin");
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    }
+}

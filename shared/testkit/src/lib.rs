@@ -1,0 +1,296 @@
+//! Test harness: real Redis and PostgreSQL servers on free loopback ports, each in its own
+//! temporary directory and stopped (by the PID this harness started) when dropped, even when
+//! the test panics.
+//!
+//! PostgreSQL refuses to run as root; when the tests run as root the server runs as the
+//! unprivileged `postgres` user (override with `MESH_PG_USER`). Binaries are found through
+//! `MESH_PG_BIN` (the directory holding `initdb`/`postgres`) and `PATH` for `redis-server`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What can go wrong starting a server.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A binary is missing or failed.
+    #[error("{0}")]
+    Setup(String),
+    /// An I/O error.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> Result<u16, HarnessError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_for_port(port: u16, timeout: Duration, what: &str) -> Result<(), HarnessError> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(HarnessError::Setup(format!(
+        "{what} did not accept connections on port {port} within {timeout:?}"
+    )))
+}
+
+fn stop_child(child: &mut Child, signal: i32) {
+    if let Ok(None) = child.try_wait() {
+        // The PID is ours: we spawned it and have not reaped it.
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: not needed; libc::kill is a plain syscall wrapper on a PID we own.
+        unsafe_kill(pid, signal);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: libc::pid_t, signal: i32) {
+    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// A redis-server on a loopback port, without persistence.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port.
+    pub fn start() -> Result<Self, HarnessError> {
+        let port = free_port()?;
+        Self::start_on(port)
+    }
+
+    /// Starts a server on `port` (used to restart one where clients expect it).
+    pub fn start_on(port: u16) -> Result<Self, HarnessError> {
+        let dir = tempfile::tempdir()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                HarnessError::Setup(format!(
+                    "cannot start redis-server ({e}); run scripts/bootstrap.sh to install it"
+                ))
+            })?;
+        let mut server = Self {
+            child: Some(child),
+            port,
+            _dir: dir,
+        };
+        if let Err(e) = wait_for_port(port, Duration::from_secs(10), "redis-server") {
+            server.stop();
+            return Err(e);
+        }
+        Ok(server)
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it now (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, libc::SIGTERM);
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A PostgreSQL server in a fresh temporary cluster, with `fsync=off` (tests only).
+pub struct PostgresServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    run_as: Option<(u32, u32)>,
+}
+
+impl PostgresServer {
+    /// Creates a cluster (`initdb`) and starts it on a free port.
+    pub fn start() -> Result<Self, HarnessError> {
+        let bin = pg_bin()?;
+        let run_as = unprivileged_user()?;
+        let dir = tempfile::Builder::new().prefix("mesh-pg-").tempdir()?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+        }
+        let data = dir.path().join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_user(&mut initdb, run_as);
+        let out = initdb.output()?;
+        if !out.status.success() {
+            return Err(HarnessError::Setup(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let port = free_port()?;
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+            bin,
+            run_as,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), HarnessError> {
+        let data = self.dir.path().join("data");
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-p", &self.port.to_string(), "-h", "127.0.0.1"])
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        as_user(&mut cmd, self.run_as);
+        self.child = Some(cmd.spawn().map_err(|e| {
+            HarnessError::Setup(format!("cannot start postgres from {}: {e}", self.bin.display()))
+        })?);
+        // Accepting TCP is not enough: wait until it accepts a real login.
+        let started = Instant::now();
+        loop {
+            wait_for_port(self.port, Duration::from_secs(20), "postgres")?;
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ready {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                return Err(HarnessError::Setup("postgres never became ready".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection URL for the `postgres` database and user.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown), keeping its data for [`PostgresServer::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT is PostgreSQL's "fast" shutdown: abort transactions, exit cleanly.
+            stop_child(&mut child, libc::SIGINT);
+        }
+    }
+
+    /// Starts the stopped server again on the same port with the same data.
+    pub fn restart(&mut self) -> Result<(), HarnessError> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// The data directory's parent (for logs when debugging).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn pg_bin() -> Result<PathBuf, HarnessError> {
+    if let Some(dir) = std::env::var_os("MESH_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|_| HarnessError::Setup("PostgreSQL not found under /usr/lib/postgresql; run scripts/bootstrap.sh or set MESH_PG_BIN".into()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .ok_or_else(|| HarnessError::Setup("no initdb under /usr/lib/postgresql/*/bin".into()))
+}
+
+/// `(uid, gid)` to run PostgreSQL as when we are root; `None` when we are not.
+fn unprivileged_user() -> Result<Option<(u32, u32)>, HarnessError> {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Ok(None);
+    }
+    let user = std::env::var("MESH_PG_USER").unwrap_or_else(|_| "postgres".into());
+    let id = |flag: &str| -> Result<u32, HarnessError> {
+        let out = Command::new("id").arg(flag).arg(&user).output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| HarnessError::Setup(format!("running as root and no user {user:?} to run PostgreSQL as")))
+    };
+    Ok(Some((id("-u")?, id("-g")?)))
+}
+
+fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) {
+    use std::os::unix::process::CommandExt as _;
+    if let Some((uid, gid)) = run_as {
+        cmd.uid(uid).gid(gid);
+        // The tests' working directory may be unreadable to that user.
+        cmd.current_dir("/");
+    }
+}
