@@ -1,1 +1,177 @@
-//! placeholder
+//! The features service: the feature store used as a cache with a fallback (memory → Redis →
+//! PostgreSQL), behind `mesh.features.v1.Features`.
+//!
+//! # Layout
+//! - [`memory`]: the in-process TTL cache.
+//! - [`store`]: the tiers, request coalescing and write-back.
+//! - [`service`]: the gRPC handlers; [`metrics`]: tier counters; [`error`]: status mapping.
+//!
+//! Start-up: the schema is migrated (retrying while PostgreSQL is unreachable); health says
+//! SERVING once it is.
+
+pub mod error;
+pub mod memory;
+pub mod metrics;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::features::features_server::FeaturesServer;
+use mesh_runtime::config::{env_millis, env_positive, env_str, metrics_addr};
+use mesh_runtime::postgres::Migration;
+use mesh_runtime::{serve_grpc, Health, ServeOptions, ServiceMetrics};
+use tokio::net::TcpListener;
+
+pub use error::FeaturesError;
+
+/// The schema of the feature store: one row per (entity, feature), number or category.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "feature_values",
+    sql: "CREATE TABLE feature_values (
+              entity_id  text NOT NULL,
+              name       text NOT NULL,
+              number     double precision,
+              category   text,
+              updated_at timestamptz NOT NULL DEFAULT now(),
+              PRIMARY KEY (entity_id, name),
+              CHECK ((number IS NULL) <> (category IS NULL))
+          )",
+}];
+
+/// Configuration, from `MESH_*` environment variables (see README).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `MESH_LISTEN_ADDR`, default `0.0.0.0:50052`.
+    pub listen_addr: String,
+    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9102`; `off` disables.
+    pub metrics_addr: Option<String>,
+    /// `MESH_REDIS_URL`, default `redis://127.0.0.1:6379`; `off` disables the Redis tier.
+    pub redis_url: Option<String>,
+    /// `MESH_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`.
+    pub database_url: String,
+    /// `MESH_CACHE_TTL_MS`, default 10000: memory tier TTL.
+    pub cache_ttl: Duration,
+    /// `MESH_CACHE_CAPACITY`, default 100000 entities.
+    pub cache_capacity: usize,
+    /// `MESH_REDIS_TIMEOUT_MS`, default 20.
+    pub redis_timeout: Duration,
+    /// `MESH_REDIS_COOLDOWN_MS`, default 1000: Redis is skipped this long after a failure.
+    pub redis_cooldown: Duration,
+    /// `MESH_REDIS_TTL_MS`, default 300000.
+    pub redis_ttl: Duration,
+    /// `MESH_DB_TIMEOUT_MS`, default 1000: one PostgreSQL load or connection attempt.
+    pub db_timeout: Duration,
+    /// `MESH_DB_POOL_SIZE`, default 16.
+    pub db_pool_size: usize,
+    /// `MESH_MAX_CONCURRENCY`, default 512.
+    pub max_concurrency: usize,
+    /// `MESH_DRAIN_DELAY_MS`, default 1000.
+    pub drain_delay: Duration,
+    /// `MESH_GRACE_MS`, default 10000.
+    pub grace: Duration,
+}
+
+impl Config {
+    /// Reads the environment; fails naming the variable that does not parse.
+    pub fn from_env() -> Result<Self, FeaturesError> {
+        let cfg = |e: mesh_runtime::config::ConfigError| FeaturesError::Config(e.to_string());
+        Ok(Self {
+            listen_addr: env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| "0.0.0.0:50052".into()),
+            metrics_addr: metrics_addr("0.0.0.0:9102"),
+            redis_url: match env_str("MESH_REDIS_URL") {
+                Some(v) if v == "off" => None,
+                Some(v) => Some(v),
+                None => Some("redis://127.0.0.1:6379".into()),
+            },
+            database_url: env_str("MESH_DATABASE_URL")
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+            cache_ttl: env_millis("MESH_CACHE_TTL_MS", Duration::from_secs(10)).map_err(cfg)?,
+            cache_capacity: env_positive("MESH_CACHE_CAPACITY", 100_000).map_err(cfg)?,
+            redis_timeout: env_millis("MESH_REDIS_TIMEOUT_MS", Duration::from_millis(20))
+                .map_err(cfg)?,
+            redis_cooldown: env_millis("MESH_REDIS_COOLDOWN_MS", Duration::from_secs(1))
+                .map_err(cfg)?,
+            redis_ttl: env_millis("MESH_REDIS_TTL_MS", Duration::from_secs(300)).map_err(cfg)?,
+            db_timeout: env_millis("MESH_DB_TIMEOUT_MS", Duration::from_secs(1)).map_err(cfg)?,
+            db_pool_size: env_positive("MESH_DB_POOL_SIZE", 16).map_err(cfg)?,
+            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", 512).map_err(cfg)?,
+            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1)).map_err(cfg)?,
+            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10)).map_err(cfg)?,
+        })
+    }
+}
+
+/// Serves the feature store on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), FeaturesError> {
+    let name = mesh_proto::service_names::FEATURES;
+    let health = Health::new(&[name]).await;
+    let metrics = ServiceMetrics::new().map_err(|e| FeaturesError::Config(e.to_string()))?;
+    let feature_metrics = metrics::FeatureMetrics::register(&metrics.registry)
+        .map_err(|e| FeaturesError::Config(e.to_string()))?;
+
+    let db = mesh_runtime::postgres::pool(&config.database_url, config.db_pool_size, config.db_timeout)
+        .map_err(|e| FeaturesError::Config(e.to_string()))?;
+    let redis = match &config.redis_url {
+        Some(url) => {
+            let client = redis::Client::open(url.as_str())
+                .map_err(|e| FeaturesError::Config(format!("MESH_REDIS_URL: {e}")))?;
+            let manager_config = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(config.redis_timeout))
+                .set_connection_timeout(Some(config.redis_timeout.max(Duration::from_millis(100))))
+                .set_number_of_retries(1);
+            Some(
+                redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config)
+                    .map_err(|e| FeaturesError::Config(format!("MESH_REDIS_URL: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let store = Arc::new(store::FeatureStore::new(
+        store::StoreConfig {
+            redis_timeout: config.redis_timeout,
+            redis_cooldown: config.redis_cooldown,
+            redis_ttl: config.redis_ttl,
+            db_timeout: config.db_timeout,
+        },
+        memory::FeatureCache::new(config.cache_ttl, config.cache_capacity),
+        redis,
+        db.clone(),
+        feature_metrics,
+    ));
+
+    let migrating = health.clone();
+    tokio::spawn(async move {
+        let mut attempt = 0u32;
+        loop {
+            match mesh_runtime::postgres::migrate(&db, "features", MIGRATIONS).await {
+                Ok(_) => {
+                    migrating.set_serving().await;
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "schema migration failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+
+    let routes = tonic::service::Routes::new(FeaturesServer::new(service::FeaturesService::new(store)));
+    let mut options = ServeOptions::new(vec![name]);
+    options.max_concurrency = config.max_concurrency;
+    options.drain_delay = config.drain_delay;
+    options.grace = config.grace;
+    serve_grpc(routes, options, health, metrics, listener, metrics_listener, shutdown)
+        .await
+        .map_err(|e| FeaturesError::Config(e.to_string()))
+}

@@ -1,1 +1,176 @@
-//! placeholder
+//! The gateway: the mesh's only public entry (`mesh.gateway.v1.Gateway`). It owns the deadline
+//! budget, validates requests against the model's manifest, fetches features, calls inference
+//! across replicas, answers, and hands the record to the logger without waiting.
+//!
+//! # Layout
+//! - [`validate`]: request features against the manifest; assembling the feature vector.
+//! - [`downstream`]: clients of features, inference (replica choice) and logger.
+//! - [`logship`]: the non-blocking hand-over of prediction records.
+//! - [`service`]: the handlers; [`error`]: the one mapping to `tonic::Status`.
+
+pub mod downstream;
+pub mod error;
+pub mod logship;
+pub mod service;
+pub mod validate;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::gateway::gateway_server::GatewayServer;
+use mesh_runtime::config::{env_list, env_millis, env_positive, env_str, metrics_addr};
+use mesh_runtime::registry::ModelRegistry;
+use mesh_runtime::{serve_grpc, Bulkhead, Health, ServeOptions, ServiceMetrics};
+use tokio::net::TcpListener;
+
+pub use error::GatewayError;
+
+/// Configuration, from `MESH_*` environment variables (see README).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `MESH_LISTEN_ADDR`, default `0.0.0.0:50051`.
+    pub listen_addr: String,
+    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9101`; `off` disables.
+    pub metrics_addr: Option<String>,
+    /// `MESH_FEATURES_URL`, default `http://127.0.0.1:50052`.
+    pub features_url: String,
+    /// `MESH_INFERENCE_URLS`, comma-separated, default `http://127.0.0.1:50053,http://127.0.0.1:50054`.
+    pub inference_urls: Vec<String>,
+    /// `MESH_LOGGER_URL`, default `http://127.0.0.1:50055`.
+    pub logger_url: String,
+    /// `MESH_MODELS_DIR`, default `models`: manifests for validation.
+    pub models_dir: PathBuf,
+    /// `MESH_DEFAULT_BUDGET_MS`, default 250: deadline when the caller sends no grpc-timeout.
+    pub default_budget: Duration,
+    /// `MESH_MAX_BUDGET_MS`, default 30000: no call runs longer, whatever the caller asks.
+    pub max_budget: Duration,
+    /// `MESH_DOWNSTREAM_MARGIN_MS`, default 2: kept back from each downstream budget.
+    pub downstream_margin: Duration,
+    /// `MESH_MAX_CONCURRENCY`, default 1024: concurrent RPCs before shedding.
+    pub max_concurrency: usize,
+    /// `MESH_FEATURES_CONCURRENCY`, default 256: online calls to features in flight.
+    pub features_concurrency: usize,
+    /// `MESH_INFERENCE_CONCURRENCY`, default 256: online calls to inference in flight.
+    pub inference_concurrency: usize,
+    /// `MESH_BATCH_CONCURRENCY`, default 8: PredictBatch calls in flight (and their
+    /// downstream calls, in compartments of their own).
+    pub batch_concurrency: usize,
+    /// `MESH_LOGGER_CONCURRENCY`, default 4: Record calls in flight.
+    pub logger_concurrency: usize,
+    /// `MESH_MAX_BATCH_ITEMS`, default 1000.
+    pub max_batch_items: usize,
+    /// `MESH_LOG_QUEUE`, default 50000 records awaiting shipment.
+    pub log_queue: usize,
+    /// `MESH_LOG_BATCH_SIZE`, default 500 records per Record call.
+    pub log_batch_size: usize,
+    /// `MESH_LOG_FLUSH_MS`, default 50.
+    pub log_flush: Duration,
+    /// `MESH_DRAIN_DELAY_MS`, default 1000.
+    pub drain_delay: Duration,
+    /// `MESH_GRACE_MS`, default 10000.
+    pub grace: Duration,
+}
+
+impl Config {
+    /// Reads the environment; fails naming the variable that does not parse.
+    pub fn from_env() -> Result<Self, GatewayError> {
+        let cfg = |e: mesh_runtime::config::ConfigError| GatewayError::Config(e.to_string());
+        Ok(Self {
+            listen_addr: env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| "0.0.0.0:50051".into()),
+            metrics_addr: metrics_addr("0.0.0.0:9101"),
+            features_url: env_str("MESH_FEATURES_URL")
+                .unwrap_or_else(|| "http://127.0.0.1:50052".into()),
+            inference_urls: env_list(
+                "MESH_INFERENCE_URLS",
+                &["http://127.0.0.1:50053", "http://127.0.0.1:50054"],
+            ),
+            logger_url: env_str("MESH_LOGGER_URL").unwrap_or_else(|| "http://127.0.0.1:50055".into()),
+            models_dir: env_str("MESH_MODELS_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("models")),
+            default_budget: env_millis("MESH_DEFAULT_BUDGET_MS", Duration::from_millis(250))
+                .map_err(cfg)?,
+            max_budget: env_millis("MESH_MAX_BUDGET_MS", Duration::from_secs(30)).map_err(cfg)?,
+            downstream_margin: env_millis("MESH_DOWNSTREAM_MARGIN_MS", Duration::from_millis(2))
+                .map_err(cfg)?,
+            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", 1024).map_err(cfg)?,
+            features_concurrency: env_positive("MESH_FEATURES_CONCURRENCY", 256).map_err(cfg)?,
+            inference_concurrency: env_positive("MESH_INFERENCE_CONCURRENCY", 256).map_err(cfg)?,
+            batch_concurrency: env_positive("MESH_BATCH_CONCURRENCY", 8).map_err(cfg)?,
+            logger_concurrency: env_positive("MESH_LOGGER_CONCURRENCY", 4).map_err(cfg)?,
+            max_batch_items: env_positive("MESH_MAX_BATCH_ITEMS", 1000).map_err(cfg)?,
+            log_queue: env_positive("MESH_LOG_QUEUE", 50_000).map_err(cfg)?,
+            log_batch_size: env_positive("MESH_LOG_BATCH_SIZE", 500).map_err(cfg)?,
+            log_flush: env_millis("MESH_LOG_FLUSH_MS", Duration::from_millis(50)).map_err(cfg)?,
+            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1)).map_err(cfg)?,
+            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10)).map_err(cfg)?,
+        })
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then flushes queued records.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
+    let name = mesh_proto::service_names::GATEWAY;
+    let registry = Arc::new(ModelRegistry::load(&config.models_dir)?);
+    let health = Health::new(&[name]).await;
+    let metrics = ServiceMetrics::new().map_err(|e| GatewayError::Config(e.to_string()))?;
+    let ship_metrics = logship::ShipMetrics::register(&metrics.registry)
+        .map_err(|e| GatewayError::Config(e.to_string()))?;
+    let bulkheads = &metrics.bulkheads;
+    let compartments = |prefix: &str, features: usize, inference: usize| downstream::Compartments {
+        features: Bulkhead::new(&format!("{prefix}features"), features, bulkheads),
+        inference: Bulkhead::new(&format!("{prefix}inference"), inference, bulkheads),
+    };
+    let margin = config.downstream_margin;
+    let logger = downstream::LoggerDownstream::new(downstream::channel(&config.logger_url, "MESH_LOGGER_URL")?);
+    let (log, shipping) = logship::spawn(
+        logger,
+        Bulkhead::new("logger", config.logger_concurrency, bulkheads),
+        logship::ShipConfig {
+            capacity: config.log_queue,
+            batch_size: config.log_batch_size,
+            flush_interval: config.log_flush,
+            call_timeout: Duration::from_secs(2),
+            attempts: 5,
+        },
+        ship_metrics,
+    );
+    let service = service::GatewayService {
+        registry,
+        features: downstream::FeaturesDownstream::new(
+            downstream::channel(&config.features_url, "MESH_FEATURES_URL")?,
+            margin,
+        ),
+        inference: downstream::InferenceDownstream::new(&config.inference_urls, margin)?,
+        log,
+        online: compartments("", config.features_concurrency, config.inference_concurrency),
+        batch: compartments("batch-", config.batch_concurrency, config.batch_concurrency),
+        batch_calls: Bulkhead::new("batch-calls", config.batch_concurrency, bulkheads),
+        max_batch_items: config.max_batch_items,
+        default_budget: config.default_budget,
+    };
+    // The gateway's own readiness: its configuration loaded. Dependencies are judged per call.
+    health.set_serving().await;
+    let routes = tonic::service::Routes::new(
+        GatewayServer::new(service).max_decoding_message_size(4 * 1024 * 1024),
+    );
+    let mut options = ServeOptions::new(vec![name]);
+    options.max_concurrency = config.max_concurrency;
+    options.default_budget = Some(config.default_budget);
+    options.max_budget = config.max_budget;
+    options.drain_delay = config.drain_delay;
+    options.grace = config.grace;
+    let served = serve_grpc(routes, options, health, metrics, listener, metrics_listener, shutdown).await;
+    // Handlers are gone, and with them the shipper's senders: flush what is queued.
+    if tokio::time::timeout(config.grace, shipping).await.is_err() {
+        tracing::error!("prediction records not shipped within the grace period");
+    }
+    served.map_err(|e| GatewayError::Config(e.to_string()))
+}

@@ -1,0 +1,28 @@
+# The two commands a newcomer needs, and a few more. See README.md.
+.PHONY: up test bootstrap build bench check-deploy fmt lint
+
+## Install what is missing, build, run the whole mesh locally until Ctrl-C.
+up:
+	bash scripts/up.sh
+
+## Install what is missing and run the whole test suite (what CI runs).
+test:
+	bash scripts/test.sh
+
+## Only install the prerequisites (Redis, PostgreSQL, ONNX Runtime, grpcurl, check-jsonschema).
+bootstrap:
+	bash scripts/bootstrap.sh
+
+## Run the benchmark against a running `make up` mesh (release build).
+bench:
+	bash scripts/bench.sh
+
+## Validate deploy/ (compose schema, Dockerfile consistency).
+check-deploy:
+	bash scripts/check-deploy.sh
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# `make test` (and CI): installs what is missing, then runs every test against real Redis,
+# PostgreSQL and ONNX Runtime (started by the test harness on loopback ports), and validates
+# the deployment files. Debug builds: fast to compile, and the targets here are behaviour.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+started=$(date +%s)
+step() { printf '\n\033[1m== %s\033[0m (%ss)\n' "$*" "$(( $(date +%s) - started ))" >&2; }
+
+step "bootstrap"
+bash scripts/bootstrap.sh
+# shellcheck source=/dev/null
+source .tools/env
+
+step "format"
+cargo fmt --all --check
+
+step "build (debug, all binaries: the whole-mesh tests start them as processes)"
+cargo build --workspace --bins --locked
+
+step "tests"
+cargo test --workspace --locked -- --test-threads="${MESH_TEST_THREADS:-2}"
+
+step "deployment files"
+bash scripts/check-deploy.sh
+
+step "all green"

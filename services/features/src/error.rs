@@ -1,0 +1,34 @@
+//! The features service's errors and their one mapping to gRPC status.
+
+/// Everything that can go wrong serving features.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FeaturesError {
+    /// The request is malformed; the message names what is wrong.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Neither cache had the entity and PostgreSQL could not be reached.
+    #[error("feature store unavailable: {0}")]
+    Unavailable(String),
+    /// The configuration cannot be used.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl From<FeaturesError> for tonic::Status {
+    fn from(e: FeaturesError) -> Self {
+        match e {
+            FeaturesError::InvalidArgument(msg) => {
+                tracing::info!(error = %msg, "invalid features request");
+                tonic::Status::invalid_argument(msg)
+            }
+            FeaturesError::Unavailable(msg) => {
+                tracing::error!(error = %msg, "feature store unavailable");
+                tonic::Status::unavailable("feature store unavailable: database unreachable")
+            }
+            FeaturesError::Config(msg) => {
+                tracing::error!(error = %msg, "features misconfigured");
+                tonic::Status::internal("features service misconfigured")
+            }
+        }
+    }
+}

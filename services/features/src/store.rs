@@ -1,0 +1,434 @@
+//! The tiered feature store: memory → Redis → PostgreSQL (the source of truth).
+//!
+//! - Redis calls are bounded by a short timeout, and after a failure Redis is skipped for a
+//!   cool-down, so a Redis outage costs at most one timeout rather than one per request.
+//! - Concurrent misses for the same entity are coalesced: the first caller starts one load
+//!   (on its own task, so it finishes even if that caller gives up) and every caller waits on
+//!   its result.
+//! - Entities loaded from PostgreSQL are written back to Redis on a separate task; the answer
+//!   never waits for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use mesh_proto::features::EntityFeatures;
+use mesh_proto::types::{feature_value::Kind, FeatureTier, FeatureValue};
+use prost::Message as _;
+use redis::aio::ConnectionManager;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::error::FeaturesError;
+use crate::memory::FeatureCache;
+use crate::metrics::FeatureMetrics;
+
+/// One entity's stored features.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Entity {
+    /// Whether the store knows the entity.
+    pub found: bool,
+    /// Features by name.
+    pub features: BTreeMap<String, FeatureValue>,
+}
+
+/// An entity and the tier that served it.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The entity.
+    pub entity: Arc<Entity>,
+    /// Where it came from.
+    pub tier: FeatureTier,
+}
+
+/// Tuning of the store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How long Redis may take per call.
+    pub redis_timeout: Duration,
+    /// How long Redis is skipped after it failed.
+    pub redis_cooldown: Duration,
+    /// TTL of entries written back to Redis.
+    pub redis_ttl: Duration,
+    /// How long one PostgreSQL load may take.
+    pub db_timeout: Duration,
+}
+
+type LoadResult = Result<Served, FeaturesError>;
+type Slot = watch::Receiver<Option<LoadResult>>;
+
+/// The store itself; cheap to share behind an `Arc`.
+pub struct FeatureStore {
+    config: StoreConfig,
+    memory: FeatureCache,
+    redis: Option<ConnectionManager>,
+    redis_skip_until: Mutex<Option<Instant>>,
+    db: Pool,
+    inflight: Mutex<HashMap<String, Slot>>,
+    metrics: FeatureMetrics,
+    loads: AtomicU64,
+}
+
+/// Redis key of an entity's features (protobuf-encoded `EntityFeatures`).
+pub fn redis_key(entity_id: &str) -> String {
+    format!("mesh:features:v1:{entity_id}")
+}
+
+impl FeatureStore {
+    /// A store over `memory`, `redis` (None disables the tier) and `db`.
+    pub fn new(
+        config: StoreConfig,
+        memory: FeatureCache,
+        redis: Option<ConnectionManager>,
+        db: Pool,
+        metrics: FeatureMetrics,
+    ) -> Self {
+        Self {
+            config,
+            memory,
+            redis,
+            redis_skip_until: Mutex::new(None),
+            db,
+            inflight: Mutex::new(HashMap::new()),
+            metrics,
+            loads: AtomicU64::new(0),
+        }
+    }
+
+    /// Number of loads started below memory (for tests of coalescing).
+    pub fn loads_started(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Features of `ids`, in order. Fails only when an entity is in no cache and PostgreSQL is
+    /// unreachable.
+    pub async fn get_many(self: &Arc<Self>, ids: &[String]) -> Result<Vec<Served>, FeaturesError> {
+        let mut results: Vec<Option<Served>> = vec![None; ids.len()];
+        let mut waits: Vec<(usize, Slot)> = Vec::new();
+        let mut to_load: Vec<(String, watch::Sender<Option<LoadResult>>)> = Vec::new();
+        {
+            let mut inflight = self
+                .inflight
+                .lock()
+                .map_err(|_| FeaturesError::Config("inflight lock poisoned".into()))?;
+            for (i, id) in ids.iter().enumerate() {
+                if let Some(entity) = self.memory.get(id) {
+                    self.metrics.hit(FeatureTier::Memory);
+                    results[i] = Some(Served {
+                        entity,
+                        tier: FeatureTier::Memory,
+                    });
+                    continue;
+                }
+                if let Some(slot) = inflight.get(id) {
+                    self.metrics.coalesced.inc();
+                    waits.push((i, slot.clone()));
+                    continue;
+                }
+                if let Some((_, pending)) = to_load.iter().find(|(pid, _)| pid == id) {
+                    waits.push((i, pending.subscribe()));
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(id.clone(), rx.clone());
+                waits.push((i, rx));
+                to_load.push((id.clone(), tx));
+            }
+        }
+        if !to_load.is_empty() {
+            self.loads.fetch_add(1, Ordering::Relaxed);
+            let store = self.clone();
+            // Own task: the load completes (and fills the caches) even if this caller's
+            // deadline cancels it, and coalesced callers are not left waiting.
+            tokio::spawn(
+                async move { store.load(to_load).await }.instrument(tracing::Span::current()),
+            );
+        }
+        for (i, mut slot) in waits {
+            let value = slot
+                .wait_for(|v| v.is_some())
+                .await
+                .map_err(|_| FeaturesError::Unavailable("load abandoned".into()))?
+                .clone();
+            match value {
+                Some(Ok(served)) => results[i] = Some(served),
+                Some(Err(e)) => return Err(e),
+                None => return Err(FeaturesError::Unavailable("load abandoned".into())),
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// Loads `pending` from Redis, then PostgreSQL, publishing each result to its waiters.
+    async fn load(self: Arc<Self>, pending: Vec<(String, watch::Sender<Option<LoadResult>>)>) {
+        let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
+        let mut found: HashMap<String, Served> = self.from_redis(&ids).await;
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !found.contains_key(*id))
+            .cloned()
+            .collect();
+        let mut db_error = None;
+        if !missing.is_empty() {
+            match tokio::time::timeout(self.config.db_timeout, self.from_db(&missing)).await {
+                Ok(Ok(loaded)) => {
+                    self.write_back(&loaded);
+                    for (id, entity) in loaded {
+                        found.insert(
+                            id,
+                            Served {
+                                entity,
+                                tier: FeatureTier::Database,
+                            },
+                        );
+                    }
+                }
+                Ok(Err(e)) => db_error = Some(e),
+                Err(_) => db_error = Some(FeaturesError::Unavailable(format!(
+                    "PostgreSQL did not answer within {:?}",
+                    self.config.db_timeout
+                ))),
+            }
+        }
+        let mut inflight = self.inflight.lock().ok();
+        for (id, tx) in pending {
+            let result = match found.remove(&id) {
+                Some(served) => {
+                    self.metrics.hit(served.tier);
+                    self.memory.put(&id, served.entity.clone());
+                    Ok(served)
+                }
+                None => Err(db_error
+                    .clone()
+                    .unwrap_or_else(|| FeaturesError::Unavailable("entity not loaded".into()))),
+            };
+            if let Some(map) = inflight.as_mut() {
+                map.remove(&id);
+            }
+            let _ = tx.send(Some(result));
+        }
+    }
+
+    fn redis_usable(&self) -> Option<ConnectionManager> {
+        let redis = self.redis.clone()?;
+        let skip = self.redis_skip_until.lock().ok().and_then(|g| *g);
+        match skip {
+            Some(until) if Instant::now() < until => None,
+            _ => Some(redis),
+        }
+    }
+
+    fn redis_failed(&self, error: &str) {
+        self.metrics.redis_errors.inc();
+        tracing::warn!(error, cooldown = ?self.config.redis_cooldown, "redis failed; skipping it for a while");
+        if let Ok(mut g) = self.redis_skip_until.lock() {
+            *g = Some(Instant::now() + self.config.redis_cooldown);
+        }
+    }
+
+    async fn from_redis(&self, ids: &[String]) -> HashMap<String, Served> {
+        let mut out = HashMap::new();
+        let Some(mut redis) = self.redis_usable() else {
+            return out;
+        };
+        let keys: Vec<String> = ids.iter().map(|id| redis_key(id)).collect();
+        let span = tracing::info_span!("redis.mget", otel.name = "redis MGET", otel.kind = "client", db.system = "redis", keys = keys.len());
+        let call = async {
+            redis::cmd("MGET")
+                .arg(&keys)
+                .query_async::<Vec<Option<Vec<u8>>>>(&mut redis)
+                .await
+        }
+        .instrument(span);
+        match tokio::time::timeout(self.config.redis_timeout, call).await {
+            Ok(Ok(values)) => {
+                for (id, value) in ids.iter().zip(values) {
+                    let Some(bytes) = value else { continue };
+                    match EntityFeatures::decode(bytes.as_slice()) {
+                        Ok(decoded) => {
+                            out.insert(
+                                id.clone(),
+                                Served {
+                                    entity: Arc::new(Entity {
+                                        found: decoded.found,
+                                        features: decoded.features.into_iter().collect(),
+                                    }),
+                                    tier: FeatureTier::Redis,
+                                },
+                            );
+                        }
+                        Err(e) => tracing::warn!(entity = %id, error = %e, "undecodable redis entry ignored"),
+                    }
+                }
+            }
+            Ok(Err(e)) => self.redis_failed(&e.to_string()),
+            Err(_) => self.redis_failed("timeout"),
+        }
+        out
+    }
+
+    fn write_back(&self, loaded: &[(String, Arc<Entity>)]) {
+        let Some(mut redis) = self.redis_usable() else {
+            return;
+        };
+        let found: Vec<(String, Vec<u8>)> = loaded
+            .iter()
+            .filter(|(_, e)| e.found)
+            .map(|(id, e)| (redis_key(id), encode_entity(id, e)))
+            .collect();
+        if found.is_empty() {
+            return;
+        }
+        let ttl = self.config.redis_ttl.as_secs().max(1);
+        let timeout = self.config.redis_timeout;
+        let errors = self.metrics.redis_errors.clone();
+        // Best effort, off the answer's path: a slow or absent Redis delays nothing.
+        tokio::spawn(
+            async move {
+                let mut pipe = redis::pipe();
+                for (key, value) in &found {
+                    pipe.set_ex(key, value.as_slice(), ttl).ignore();
+                }
+                let write = pipe.query_async::<()>(&mut redis);
+                match tokio::time::timeout(timeout * 4, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        errors.inc();
+                        tracing::warn!(error = %e, "redis write-back failed");
+                    }
+                    Err(_) => {
+                        errors.inc();
+                        tracing::warn!("redis write-back timed out");
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("redis.set", otel.name = "redis SET", otel.kind = "client", db.system = "redis")),
+        );
+    }
+
+    async fn from_db(&self, ids: &[String]) -> Result<Vec<(String, Arc<Entity>)>, FeaturesError> {
+        let span = tracing::info_span!("postgres.select", otel.name = "SELECT feature_values", otel.kind = "client", db.system = "postgresql", entities = ids.len());
+        async {
+            let client = mesh_runtime::postgres::connection(&self.db)
+                .await
+                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT entity_id, name, number, category FROM feature_values WHERE entity_id = ANY($1)",
+                )
+                .await
+                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
+            let rows = client
+                .query(&stmt, &[&ids])
+                .await
+                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
+            let mut entities: HashMap<String, Entity> = HashMap::new();
+            for row in rows {
+                let id: String = row.get(0);
+                let name: String = row.get(1);
+                let number: Option<f64> = row.get(2);
+                let category: Option<String> = row.get(3);
+                let kind = match (number, category) {
+                    (Some(n), _) => Kind::Number(n),
+                    (None, Some(c)) => Kind::Category(c),
+                    (None, None) => continue,
+                };
+                let entity = entities.entry(id).or_default();
+                entity.found = true;
+                entity
+                    .features
+                    .insert(name, FeatureValue { kind: Some(kind) });
+            }
+            Ok(ids
+                .iter()
+                .map(|id| {
+                    let entity = entities.remove(id).unwrap_or_default();
+                    (id.clone(), Arc::new(entity))
+                })
+                .collect())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Upserts entities' features into PostgreSQL and drops them from both caches.
+    pub async fn put_many(&self, entities: &[EntityFeatures]) -> Result<usize, FeaturesError> {
+        let mut ids = Vec::new();
+        let mut names = Vec::new();
+        let mut numbers: Vec<Option<f64>> = Vec::new();
+        let mut categories: Vec<Option<String>> = Vec::new();
+        for entity in entities {
+            for (name, value) in &entity.features {
+                ids.push(entity.entity_id.clone());
+                names.push(name.clone());
+                match &value.kind {
+                    Some(Kind::Number(n)) => {
+                        numbers.push(Some(*n));
+                        categories.push(None);
+                    }
+                    Some(Kind::Category(c)) => {
+                        numbers.push(None);
+                        categories.push(Some(c.clone()));
+                    }
+                    None => {
+                        return Err(FeaturesError::InvalidArgument(format!(
+                            "entity {:?} feature {name:?} has no value",
+                            entity.entity_id
+                        )))
+                    }
+                }
+            }
+        }
+        let span = tracing::info_span!("postgres.upsert", otel.name = "UPSERT feature_values", otel.kind = "client", db.system = "postgresql", values = ids.len());
+        async {
+            let client = mesh_runtime::postgres::connection(&self.db)
+                .await
+                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
+            client
+                .execute(
+                    "INSERT INTO feature_values (entity_id, name, number, category, updated_at)
+                     SELECT * , now() FROM UNNEST($1::text[], $2::text[], $3::float8[], $4::text[])
+                     ON CONFLICT (entity_id, name) DO UPDATE
+                       SET number = EXCLUDED.number, category = EXCLUDED.category, updated_at = now()",
+                    &[&ids, &names, &numbers, &categories],
+                )
+                .await
+                .map_err(|e| FeaturesError::Unavailable(e.to_string()))
+        }
+        .instrument(span)
+        .await?;
+        for entity in entities {
+            self.memory.invalidate(&entity.entity_id);
+        }
+        if let Some(mut redis) = self.redis_usable() {
+            let keys: Vec<String> = entities.iter().map(|e| redis_key(&e.entity_id)).collect();
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(&keys);
+            let del = cmd.query_async::<i64>(&mut redis);
+            // A stale Redis entry would expire with its TTL; the write itself succeeded.
+            match tokio::time::timeout(self.config.redis_timeout * 4, del).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => self.redis_failed(&e.to_string()),
+                Err(_) => self.redis_failed("timeout"),
+            }
+        }
+        Ok(ids.len())
+    }
+}
+
+fn encode_entity(id: &str, entity: &Entity) -> Vec<u8> {
+    EntityFeatures {
+        entity_id: id.to_owned(),
+        found: entity.found,
+        features: entity
+            .features
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        tier: FeatureTier::Unspecified as i32,
+    }
+    .encode_to_vec()
+}

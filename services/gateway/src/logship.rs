@@ -1,0 +1,148 @@
+//! Hands prediction records to the logger without making any prediction wait: `Predict` puts
+//! the record on a bounded in-process queue (never blocking) and a background task ships
+//! batches to the logger. If the queue is full or the logger keeps failing, records are
+//! dropped and counted in `mesh_gateway_log_records_dropped_total`.
+
+use std::time::Duration;
+
+use mesh_proto::logger::{PredictionRecord, RecordRequest};
+use mesh_runtime::Bulkhead;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::downstream::LoggerDownstream;
+
+/// Shipping settings.
+#[derive(Debug, Clone)]
+pub struct ShipConfig {
+    /// Records held before new ones are dropped.
+    pub capacity: usize,
+    /// Records per `Record` call.
+    pub batch_size: usize,
+    /// Longest wait before a partial batch is sent.
+    pub flush_interval: Duration,
+    /// Budget of one `Record` call.
+    pub call_timeout: Duration,
+    /// Attempts per batch before it is dropped.
+    pub attempts: u32,
+}
+
+/// Counters of log shipping.
+#[derive(Clone)]
+pub struct ShipMetrics {
+    shipped: IntCounter,
+    dropped: IntCounterVec,
+}
+
+impl ShipMetrics {
+    /// Registers `mesh_gateway_log_records_shipped_total` and
+    /// `mesh_gateway_log_records_dropped_total{reason}`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let shipped = IntCounter::new(
+            "mesh_gateway_log_records_shipped_total",
+            "Prediction records accepted by the logger",
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "mesh_gateway_log_records_dropped_total",
+                "Prediction records given up on, by reason (queue_full, logger_failed)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(shipped.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        Ok(Self { shipped, dropped })
+    }
+}
+
+/// The producing side, used by the handlers.
+#[derive(Clone)]
+pub struct LogShipper {
+    sender: mpsc::Sender<PredictionRecord>,
+    metrics: ShipMetrics,
+}
+
+impl LogShipper {
+    /// Queues `record`; never waits.
+    pub fn submit(&self, record: PredictionRecord) {
+        if self.sender.try_send(record).is_err() {
+            self.metrics.dropped.with_label_values(&["queue_full"]).inc();
+        }
+    }
+}
+
+/// Starts the shipping task; it flushes and ends once every [`LogShipper`] is dropped.
+pub fn spawn(
+    logger: LoggerDownstream,
+    bulkhead: Bulkhead,
+    config: ShipConfig,
+    metrics: ShipMetrics,
+) -> (LogShipper, JoinHandle<()>) {
+    let (sender, receiver) = mpsc::channel(config.capacity);
+    let shipper = LogShipper {
+        sender,
+        metrics: metrics.clone(),
+    };
+    let task = tokio::spawn(run(logger, bulkhead, config, metrics, receiver));
+    (shipper, task)
+}
+
+async fn run(
+    logger: LoggerDownstream,
+    bulkhead: Bulkhead,
+    config: ShipConfig,
+    metrics: ShipMetrics,
+    mut receiver: mpsc::Receiver<PredictionRecord>,
+) {
+    loop {
+        let Some(first) = receiver.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        let flush_at = tokio::time::Instant::now() + config.flush_interval;
+        let mut closed = false;
+        while batch.len() < config.batch_size {
+            // Fill until full or until the first record has waited long enough.
+            tokio::select! {
+                next = receiver.recv() => match next {
+                    Some(record) => batch.push(record),
+                    None => { closed = true; break; }
+                },
+                _ = tokio::time::sleep_until(flush_at) => break,
+            }
+        }
+        ship(&logger, &bulkhead, &config, &metrics, batch).await;
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn ship(
+    logger: &LoggerDownstream,
+    bulkhead: &Bulkhead,
+    config: &ShipConfig,
+    metrics: &ShipMetrics,
+    records: Vec<PredictionRecord>,
+) {
+    let count = records.len() as u64;
+    let request = RecordRequest { records };
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 1..=config.attempts {
+        match logger.record(request.clone(), config.call_timeout, bulkhead).await {
+            Ok(_) => {
+                metrics.shipped.inc_by(count);
+                return;
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), error = %status.message(), attempt, records = count, "shipping prediction records failed");
+                if attempt < config.attempts {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+    metrics.dropped.with_label_values(&["logger_failed"]).inc_by(count);
+}

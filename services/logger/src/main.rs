@@ -1,0 +1,13 @@
+//! `mesh-logger`: the binary. Configuration: see the README's table.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = mesh_logger::Config::from_env()?;
+    let _telemetry =
+        mesh_telemetry::init(&mesh_telemetry::TelemetryConfig::from_env("mesh-logger")?)?;
+    let (listener, metrics) =
+        mesh_runtime::server::bind(&config.listen_addr, config.metrics_addr.as_deref()).await?;
+    let shutdown = mesh_runtime::server::shutdown_signal();
+    mesh_logger::serve(config, listener, metrics, shutdown).await?;
+    Ok(())
+}

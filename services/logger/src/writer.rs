@@ -1,0 +1,231 @@
+//! The queue between the RPC handlers and PostgreSQL, and the task that drains it in batches.
+//!
+//! A batch is written when it holds `batch_size` records or its first record has waited
+//! `flush_interval`. A failed write is retried with capped exponential back-off, keeping the
+//! batch; meanwhile the bounded queue fills and `Record` sheds with `RESOURCE_EXHAUSTED`.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use mesh_proto::logger::PredictionRecord;
+use mesh_proto::types::{feature_value::Kind, FeatureTier};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+
+/// Batching settings.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Records per INSERT.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill.
+    pub flush_interval: Duration,
+    /// Records the queue holds.
+    pub capacity: usize,
+}
+
+/// Writer metrics.
+#[derive(Clone)]
+pub struct WriterMetrics {
+    written: IntCounter,
+    write_errors: IntCounter,
+    queued: IntGauge,
+    /// Records refused because the queue was full.
+    pub shed: IntCounter,
+    batch_seconds: Histogram,
+}
+
+impl WriterMetrics {
+    /// Registers `mesh_log_records_written_total`, `mesh_log_write_errors_total`,
+    /// `mesh_log_queue_depth`, `mesh_log_records_shed_total`, `mesh_log_batch_write_seconds`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let written = IntCounter::new(
+            "mesh_log_records_written_total",
+            "Prediction records inserted into PostgreSQL (duplicates ignored)",
+        )?;
+        let write_errors = IntCounter::new(
+            "mesh_log_write_errors_total",
+            "Batch writes that failed and will be retried",
+        )?;
+        let queued = IntGauge::new("mesh_log_queue_depth", "Records waiting to be written")?;
+        let shed = IntCounter::new(
+            "mesh_log_records_shed_total",
+            "Records refused because the queue was full",
+        )?;
+        let batch_seconds = Histogram::with_opts(
+            HistogramOpts::new("mesh_log_batch_write_seconds", "Time to insert one batch")
+                .buckets(mesh_telemetry::metrics::LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(written.clone()))?;
+        registry.register(Box::new(write_errors.clone()))?;
+        registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(batch_seconds.clone()))?;
+        Ok(Self {
+            written,
+            write_errors,
+            queued,
+            shed,
+            batch_seconds,
+        })
+    }
+}
+
+/// The sending side of the queue.
+#[derive(Clone)]
+pub struct LogQueue {
+    sender: mpsc::Sender<PredictionRecord>,
+    metrics: WriterMetrics,
+}
+
+impl LogQueue {
+    /// Queues `records` if they all fit; otherwise queues none and returns `false`.
+    pub fn offer(&self, records: Vec<PredictionRecord>) -> bool {
+        if self.sender.capacity() < records.len() {
+            self.metrics.shed.inc_by(records.len() as u64);
+            return false;
+        }
+        for record in records {
+            // Capacity was checked; a concurrent caller may still win the last places.
+            if self.sender.try_send(record).is_err() {
+                self.metrics.shed.inc();
+                return false;
+            }
+            self.metrics.queued.inc();
+        }
+        true
+    }
+}
+
+/// Starts the writer; it ends once every [`LogQueue`] is dropped and the queue is flushed.
+pub fn spawn(db: Pool, config: WriterConfig, metrics: WriterMetrics) -> (LogQueue, JoinHandle<()>) {
+    let (sender, receiver) = mpsc::channel(config.capacity);
+    let queue = LogQueue {
+        sender,
+        metrics: metrics.clone(),
+    };
+    let handle = tokio::spawn(run(db, config, metrics, receiver));
+    (queue, handle)
+}
+
+async fn run(
+    db: Pool,
+    config: WriterConfig,
+    metrics: WriterMetrics,
+    mut receiver: mpsc::Receiver<PredictionRecord>,
+) {
+    let mut batch = Vec::with_capacity(config.batch_size);
+    loop {
+        let Some(first) = receiver.recv().await else {
+            return;
+        };
+        batch.push(first);
+        let flush_at = tokio::time::Instant::now() + config.flush_interval;
+        let mut closed = false;
+        while batch.len() < config.batch_size {
+            // Fill the batch until it is full or its first record has waited long enough.
+            tokio::select! {
+                next = receiver.recv() => match next {
+                    Some(record) => batch.push(record),
+                    None => { closed = true; break; }
+                },
+                _ = tokio::time::sleep_until(flush_at) => break,
+            }
+        }
+        metrics.queued.sub(batch.len() as i64);
+        write_until_done(&db, &batch, &metrics).await;
+        batch.clear();
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn write_until_done(db: &Pool, batch: &[PredictionRecord], metrics: &WriterMetrics) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let timer = metrics.batch_seconds.start_timer();
+        match insert(db, batch).await {
+            Ok(inserted) => {
+                timer.observe_duration();
+                metrics.written.inc_by(inserted);
+                return;
+            }
+            Err(e) => {
+                timer.stop_and_discard();
+                metrics.write_errors.inc();
+                tracing::warn!(error = %e, records = batch.len(), retry_in = ?backoff, "prediction log write failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn tier_name(tier: i32) -> &'static str {
+    match FeatureTier::try_from(tier).unwrap_or(FeatureTier::Unspecified) {
+        FeatureTier::Memory => "memory",
+        FeatureTier::Redis => "redis",
+        FeatureTier::Database => "database",
+        FeatureTier::Request => "request",
+        FeatureTier::Unspecified => "unspecified",
+    }
+}
+
+/// The record's features as a JSON object: numbers as numbers, categories as strings.
+pub fn features_json(record: &PredictionRecord) -> String {
+    let mut map = serde_json::Map::new();
+    for (name, value) in &record.features {
+        let json = match &value.kind {
+            Some(Kind::Number(n)) => serde_json::Number::from_f64(*n)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            Some(Kind::Category(c)) => serde_json::Value::String(c.clone()),
+            None => serde_json::Value::Null,
+        };
+        map.insert(name.clone(), json);
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Inserts `batch` in one statement; returns how many rows were new.
+async fn insert(db: &Pool, batch: &[PredictionRecord]) -> Result<u64, String> {
+    let span = tracing::info_span!("postgres.insert", otel.name = "INSERT predictions", otel.kind = "client", db.system = "postgresql", rows = batch.len());
+    async {
+        let client = mesh_runtime::postgres::connection(db)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ids: Vec<&str> = batch.iter().map(|r| r.prediction_id.as_str()).collect();
+        let times: Vec<i64> = batch.iter().map(|r| r.time_unix_micros).collect();
+        let models: Vec<&str> = batch.iter().map(|r| r.model.as_str()).collect();
+        let versions: Vec<&str> = batch.iter().map(|r| r.model_version.as_str()).collect();
+        let entities: Vec<&str> = batch.iter().map(|r| r.entity_id.as_str()).collect();
+        let features: Vec<String> = batch.iter().map(features_json).collect();
+        let scores: Vec<f64> = batch.iter().map(|r| r.score).collect();
+        let latencies: Vec<i64> = batch.iter().map(|r| r.latency_micros as i64).collect();
+        let tiers: Vec<&str> = batch.iter().map(|r| tier_name(r.feature_tier)).collect();
+        let traces: Vec<&str> = batch.iter().map(|r| r.trace_id.as_str()).collect();
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO predictions (prediction_id, served_at, model, model_version, entity_id,
+                                          features, score, latency_us, feature_tier, trace_id)
+                 SELECT id, to_timestamp(t::double precision / 1e6), m, v, e, f::jsonb, s, l, tier, tr
+                 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
+                             $7::float8[], $8::int8[], $9::text[], $10::text[])
+                      AS x(id, t, m, v, e, f, s, l, tier, tr)
+                 ON CONFLICT (prediction_id) DO NOTHING",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .execute(
+                &stmt,
+                &[&ids, &times, &models, &versions, &entities, &features, &scores, &latencies, &tiers, &traces],
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .instrument(span)
+    .await
+}
