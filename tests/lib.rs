@@ -1,1 +1,426 @@
-//! placeholder
+//! Harness for the whole-mesh tests: real Redis and PostgreSQL (from `mesh-testkit`) and the
+//! four real services, each started through its library `serve` on `127.0.0.1:0` and spoken to
+//! through generated gRPC clients, exactly as separate deployments would be.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_proto::features::features_client::FeaturesClient;
+use mesh_proto::features::{EntityFeatures, PutFeaturesRequest};
+use mesh_proto::gateway::gateway_client::GatewayClient;
+use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use mesh_proto::types::{feature_value::Kind, FeatureValue};
+use mesh_testkit::proxy::DelayProxy;
+use mesh_testkit::{PostgresServer, RedisServer};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The ONNX Runtime library, from `ORT_DYLIB_PATH` (set by `make test` via .tools/env).
+pub fn ort_dylib() -> PathBuf {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .expect(
+        "ORT_DYLIB_PATH is not set: run the tests with `make test` (it runs scripts/bootstrap.sh)",
+    )
+}
+
+/// Installs logging and in-process tracing once (trace ids exist; nothing is exported).
+pub fn telemetry() {
+    let installed = mesh_telemetry::init(&mesh_telemetry::TelemetryConfig {
+        service_name: "mesh-tests".into(),
+        otlp_endpoint: None,
+        sample_ratio: 1.0,
+        log_format: mesh_telemetry::LogFormat::Text,
+        default_log_filter: "warn".into(),
+    });
+    // The provider must outlive every test in this process: dropping the guard shuts it
+    // down, after which spans are no-ops without trace ids.
+    std::mem::forget(installed.expect("telemetry"));
+}
+
+/// A running service: its address, and the trigger of its graceful shutdown.
+pub struct Running {
+    /// gRPC address.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the graceful shutdown (as SIGTERM would) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits until `serve` has returned.
+    pub async fn shutdown(mut self) {
+        self.begin_shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(20), &mut self.task).await;
+    }
+
+    /// Whether `serve` has returned.
+    pub fn finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
+
+/// Starts a service: binds port 0, calls its `serve` with a shutdown trigger.
+pub async fn spawn_service<F, Fut, E>(serve: F) -> Running
+where
+    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel();
+    let fut = serve(listener, stopped);
+    let task = tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            panic!("service on {addr} failed: {e}");
+        }
+    });
+    Running {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+fn until(stopped: oneshot::Receiver<()>) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let _ = stopped.await;
+    }
+}
+
+/// Configuration of the features service for tests.
+pub fn features_config(redis: Option<&RedisServer>, pg: &PostgresServer) -> mesh_features::Config {
+    mesh_features::Config {
+        listen_addr: String::new(),
+        metrics_addr: None,
+        redis_url: redis.map(RedisServer::url),
+        database_url: pg.url(),
+        cache_ttl: Duration::from_secs(10),
+        cache_capacity: 10_000,
+        redis_timeout: Duration::from_millis(20),
+        redis_cooldown: Duration::from_millis(500),
+        redis_ttl: Duration::from_secs(300),
+        db_timeout: Duration::from_secs(1),
+        db_pool_size: 8,
+        max_concurrency: 512,
+        drain_delay: Duration::from_millis(50),
+        grace: Duration::from_secs(5),
+    }
+}
+
+/// Configuration of an inference replica for tests.
+pub fn inference_config() -> mesh_inference::Config {
+    mesh_inference::Config {
+        listen_addr: String::new(),
+        metrics_addr: None,
+        models_dir: repo().join("models"),
+        ort_dylib: ort_dylib(),
+        sessions_per_model: 2,
+        warmup_iterations: 5,
+        max_concurrency: 256,
+        max_batch_rows: 4096,
+        drain_delay: Duration::from_millis(50),
+        grace: Duration::from_secs(5),
+        replica_id: "test".into(),
+    }
+}
+
+/// Configuration of the logger for tests (short flush so records appear quickly).
+pub fn logger_config(pg: &PostgresServer) -> mesh_logger::Config {
+    mesh_logger::Config {
+        listen_addr: String::new(),
+        metrics_addr: None,
+        database_url: pg.url(),
+        batch_size: 100,
+        flush_interval: Duration::from_millis(20),
+        queue_capacity: 10_000,
+        db_timeout: Duration::from_secs(2),
+        max_concurrency: 256,
+        drain_delay: Duration::from_millis(50),
+        grace: Duration::from_secs(5),
+    }
+}
+
+/// Configuration of the gateway for tests, pointing at the given downstreams.
+pub fn gateway_config(
+    features: String,
+    inference: Vec<String>,
+    logger: String,
+) -> mesh_gateway::Config {
+    mesh_gateway::Config {
+        listen_addr: String::new(),
+        metrics_addr: None,
+        features_url: features,
+        inference_urls: inference,
+        logger_url: logger,
+        models_dir: repo().join("models"),
+        default_budget: Duration::from_millis(1000),
+        max_budget: Duration::from_secs(30),
+        downstream_margin: Duration::from_millis(2),
+        max_concurrency: 1024,
+        features_concurrency: 256,
+        inference_concurrency: 256,
+        batch_concurrency: 8,
+        logger_concurrency: 4,
+        max_batch_items: 1000,
+        log_queue: 10_000,
+        log_batch_size: 100,
+        log_flush: Duration::from_millis(10),
+        drain_delay: Duration::from_millis(50),
+        grace: Duration::from_secs(5),
+    }
+}
+
+/// Starts the features service.
+pub async fn start_features(config: mesh_features::Config) -> Running {
+    spawn_service(|l, s| mesh_features::serve(config, l, None, until(s))).await
+}
+
+/// Starts an inference replica.
+pub async fn start_inference(config: mesh_inference::Config) -> Running {
+    spawn_service(|l, s| mesh_inference::serve(config, l, None, until(s))).await
+}
+
+/// Starts the logger.
+pub async fn start_logger(config: mesh_logger::Config) -> Running {
+    spawn_service(|l, s| mesh_logger::serve(config, l, None, until(s))).await
+}
+
+/// Starts the gateway.
+pub async fn start_gateway(config: mesh_gateway::Config) -> Running {
+    spawn_service(|l, s| mesh_gateway::serve(config, l, None, until(s))).await
+}
+
+/// A lazily connecting channel to `addr`.
+pub fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_lazy()
+}
+
+/// The `grpc.health.v1` status of `service` at `addr` (`""`: the server as a whole).
+pub async fn health(addr: SocketAddr, service: &str) -> Option<i32> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel(addr));
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    });
+    request.set_timeout(Duration::from_secs(1));
+    client
+        .check(request)
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+/// Waits until `addr` reports SERVING; panics after `timeout`.
+pub async fn wait_serving(addr: SocketAddr, timeout: Duration) {
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let started = std::time::Instant::now();
+    while started.elapsed() < timeout {
+        if health(addr, "").await == Some(serving) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{addr} did not become SERVING within {timeout:?}");
+}
+
+/// The whole mesh: Redis, PostgreSQL, features, two inference replicas, logger, gateway.
+pub struct Mesh {
+    /// Redis (stop it to simulate an outage).
+    pub redis: RedisServer,
+    /// PostgreSQL.
+    pub pg: PostgresServer,
+    /// The features service.
+    pub features: Running,
+    /// The inference replicas.
+    pub inference: Vec<Running>,
+    /// The logger.
+    pub logger: Running,
+    /// The gateway.
+    pub gateway: Running,
+    /// Proxy between the gateway and features (no delay unless a test sets one).
+    pub features_proxy: DelayProxy,
+    /// Proxies between the gateway and each inference replica.
+    pub inference_proxies: Vec<DelayProxy>,
+}
+
+impl Mesh {
+    /// Starts everything and waits until every service is SERVING; `tune` adjusts the
+    /// gateway's configuration.
+    pub async fn start(tune: impl FnOnce(&mut mesh_gateway::Config)) -> Self {
+        telemetry();
+        let redis = RedisServer::start().expect("redis");
+        let pg = PostgresServer::start().expect("postgres");
+        let features = start_features(features_config(Some(&redis), &pg)).await;
+        let inference = vec![
+            start_inference(inference_config()).await,
+            start_inference(inference_config()).await,
+        ];
+        let logger = start_logger(logger_config(&pg)).await;
+        let features_proxy = DelayProxy::start(features.addr).await.expect("proxy");
+        let mut inference_proxies = Vec::new();
+        for replica in &inference {
+            inference_proxies.push(DelayProxy::start(replica.addr).await.expect("proxy"));
+        }
+        let mut config = gateway_config(
+            features_proxy.url(),
+            inference_proxies.iter().map(DelayProxy::url).collect(),
+            logger.url(),
+        );
+        tune(&mut config);
+        let gateway = start_gateway(config).await;
+        for addr in [features.addr, logger.addr, gateway.addr]
+            .into_iter()
+            .chain(inference.iter().map(|r| r.addr))
+        {
+            wait_serving(addr, Duration::from_secs(60)).await;
+        }
+        Self {
+            redis,
+            pg,
+            features,
+            inference,
+            logger,
+            gateway,
+            features_proxy,
+            inference_proxies,
+        }
+    }
+
+    /// A client of the gateway.
+    pub fn gateway_client(&self) -> GatewayClient<Channel> {
+        GatewayClient::new(channel(self.gateway.addr))
+    }
+
+    /// A client of the features service (direct, not through the proxy).
+    pub fn features_client(&self) -> FeaturesClient<Channel> {
+        FeaturesClient::new(channel(self.features.addr))
+    }
+
+    /// A client of the first inference replica.
+    pub fn inference_client(&self) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::new(channel(self.inference[0].addr))
+    }
+
+    /// A PostgreSQL client.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect_db(&self.pg).await
+    }
+
+    /// Writes the first `n` demo entities into the feature store.
+    pub async fn seed(&self, n: usize) {
+        seed(self.features_client(), n).await;
+    }
+}
+
+/// A PostgreSQL client for `pg`.
+pub async fn connect_db(pg: &PostgresServer) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to postgres");
+    tokio::spawn(connection);
+    client
+}
+
+/// Writes the first `n` entities of data/demo_entities.jsonl through PutFeatures.
+pub async fn seed(mut client: FeaturesClient<Channel>, n: usize) {
+    let text =
+        std::fs::read_to_string(repo().join("data/demo_entities.jsonl")).expect("demo entities");
+    let entities: Vec<EntityFeatures> = text
+        .lines()
+        .take(n)
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+            EntityFeatures {
+                entity_id: v["entity_id"].as_str().expect("id").to_owned(),
+                found: true,
+                features: json_features(&v["features"]),
+                tier: 0,
+            }
+        })
+        .collect();
+    client
+        .put_features(PutFeaturesRequest { entities })
+        .await
+        .expect("seed");
+}
+
+/// `{"a": 1, "b": "x"}` as typed feature values.
+pub fn json_features(v: &serde_json::Value) -> std::collections::HashMap<String, FeatureValue> {
+    v.as_object()
+        .expect("object")
+        .iter()
+        .map(|(k, v)| {
+            let kind = match v {
+                serde_json::Value::Number(n) => Kind::Number(n.as_f64().expect("f64")),
+                serde_json::Value::String(s) => Kind::Category(s.clone()),
+                other => panic!("unexpected feature value {other}"),
+            };
+            (k.clone(), FeatureValue { kind: Some(kind) })
+        })
+        .collect()
+}
+
+/// One row of the training/serving skew fixture made by the Python pipeline.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FixtureRow {
+    /// Entity.
+    pub entity_id: String,
+    /// All features of the row.
+    pub features: serde_json::Value,
+    /// scikit-learn's predict_proba[:, 1].
+    pub probability: f64,
+}
+
+/// training/fixtures/churn_v1.json.
+pub fn fixture() -> Vec<FixtureRow> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        rows: Vec<FixtureRow>,
+    }
+    let text =
+        std::fs::read_to_string(repo().join("training/fixtures/churn_v1.json")).expect("fixture");
+    serde_json::from_str::<File>(&text)
+        .expect("fixture json")
+        .rows
+}
+
+/// A number feature.
+pub fn num(v: f64) -> FeatureValue {
+    FeatureValue {
+        kind: Some(Kind::Number(v)),
+    }
+}
+
+/// A category feature.
+pub fn cat(v: &str) -> FeatureValue {
+    FeatureValue {
+        kind: Some(Kind::Category(v.into())),
+    }
+}

@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     // tonic-prost-build does not print rerun-if-changed lines itself.
     for proto in PROTOS {
-        println!("cargo:rerun-if-changed={}", proto_root.join(proto).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            proto_root.join(proto).display()
+        );
     }
     println!("cargo:rerun-if-env-changed=PROTOC");
 

@@ -118,8 +118,9 @@ pub async fn serve(
     let feature_metrics = metrics::FeatureMetrics::register(&metrics.registry)
         .map_err(|e| FeaturesError::Config(e.to_string()))?;
 
-    let db = mesh_runtime::postgres::pool(&config.database_url, config.db_pool_size, config.db_timeout)
-        .map_err(|e| FeaturesError::Config(e.to_string()))?;
+    let db =
+        mesh_runtime::postgres::pool(&config.database_url, config.db_pool_size, config.db_timeout)
+            .map_err(|e| FeaturesError::Config(e.to_string()))?;
     let redis = match &config.redis_url {
         Some(url) => {
             let client = redis::Client::open(url.as_str())
@@ -166,12 +167,21 @@ pub async fn serve(
         }
     });
 
-    let routes = tonic::service::Routes::new(FeaturesServer::new(service::FeaturesService::new(store)));
+    let routes =
+        tonic::service::Routes::new(FeaturesServer::new(service::FeaturesService::new(store)));
     let mut options = ServeOptions::new(vec![name]);
     options.max_concurrency = config.max_concurrency;
     options.drain_delay = config.drain_delay;
     options.grace = config.grace;
-    serve_grpc(routes, options, health, metrics, listener, metrics_listener, shutdown)
-        .await
-        .map_err(|e| FeaturesError::Config(e.to_string()))
+    serve_grpc(
+        routes,
+        options,
+        health,
+        metrics,
+        listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await
+    .map_err(|e| FeaturesError::Config(e.to_string()))
 }

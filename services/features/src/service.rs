@@ -39,7 +39,9 @@ fn check_ids<'a>(ids: impl Iterator<Item = &'a str>, count: usize) -> Result<(),
     }
     for (i, id) in ids.enumerate() {
         if id.trim().is_empty() {
-            return Err(FeaturesError::InvalidArgument(format!("entity id #{i} is empty")));
+            return Err(FeaturesError::InvalidArgument(format!(
+                "entity id #{i} is empty"
+            )));
         }
         if id.len() > 256 {
             return Err(FeaturesError::InvalidArgument(format!(
@@ -83,7 +85,10 @@ impl Features for FeaturesService {
         request: Request<PutFeaturesRequest>,
     ) -> Result<Response<PutFeaturesResponse>, Status> {
         let PutFeaturesRequest { entities } = request.into_inner();
-        check_ids(entities.iter().map(|e| e.entity_id.as_str()), entities.len())?;
+        check_ids(
+            entities.iter().map(|e| e.entity_id.as_str()),
+            entities.len(),
+        )?;
         for entity in &entities {
             for (name, value) in &entity.features {
                 if name.trim().is_empty() {

@@ -187,10 +187,12 @@ impl FeatureStore {
                     }
                 }
                 Ok(Err(e)) => db_error = Some(e),
-                Err(_) => db_error = Some(FeaturesError::Unavailable(format!(
-                    "PostgreSQL did not answer within {:?}",
-                    self.config.db_timeout
-                ))),
+                Err(_) => {
+                    db_error = Some(FeaturesError::Unavailable(format!(
+                        "PostgreSQL did not answer within {:?}",
+                        self.config.db_timeout
+                    )))
+                }
             }
         }
         let mut inflight = self.inflight.lock().ok();
@@ -235,7 +237,13 @@ impl FeatureStore {
             return out;
         };
         let keys: Vec<String> = ids.iter().map(|id| redis_key(id)).collect();
-        let span = tracing::info_span!("redis.mget", otel.name = "redis MGET", otel.kind = "client", db.system = "redis", keys = keys.len());
+        let span = tracing::info_span!(
+            "redis.mget",
+            otel.name = "redis MGET",
+            otel.kind = "client",
+            db.system = "redis",
+            keys = keys.len()
+        );
         let call = async {
             redis::cmd("MGET")
                 .arg(&keys)
@@ -260,7 +268,9 @@ impl FeatureStore {
                                 },
                             );
                         }
-                        Err(e) => tracing::warn!(entity = %id, error = %e, "undecodable redis entry ignored"),
+                        Err(e) => {
+                            tracing::warn!(entity = %id, error = %e, "undecodable redis entry ignored")
+                        }
                     }
                 }
             }
@@ -305,12 +315,23 @@ impl FeatureStore {
                     }
                 }
             }
-            .instrument(tracing::info_span!("redis.set", otel.name = "redis SET", otel.kind = "client", db.system = "redis")),
+            .instrument(tracing::info_span!(
+                "redis.set",
+                otel.name = "redis SET",
+                otel.kind = "client",
+                db.system = "redis"
+            )),
         );
     }
 
     async fn from_db(&self, ids: &[String]) -> Result<Vec<(String, Arc<Entity>)>, FeaturesError> {
-        let span = tracing::info_span!("postgres.select", otel.name = "SELECT feature_values", otel.kind = "client", db.system = "postgresql", entities = ids.len());
+        let span = tracing::info_span!(
+            "postgres.select",
+            otel.name = "SELECT feature_values",
+            otel.kind = "client",
+            db.system = "postgresql",
+            entities = ids.len()
+        );
         async {
             let client = mesh_runtime::postgres::connection(&self.db)
                 .await
@@ -382,7 +403,13 @@ impl FeatureStore {
                 }
             }
         }
-        let span = tracing::info_span!("postgres.upsert", otel.name = "UPSERT feature_values", otel.kind = "client", db.system = "postgresql", values = ids.len());
+        let span = tracing::info_span!(
+            "postgres.upsert",
+            otel.name = "UPSERT feature_values",
+            otel.kind = "client",
+            db.system = "postgresql",
+            values = ids.len()
+        );
         async {
             let client = mesh_runtime::postgres::connection(&self.db)
                 .await

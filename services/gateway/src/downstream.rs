@@ -42,7 +42,11 @@ pub struct Compartments {
 
 /// Builds an outgoing request inside the current (client) span: remaining budget minus
 /// `margin` as its timeout, trace context in its metadata.
-fn outgoing<T>(message: T, deadline: Deadline, margin: Duration) -> Result<tonic::Request<T>, GatewayError> {
+fn outgoing<T>(
+    message: T,
+    deadline: Deadline,
+    margin: Duration,
+) -> Result<tonic::Request<T>, GatewayError> {
     let mut request = tonic::Request::new(message);
     deadline
         .propagate(&mut request, margin)
@@ -60,7 +64,11 @@ pub fn from_status(downstream: &str, status: &tonic::Status) -> GatewayError {
         Unavailable | Unknown => GatewayError::Unavailable(format!("{downstream} is unavailable")),
         InvalidArgument => GatewayError::InvalidArgument(status.message().to_owned()),
         NotFound => GatewayError::NotFound(status.message().to_owned()),
-        _ => GatewayError::Internal(format!("{downstream} answered {:?}: {}", status.code(), status.message())),
+        _ => GatewayError::Internal(format!(
+            "{downstream} answered {:?}: {}",
+            status.code(),
+            status.message()
+        )),
     }
 }
 
@@ -129,7 +137,9 @@ impl InferenceDownstream {
     /// Clients for `urls` (from `MESH_INFERENCE_URLS`).
     pub fn new(urls: &[String], margin: Duration) -> Result<Self, GatewayError> {
         if urls.is_empty() {
-            return Err(GatewayError::Config("MESH_INFERENCE_URLS lists no replica".into()));
+            return Err(GatewayError::Config(
+                "MESH_INFERENCE_URLS lists no replica".into(),
+            ));
         }
         let replicas = urls
             .iter()

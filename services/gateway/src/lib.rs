@@ -86,7 +86,8 @@ impl Config {
                 "MESH_INFERENCE_URLS",
                 &["http://127.0.0.1:50053", "http://127.0.0.1:50054"],
             ),
-            logger_url: env_str("MESH_LOGGER_URL").unwrap_or_else(|| "http://127.0.0.1:50055".into()),
+            logger_url: env_str("MESH_LOGGER_URL")
+                .unwrap_or_else(|| "http://127.0.0.1:50055".into()),
             models_dir: env_str("MESH_MODELS_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("models")),
@@ -129,7 +130,10 @@ pub async fn serve(
         inference: Bulkhead::new(&format!("{prefix}inference"), inference, bulkheads),
     };
     let margin = config.downstream_margin;
-    let logger = downstream::LoggerDownstream::new(downstream::channel(&config.logger_url, "MESH_LOGGER_URL")?);
+    let logger = downstream::LoggerDownstream::new(downstream::channel(
+        &config.logger_url,
+        "MESH_LOGGER_URL",
+    )?);
     let (log, shipping) = logship::spawn(
         logger,
         Bulkhead::new("logger", config.logger_concurrency, bulkheads),
@@ -150,7 +154,11 @@ pub async fn serve(
         ),
         inference: downstream::InferenceDownstream::new(&config.inference_urls, margin)?,
         log,
-        online: compartments("", config.features_concurrency, config.inference_concurrency),
+        online: compartments(
+            "",
+            config.features_concurrency,
+            config.inference_concurrency,
+        ),
         batch: compartments("batch-", config.batch_concurrency, config.batch_concurrency),
         batch_calls: Bulkhead::new("batch-calls", config.batch_concurrency, bulkheads),
         max_batch_items: config.max_batch_items,
@@ -167,7 +175,16 @@ pub async fn serve(
     options.max_budget = config.max_budget;
     options.drain_delay = config.drain_delay;
     options.grace = config.grace;
-    let served = serve_grpc(routes, options, health, metrics, listener, metrics_listener, shutdown).await;
+    let served = serve_grpc(
+        routes,
+        options,
+        health,
+        metrics,
+        listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await;
     // Handlers are gone, and with them the shipper's senders: flush what is queued.
     if tokio::time::timeout(config.grace, shipping).await.is_err() {
         tracing::error!("prediction records not shipped within the grace period");

@@ -2,6 +2,10 @@
 //! the record on a bounded in-process queue (never blocking) and a background task ships
 //! batches to the logger. If the queue is full or the logger keeps failing, records are
 //! dropped and counted in `mesh_gateway_log_records_dropped_total`.
+//!
+//! Each record travels with the trace context of the prediction that made it; a batch's
+//! `Record` call is parented on its first record's context and linked to the others', so the
+//! logger's work appears in the prediction's trace.
 
 use std::time::Duration;
 
@@ -10,6 +14,8 @@ use mesh_runtime::Bulkhead;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::downstream::LoggerDownstream;
 
@@ -59,15 +65,22 @@ impl ShipMetrics {
 /// The producing side, used by the handlers.
 #[derive(Clone)]
 pub struct LogShipper {
-    sender: mpsc::Sender<PredictionRecord>,
+    sender: mpsc::Sender<Queued>,
     metrics: ShipMetrics,
 }
+
+/// A record and the trace context of the prediction that made it.
+type Queued = (PredictionRecord, opentelemetry::Context);
 
 impl LogShipper {
     /// Queues `record`; never waits.
     pub fn submit(&self, record: PredictionRecord) {
-        if self.sender.try_send(record).is_err() {
-            self.metrics.dropped.with_label_values(&["queue_full"]).inc();
+        let context = tracing::Span::current().context();
+        if self.sender.try_send((record, context)).is_err() {
+            self.metrics
+                .dropped
+                .with_label_values(&["queue_full"])
+                .inc();
         }
     }
 }
@@ -93,7 +106,7 @@ async fn run(
     bulkhead: Bulkhead,
     config: ShipConfig,
     metrics: ShipMetrics,
-    mut receiver: mpsc::Receiver<PredictionRecord>,
+    mut receiver: mpsc::Receiver<Queued>,
 ) {
     loop {
         let Some(first) = receiver.recv().await else {
@@ -124,13 +137,43 @@ async fn ship(
     bulkhead: &Bulkhead,
     config: &ShipConfig,
     metrics: &ShipMetrics,
-    records: Vec<PredictionRecord>,
+    queued: Vec<Queued>,
 ) {
-    let count = records.len() as u64;
+    use opentelemetry::trace::TraceContextExt as _;
+    let count = queued.len() as u64;
+    let span = tracing::info_span!(
+        "log.ship",
+        otel.name = "ship prediction records",
+        records = count
+    );
+    let mut contexts = queued.iter().map(|(_, cx)| cx);
+    if let Some(first) = contexts.next() {
+        let _ = span.set_parent(first.clone());
+    }
+    for cx in contexts {
+        span.add_link(cx.span().span_context().clone());
+    }
+    let records: Vec<PredictionRecord> = queued.into_iter().map(|(r, _)| r).collect();
+    ship_records(logger, bulkhead, config, metrics, records, count)
+        .instrument(span)
+        .await
+}
+
+async fn ship_records(
+    logger: &LoggerDownstream,
+    bulkhead: &Bulkhead,
+    config: &ShipConfig,
+    metrics: &ShipMetrics,
+    records: Vec<PredictionRecord>,
+    count: u64,
+) {
     let request = RecordRequest { records };
     let mut backoff = Duration::from_millis(50);
     for attempt in 1..=config.attempts {
-        match logger.record(request.clone(), config.call_timeout, bulkhead).await {
+        match logger
+            .record(request.clone(), config.call_timeout, bulkhead)
+            .await
+        {
             Ok(_) => {
                 metrics.shipped.inc_by(count);
                 return;
@@ -144,5 +187,8 @@ async fn ship(
             }
         }
     }
-    metrics.dropped.with_label_values(&["logger_failed"]).inc_by(count);
+    metrics
+        .dropped
+        .with_label_values(&["logger_failed"])
+        .inc_by(count);
 }

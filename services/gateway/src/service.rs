@@ -74,7 +74,10 @@ impl GatewayService {
         deadline: Deadline,
         compartments: &Compartments,
     ) -> Result<HashMap<String, EntityFeatures>, Status> {
-        let response = self.features.get(ids, deadline, &compartments.features).await?;
+        let response = self
+            .features
+            .get(ids, deadline, &compartments.features)
+            .await?;
         Ok(response
             .entities
             .into_iter()
@@ -82,7 +85,10 @@ impl GatewayService {
             .collect())
     }
 
-    async fn predict_one(&self, request: Request<PredictRequest>) -> Result<PredictResponse, GatewayError> {
+    async fn predict_one(
+        &self,
+        request: Request<PredictRequest>,
+    ) -> Result<PredictResponse, GatewayError> {
         let started = Instant::now();
         let deadline = self.deadline(&request);
         let PredictRequest {
@@ -99,7 +105,10 @@ impl GatewayService {
         let (stored, tier) = if validate::request_is_complete(manifest, &features) {
             (None, FeatureTier::Request)
         } else {
-            match self.fetch(vec![entity_id.clone()], deadline, &self.online).await {
+            match self
+                .fetch(vec![entity_id.clone()], deadline, &self.online)
+                .await
+            {
                 Ok(mut found) => {
                     let entity = found.remove(&entity_id).ok_or_else(|| {
                         GatewayError::Internal("features service omitted the entity".into())
@@ -110,7 +119,8 @@ impl GatewayService {
                             validate::missing_from_request(manifest, &features).join(", ")
                         )));
                     }
-                    let tier = FeatureTier::try_from(entity.tier).unwrap_or(FeatureTier::Unspecified);
+                    let tier =
+                        FeatureTier::try_from(entity.tier).unwrap_or(FeatureTier::Unspecified);
                     (Some(entity.features), tier)
                 }
                 Err(status) => {
@@ -225,7 +235,8 @@ impl GatewayService {
                 self.max_batch_items
             )));
         }
-        let mut outcome: Vec<Option<Result<PredictResponse, GatewayError>>> = vec![None; items.len()];
+        let mut outcome: Vec<Option<Result<PredictResponse, GatewayError>>> =
+            vec![None; items.len()];
         let mut need_store: Vec<String> = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let checked = validate::entity_id(&item.entity_id)
@@ -300,7 +311,10 @@ impl GatewayService {
         }
         if !rows.is_empty() {
             let scores = self.score(manifest, &rows, deadline, &self.batch).await?;
-            for (i, response) in row_items.into_iter().zip(self.answer(manifest, rows, scores, started)) {
+            for (i, response) in row_items
+                .into_iter()
+                .zip(self.answer(manifest, rows, scores, started))
+            {
                 outcome[i] = Some(Ok(response));
             }
         }
@@ -385,13 +399,22 @@ fn infer_request(manifest: &ModelManifest, rows: &[Row]) -> ModelInferRequest {
 }
 
 /// The score column of the manifest's output, one value per row.
-fn scores(manifest: &ModelManifest, response: &ModelInferResponse, rows: usize) -> Result<Vec<f64>, GatewayError> {
+fn scores(
+    manifest: &ModelManifest,
+    response: &ModelInferResponse,
+    rows: usize,
+) -> Result<Vec<f64>, GatewayError> {
     let (index, output) = response
         .outputs
         .iter()
         .enumerate()
         .find(|(_, o)| o.name == manifest.output.name)
-        .ok_or_else(|| GatewayError::Internal(format!("inference returned no {} output", manifest.output.name)))?;
+        .ok_or_else(|| {
+            GatewayError::Internal(format!(
+                "inference returned no {} output",
+                manifest.output.name
+            ))
+        })?;
     let values: Vec<f32> = match (&output.contents, response.raw_output_contents.get(index)) {
         (Some(c), _) if !c.fp32_contents.is_empty() => c.fp32_contents.clone(),
         (_, Some(raw)) => raw
@@ -415,7 +438,10 @@ fn scores(manifest: &ModelManifest, response: &ModelInferResponse, rows: usize) 
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
-    async fn predict(&self, request: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
+    async fn predict(
+        &self,
+        request: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
         Ok(Response::new(self.predict_one(request).await?))
     }
 
@@ -423,6 +449,8 @@ impl Gateway for GatewayService {
         &self,
         request: Request<PredictBatchRequest>,
     ) -> Result<Response<PredictBatchResponse>, Status> {
-        Ok(Response::new(GatewayService::predict_batch(self, request).await?))
+        Ok(Response::new(
+            GatewayService::predict_batch(self, request).await?,
+        ))
     }
 }

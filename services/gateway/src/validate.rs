@@ -83,8 +83,14 @@ pub fn request_features(
 }
 
 /// Whether the request alone supplies every feature of the model.
-pub fn request_is_complete(manifest: &ModelManifest, features: &HashMap<String, FeatureValue>) -> bool {
-    manifest.features.iter().all(|f| features.contains_key(&f.name))
+pub fn request_is_complete(
+    manifest: &ModelManifest,
+    features: &HashMap<String, FeatureValue>,
+) -> bool {
+    manifest
+        .features
+        .iter()
+        .all(|f| features.contains_key(&f.name))
 }
 
 /// The features the model needs that the request does not supply.

@@ -44,7 +44,9 @@ impl From<mesh_runtime::registry::RegistryError> for InferenceError {
     fn from(e: mesh_runtime::registry::RegistryError) -> Self {
         use mesh_runtime::registry::RegistryError as R;
         match e {
-            R::UnknownModel(_) | R::UnknownVersion { .. } => InferenceError::NotFound(e.to_string()),
+            R::UnknownModel(_) | R::UnknownVersion { .. } => {
+                InferenceError::NotFound(e.to_string())
+            }
             R::Io { .. } | R::Json { .. } | R::Invalid(_) => InferenceError::Config(e.to_string()),
         }
     }

@@ -60,7 +60,9 @@ pub fn decode_inputs(
             .iter()
             .enumerate()
             .find(|(_, i)| i.name == feature.name)
-            .ok_or_else(|| InferenceError::InvalidInput(format!("missing input {}", feature.name)))?;
+            .ok_or_else(|| {
+                InferenceError::InvalidInput(format!("missing input {}", feature.name))
+            })?;
         let n = rows_of(input)?;
         let raw_bytes = raw.then(|| request.raw_input_contents[index].as_slice());
         let column = match feature.kind {
@@ -130,7 +132,11 @@ fn numbers(
                 .collect()
         }
         ("FP32", None) => contents(input).fp32_contents.clone(),
-        ("FP64", None) => contents(input).fp64_contents.iter().map(|v| *v as f32).collect(),
+        ("FP64", None) => contents(input)
+            .fp64_contents
+            .iter()
+            .map(|v| *v as f32)
+            .collect(),
         (other, _) => {
             return Err(InferenceError::InvalidInput(format!(
                 "input {} must be FP32 (a number feature), got {other}",
@@ -163,7 +169,10 @@ fn strings(
     }
     let utf8 = |b: &[u8]| {
         String::from_utf8(b.to_vec()).map_err(|_| {
-            InferenceError::InvalidInput(format!("input {} holds a value that is not UTF-8", input.name))
+            InferenceError::InvalidInput(format!(
+                "input {} holds a value that is not UTF-8",
+                input.name
+            ))
         })
     };
     let values: Vec<String> = match raw {
@@ -232,7 +241,11 @@ pub fn encode_outputs(
     {
         return Err(InferenceError::InvalidInput(format!(
             "unknown output {unknown}; the model has {}",
-            outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")
+            outputs
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let mut tensors = Vec::new();

@@ -21,9 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use mesh_runtime::config::{env_millis, env_parse, env_positive, env_str, metrics_addr};
 use mesh_runtime::{serve_grpc, Health, ServeOptions, ServiceMetrics};
-use mesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
 
 pub use error::InferenceError;
@@ -121,14 +121,21 @@ pub async fn serve(
     });
 
     let routes = tonic::service::Routes::new(
-        GrpcInferenceServiceServer::from_arc(service)
-            .max_decoding_message_size(64 * 1024 * 1024),
+        GrpcInferenceServiceServer::from_arc(service).max_decoding_message_size(64 * 1024 * 1024),
     );
     let mut options = ServeOptions::new(vec![name]);
     options.max_concurrency = config.max_concurrency;
     options.drain_delay = config.drain_delay;
     options.grace = config.grace;
-    serve_grpc(routes, options, health, metrics, listener, metrics_listener, shutdown)
-        .await
-        .map_err(|e| InferenceError::Config(e.to_string()))
+    serve_grpc(
+        routes,
+        options,
+        health,
+        metrics,
+        listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await
+    .map_err(|e| InferenceError::Config(e.to_string()))
 }

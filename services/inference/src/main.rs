@@ -3,8 +3,9 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = mesh_inference::Config::from_env()?;
-    let _telemetry =
-        mesh_telemetry::init(&mesh_telemetry::TelemetryConfig::from_env("mesh-inference")?)?;
+    let _telemetry = mesh_telemetry::init(&mesh_telemetry::TelemetryConfig::from_env(
+        "mesh-inference",
+    )?)?;
     let (listener, metrics) =
         mesh_runtime::server::bind(&config.listen_addr, config.metrics_addr.as_deref()).await?;
     let shutdown = mesh_runtime::server::shutdown_signal();

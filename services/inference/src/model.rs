@@ -235,11 +235,9 @@ impl LoadedModel {
             .iter()
             .map(|f| match f.kind {
                 FeatureKind::Number => Column::Numbers(vec![1.0]),
-                FeatureKind::Category => Column::Categories(vec![f
-                    .categories
-                    .first()
-                    .cloned()
-                    .unwrap_or_default()]),
+                FeatureKind::Category => {
+                    Column::Categories(vec![f.categories.first().cloned().unwrap_or_default()])
+                }
             })
             .collect()
     }

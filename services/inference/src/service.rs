@@ -59,11 +59,18 @@ impl InferenceService {
             .models
             .get(&(name.to_owned(), resolved.manifest.version.clone()))
             .cloned()
-            .ok_or_else(|| InferenceError::NotFound(format!("model {name:?} version {version:?} is not loaded")))
+            .ok_or_else(|| {
+                InferenceError::NotFound(format!(
+                    "model {name:?} version {version:?} is not loaded"
+                ))
+            })
     }
 
     /// Runs one ModelInfer request (the handler without the gRPC envelope).
-    pub fn infer(&self, request: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, InferenceError> {
+    pub fn infer(
+        &self,
+        request: pb::ModelInferRequest,
+    ) -> Result<pb::ModelInferResponse, InferenceError> {
         let model = self.model(&request.model_name, &request.model_version)?;
         let columns = decode_inputs(&model.manifest, &request)?;
         let rows = columns.first().map(|c| c.len()).unwrap_or(0);

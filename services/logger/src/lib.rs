@@ -141,11 +141,22 @@ pub async fn serve(
     options.max_concurrency = config.max_concurrency;
     options.drain_delay = config.drain_delay;
     options.grace = config.grace;
-    let served = serve_grpc(routes, options, health, metrics, listener, metrics_listener, shutdown).await;
+    let served = serve_grpc(
+        routes,
+        options,
+        health,
+        metrics,
+        listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await;
     // The routes (and with them the queue's sender) are gone: the writer flushes and ends.
     match tokio::time::timeout(config.grace, writer).await {
         Ok(_) => tracing::info!("prediction log flushed"),
-        Err(_) => tracing::error!(grace = ?config.grace, "prediction log not flushed within the grace period"),
+        Err(_) => {
+            tracing::error!(grace = ?config.grace, "prediction log not flushed within the grace period")
+        }
     }
     served.map_err(|e| LoggerError::Config(e.to_string()))
 }

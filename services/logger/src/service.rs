@@ -95,18 +95,19 @@ impl PredictionLog for PredictionLogService {
             .map_err(|e| LoggerError::Unavailable(e.to_string()))?
             .ok_or_else(|| LoggerError::NotFound(format!("no logged prediction {prediction_id:?}")))?;
         let features_text: String = row.get(5);
-        let features = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&features_text)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let kind = match v {
-                    serde_json::Value::Number(n) => Kind::Number(n.as_f64()?),
-                    serde_json::Value::String(s) => Kind::Category(s),
-                    _ => return None,
-                };
-                Some((k, FeatureValue { kind: Some(kind) }))
-            })
-            .collect();
+        let features =
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&features_text)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let kind = match v {
+                        serde_json::Value::Number(n) => Kind::Number(n.as_f64()?),
+                        serde_json::Value::String(s) => Kind::Category(s),
+                        _ => return None,
+                    };
+                    Some((k, FeatureValue { kind: Some(kind) }))
+                })
+                .collect();
         let tier: String = row.get(8);
         let feature_tier = match tier.as_str() {
             "memory" => FeatureTier::Memory,

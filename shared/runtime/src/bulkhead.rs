@@ -24,11 +24,17 @@ impl BulkheadMetrics {
     /// each labelled by bulkhead name.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let in_flight = IntGaugeVec::new(
-            Opts::new("mesh_bulkhead_in_flight", "Calls currently inside the bulkhead"),
+            Opts::new(
+                "mesh_bulkhead_in_flight",
+                "Calls currently inside the bulkhead",
+            ),
             &["bulkhead"],
         )?;
         let limit = IntGaugeVec::new(
-            Opts::new("mesh_bulkhead_limit", "Configured concurrency limit of the bulkhead"),
+            Opts::new(
+                "mesh_bulkhead_limit",
+                "Configured concurrency limit of the bulkhead",
+            ),
             &["bulkhead"],
         )?;
         let shed = IntCounterVec::new(

@@ -192,8 +192,14 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_grpc_timeout("900u"), Some(Duration::from_micros(900)));
-        assert_eq!(parse_grpc_timeout("1000n"), Some(Duration::from_nanos(1000)));
-        assert_eq!(parse_grpc_timeout("12345678m"), Some(Duration::from_millis(12_345_678)));
+        assert_eq!(
+            parse_grpc_timeout("1000n"),
+            Some(Duration::from_nanos(1000))
+        );
+        assert_eq!(
+            parse_grpc_timeout("12345678m"),
+            Some(Duration::from_millis(12_345_678))
+        );
     }
 
     #[test]

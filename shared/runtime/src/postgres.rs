@@ -63,15 +63,13 @@ pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, PgErr
 
 /// A connection from `pool`.
 pub async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
-    pool.get().await.map_err(|e| PgError::Connect(e.to_string()))
+    pool.get()
+        .await
+        .map_err(|e| PgError::Connect(e.to_string()))
 }
 
 /// Applies the steps of `component` not yet recorded, in order.
-pub async fn migrate(
-    pool: &Pool,
-    component: &str,
-    steps: &[Migration],
-) -> Result<usize, PgError> {
+pub async fn migrate(pool: &Pool, component: &str, steps: &[Migration]) -> Result<usize, PgError> {
     let mut client = connection(pool).await?;
     client
         .batch_execute(
@@ -108,7 +106,12 @@ pub async fn migrate(
         )
         .await?;
         tx.commit().await?;
-        tracing::info!(component, version = step.version, name = step.name, "migration applied");
+        tracing::info!(
+            component,
+            version = step.version,
+            name = step.name,
+            "migration applied"
+        );
         applied += 1;
     }
     Ok(applied)

@@ -170,7 +170,10 @@ pub async fn serve_grpc(
         // Count every RPC, including those shed or timed out below.
         .layer(RpcMetricsLayer::new(metrics.rpc.clone()))
         // Refuse expired work before it takes a bulkhead place; bound the rest by its deadline.
-        .layer(DeadlineLayer::new(options.default_budget, options.max_budget))
+        .layer(DeadlineLayer::new(
+            options.default_budget,
+            options.max_budget,
+        ))
         // Shed beyond the concurrency limit instead of queueing without bound.
         .layer(BulkheadLayer::new(bulkhead))
         .into_inner();

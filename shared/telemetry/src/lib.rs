@@ -19,6 +19,7 @@ use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 
 /// How a service reports what it does.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct TelemetryConfig {
     pub sample_ratio: f64,
     /// `json` (default, for log shippers) or `text` (for people).
     pub log_format: LogFormat,
+    /// Log filter when `RUST_LOG` is unset, e.g. `info`.
+    pub default_log_filter: String,
 }
 
 /// Log line format.
@@ -79,6 +82,7 @@ impl TelemetryConfig {
             otlp_endpoint,
             sample_ratio,
             log_format,
+            default_log_filter: "info".to_owned(),
         })
     }
 }
@@ -130,19 +134,27 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     );
     opentelemetry::global::set_tracer_provider(provider.clone());
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // RUST_LOG filters log lines only; spans are always recorded at info so that a quiet log
+    // level never breaks tracing (or the trace ids in responses and the prediction log).
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&config.default_log_filter));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let registry = tracing_subscriber::registry().with(otel);
     let installed = match config.log_format {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_current_span(true)
-                    .with_span_list(false),
+                    .with_span_list(false)
+                    .with_filter(filter),
             )
             .try_init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_filter(filter))
+            .try_init(),
     };
     if installed.is_err() {
         // Someone else owns the global subscriber (a test harness): keep theirs.

@@ -90,10 +90,8 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B> tower_service::Service<http::Request<B>> for RpcMetricsService<S>
 where
-    S: tower_service::Service<
-            http::Request<B>,
-            Response = http::Response<tonic::body::Body>,
-        > + Clone
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -189,12 +187,10 @@ pub async fn serve_metrics(
     }
 }
 
-fn metrics_response<B>(
-    req: &http::Request<B>,
-    registry: &Registry,
-) -> http::Response<Full<Bytes>> {
+fn metrics_response<B>(req: &http::Request<B>, registry: &Registry) -> http::Response<Full<Bytes>> {
     if req.uri().path() != "/metrics" {
-        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"not found; try /metrics\n")));
+        let mut resp =
+            http::Response::new(Full::new(Bytes::from_static(b"not found; try /metrics\n")));
         *resp.status_mut() = http::StatusCode::NOT_FOUND;
         return resp;
     }

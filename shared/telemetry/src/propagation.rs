@@ -105,10 +105,8 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B> tower_service::Service<http::Request<B>> for ServerTrace<S>
 where
-    S: tower_service::Service<
-            http::Request<B>,
-            Response = http::Response<tonic::body::Body>,
-        > + Clone
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,

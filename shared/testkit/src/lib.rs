@@ -192,14 +192,24 @@ impl PostgresServer {
             .stderr(Stdio::null());
         as_user(&mut cmd, self.run_as);
         self.child = Some(cmd.spawn().map_err(|e| {
-            HarnessError::Setup(format!("cannot start postgres from {}: {e}", self.bin.display()))
+            HarnessError::Setup(format!(
+                "cannot start postgres from {}: {e}",
+                self.bin.display()
+            ))
         })?);
         // Accepting TCP is not enough: wait until it accepts a real login.
         let started = Instant::now();
         loop {
             wait_for_port(self.port, Duration::from_secs(20), "postgres")?;
             let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -281,7 +291,11 @@ fn unprivileged_user() -> Result<Option<(u32, u32)>, HarnessError> {
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .map_err(|_| HarnessError::Setup(format!("running as root and no user {user:?} to run PostgreSQL as")))
+            .map_err(|_| {
+                HarnessError::Setup(format!(
+                    "running as root and no user {user:?} to run PostgreSQL as"
+                ))
+            })
     };
     Ok(Some((id("-u")?, id("-g")?)))
 }
@@ -294,3 +308,5 @@ fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) {
         cmd.current_dir("/");
     }
 }
+
+pub mod proxy;

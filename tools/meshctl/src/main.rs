@@ -30,7 +30,11 @@ enum Command {
     /// {"entity_id": "cust-1", "features": {"tenure_months": 12, "contract": "one_year"}}
     Seed {
         /// The features service.
-        #[arg(long, env = "MESH_FEATURES_URL", default_value = "http://127.0.0.1:50052")]
+        #[arg(
+            long,
+            env = "MESH_FEATURES_URL",
+            default_value = "http://127.0.0.1:50052"
+        )]
         features_url: String,
         /// The JSON-lines file.
         #[arg(long, default_value = "data/demo_entities.jsonl")]
@@ -42,7 +46,11 @@ enum Command {
     /// Send one prediction and print the answer as JSON.
     Predict {
         /// The gateway.
-        #[arg(long, env = "MESH_GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "MESH_GATEWAY_URL",
+            default_value = "http://127.0.0.1:50051"
+        )]
         gateway_url: String,
         /// Model name.
         #[arg(long, default_value = "churn")]
