@@ -201,6 +201,37 @@ pub async fn start_features(config: mesh_features::Config) -> Running {
     spawn_service(|l, s| mesh_features::serve(config, l, None, until(s))).await
 }
 
+/// Starts the features service with its `/metrics` endpoint; returns that endpoint's address.
+pub async fn start_features_with_metrics(config: mesh_features::Config) -> (Running, SocketAddr) {
+    let metrics = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let addr = metrics.local_addr().expect("addr");
+    let running =
+        spawn_service(|l, s| mesh_features::serve(config, l, Some(metrics), until(s))).await;
+    (running, addr)
+}
+
+/// The value of the Prometheus sample `name` (with labels, as printed) at `addr`/metrics.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("read");
+    body.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 /// Starts an inference replica.
 pub async fn start_inference(config: mesh_inference::Config) -> Running {
     spawn_service(|l, s| mesh_inference::serve(config, l, None, until(s))).await

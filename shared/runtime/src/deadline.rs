@@ -170,7 +170,9 @@ where
         if budget.is_zero() {
             return Box::pin(async { Ok(exceeded().into_http()) });
         }
-        let deadline = Deadline::after(budget);
+        // Give up slightly before the caller does, so it receives our DEADLINE_EXCEEDED
+        // rather than its own timer's cancellation.
+        let deadline = Deadline::after(budget.saturating_sub(response_margin(budget)));
         req.extensions_mut().insert(deadline);
         Box::pin(async move {
             match tokio::time::timeout_at(deadline.instant(), inner.call(req)).await {
@@ -179,6 +181,12 @@ where
             }
         })
     }
+}
+
+/// Time kept back from a server's budget for its answer to reach the caller: a tenth of the
+/// budget, at most 2 ms.
+pub fn response_margin(budget: Duration) -> Duration {
+    (budget / 10).min(Duration::from_millis(2))
 }
 
 #[cfg(test)]
@@ -223,5 +231,73 @@ mod tests {
             .propagate(&mut req, Duration::from_millis(5))
             .expect_err("only 2 ms left, less than the margin");
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    }
+
+    fn status_of(response: &http::Response<tonic::body::Body>) -> Option<String> {
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+    }
+
+    #[tokio::test]
+    async fn work_whose_deadline_passed_is_refused_without_running_the_handler() {
+        use tower::{Layer as _, Service as _, ServiceExt as _};
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = ran.clone();
+        let inner = tower::service_fn(move |_req: http::Request<()>| {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+            }
+        });
+        let mut service = DeadlineLayer::new(None, Duration::from_secs(30)).layer(inner);
+        let request = http::Request::builder()
+            .uri("/mesh.gateway.v1.Gateway/Predict")
+            .header("grpc-timeout", "0m")
+            .body(())
+            .expect("request");
+        let response = service
+            .ready()
+            .await
+            .expect("ready")
+            .call(request)
+            .await
+            .expect("response");
+        assert_eq!(
+            status_of(&response).as_deref(),
+            Some("4"),
+            "DEADLINE_EXCEEDED"
+        );
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "handler must not run"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_outliving_its_budget_is_cut_off_with_deadline_exceeded() {
+        use tower::{Layer as _, Service as _, ServiceExt as _};
+        let inner = tower::service_fn(|_req: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let mut service =
+            DeadlineLayer::new(Some(Duration::from_millis(100)), Duration::from_secs(30))
+                .layer(inner);
+        let request = http::Request::builder()
+            .uri("/inference.GRPCInferenceService/ModelInfer")
+            .body(())
+            .expect("request");
+        let started = tokio::time::Instant::now();
+        let response = service
+            .ready()
+            .await
+            .expect("ready")
+            .call(request)
+            .await
+            .expect("response");
+        assert_eq!(status_of(&response).as_deref(), Some("4"));
+        assert!(started.elapsed() <= Duration::from_millis(100));
     }
 }
