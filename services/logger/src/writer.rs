@@ -3,6 +3,9 @@
 //! A batch is written when it holds `batch_size` records or its first record has waited
 //! `flush_interval`. A failed write is retried with capped exponential back-off, keeping the
 //! batch; meanwhile the bounded queue fills and `Record` sheds with `RESOURCE_EXHAUSTED`.
+//!
+//! Records keep the trace context of the `Record` call that brought them; a batch's INSERT
+//! span is parented on its first record's context and linked to the others'.
 
 use std::time::Duration;
 
@@ -13,6 +16,10 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// A record and the trace context it arrived with.
+type Queued = (PredictionRecord, opentelemetry::Context);
 
 /// Batching settings.
 #[derive(Debug, Clone)]
@@ -75,7 +82,7 @@ impl WriterMetrics {
 /// The sending side of the queue.
 #[derive(Clone)]
 pub struct LogQueue {
-    sender: mpsc::Sender<PredictionRecord>,
+    sender: mpsc::Sender<Queued>,
     metrics: WriterMetrics,
 }
 
@@ -86,9 +93,10 @@ impl LogQueue {
             self.metrics.shed.inc_by(records.len() as u64);
             return false;
         }
+        let context = tracing::Span::current().context();
         for record in records {
             // Capacity was checked; a concurrent caller may still win the last places.
-            if self.sender.try_send(record).is_err() {
+            if self.sender.try_send((record, context.clone())).is_err() {
                 self.metrics.shed.inc();
                 return false;
             }
@@ -113,7 +121,7 @@ async fn run(
     db: Pool,
     config: WriterConfig,
     metrics: WriterMetrics,
-    mut receiver: mpsc::Receiver<PredictionRecord>,
+    mut receiver: mpsc::Receiver<Queued>,
 ) {
     let mut batch = Vec::with_capacity(config.batch_size);
     loop {
@@ -142,7 +150,25 @@ async fn run(
     }
 }
 
-async fn write_until_done(db: &Pool, batch: &[PredictionRecord], metrics: &WriterMetrics) {
+async fn write_until_done(db: &Pool, queued: &[Queued], metrics: &WriterMetrics) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let span = tracing::info_span!(
+        "log.write",
+        otel.name = "write prediction batch",
+        records = queued.len()
+    );
+    let mut contexts = queued.iter().map(|(_, cx)| cx);
+    if let Some(first) = contexts.next() {
+        let _ = span.set_parent(first.clone());
+    }
+    for cx in contexts {
+        span.add_link(cx.span().span_context().clone());
+    }
+    let batch: Vec<PredictionRecord> = queued.iter().map(|(r, _)| r.clone()).collect();
+    retry_insert(db, &batch, metrics).instrument(span).await
+}
+
+async fn retry_insert(db: &Pool, batch: &[PredictionRecord], metrics: &WriterMetrics) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let timer = metrics.batch_seconds.start_timer();
