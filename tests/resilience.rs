@@ -11,6 +11,18 @@ use mesh_tests::*;
 use tonic::Code;
 
 const SERVING: i32 = 1;
+
+/// A deadline miss as a tonic client sees it: the server's DEADLINE_EXCEEDED, or, when the
+/// client's own timer fires first (tight budgets on a loaded machine), tonic's local
+/// CANCELLED "Timeout expired". Anything else (or success) is wrong.
+fn assert_deadline_miss(status: &tonic::Status) {
+    let local_expiry =
+        status.code() == Code::Cancelled && status.message().contains("Timeout expired");
+    assert!(
+        status.code() == Code::DeadlineExceeded || local_expiry,
+        "expected a deadline miss, got {status:?}"
+    );
+}
 const NOT_SERVING: i32 = 2;
 
 fn request_only(row: &FixtureRow) -> HashMap<String, FeatureValue> {
@@ -163,7 +175,7 @@ async fn deadlines_are_kept_even_when_a_dependency_is_slow() {
         ))
         .await
         .expect_err("1 ms is not enough");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_deadline_miss(&status);
     assert!(
         started.elapsed() < Duration::from_millis(100),
         "took {:?}",
@@ -184,7 +196,7 @@ async fn deadlines_are_kept_even_when_a_dependency_is_slow() {
             .await
             .expect_err("features are too slow");
         let took = started.elapsed();
-        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_deadline_miss(&status);
         assert!(
             took < Duration::from_millis(100 + 40),
             "deadline overrun: {took:?}"
