@@ -8,7 +8,8 @@
 # A second run reuses the data directory and the build.
 #
 # Ports (override by environment): MESH_GATEWAY_PORT 50051, features 50052, inference 50053 and
-# 50054, logger 50055, metrics 9101..9105, MESH_PG_PORT 55432, MESH_REDIS_PORT 56379.
+# 50054, logger 50055, MESH_PG_PORT 55432, MESH_REDIS_PORT 56379 (MESH_FEATURES_PORT,
+# MESH_INFERENCE1_PORT, MESH_INFERENCE2_PORT, MESH_LOGGER_PORT). Metrics are fixed at 9101..9105.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -239,6 +239,7 @@ async fn deadlines_are_kept_even_when_a_dependency_is_slow() {
 async fn a_saturated_inference_bulkhead_sheds_excess_and_health_still_answers() {
     let mesh = Mesh::start(|config| {
         config.inference_concurrency = 2;
+        config.features_concurrency = 2;
     })
     .await;
     // Fault injection via the test proxy: inference takes 300 ms, so calls pile up.
@@ -285,6 +286,45 @@ async fn a_saturated_inference_bulkhead_sheds_excess_and_health_still_answers() 
     assert!(
         probe_took < Duration::from_millis(100),
         "health took {probe_took:?}"
+    );
+
+    // The features compartment sheds the same way (and is separate: inference is idle now).
+    mesh.seed(3).await;
+    for proxy in &mesh.inference_proxies {
+        proxy.set_delay(Duration::ZERO);
+    }
+    mesh.features_proxy.set_delay(Duration::from_millis(300));
+    let mut partial = request_only(&row);
+    partial.retain(|k, _| k == "support_calls_30d" || k == "channel");
+    let calls = (0..8).map(|_| {
+        let mut gateway = mesh.gateway_client();
+        let features = partial.clone();
+        async move {
+            gateway
+                .predict(predict_request(
+                    "cust-00001",
+                    features,
+                    Duration::from_secs(2),
+                ))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let shed = results
+        .iter()
+        .filter(|r| **r == Err(Code::ResourceExhausted))
+        .count();
+    assert!(
+        shed >= 4,
+        "a full features compartment answers RESOURCE_EXHAUSTED: {results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| r.is_ok() || *r == Err(Code::ResourceExhausted)),
+        "{results:?}"
     );
 }
 

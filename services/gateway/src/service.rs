@@ -125,7 +125,11 @@ impl GatewayService {
                 }
                 Err(status) => {
                     let error = from_status("features service", &status);
-                    if matches!(error, GatewayError::DeadlineExceeded) {
+                    // Out of time or shed: say so, so the caller knows to back off or not.
+                    if matches!(
+                        error,
+                        GatewayError::DeadlineExceeded | GatewayError::Overloaded(_)
+                    ) {
                         return Err(error);
                     }
                     return Err(GatewayError::Unavailable(format!(
@@ -257,8 +261,12 @@ impl GatewayService {
             self.fetch(need_store, deadline, &self.batch).await
         };
         if let Err(status) = &stored {
-            if status.code() == tonic::Code::DeadlineExceeded {
-                return Err(GatewayError::DeadlineExceeded);
+            let error = from_status("features service", status);
+            if matches!(
+                error,
+                GatewayError::DeadlineExceeded | GatewayError::Overloaded(_)
+            ) {
+                return Err(error);
             }
         }
         let mut rows = Vec::new();

@@ -34,7 +34,7 @@ pub use service::InferenceService;
 pub struct Config {
     /// `MESH_LISTEN_ADDR`, default `0.0.0.0:50053`.
     pub listen_addr: String,
-    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9103`; empty string disables.
+    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9103`; `off` disables.
     pub metrics_addr: Option<String>,
     /// `MESH_MODELS_DIR`, default `models`.
     pub models_dir: PathBuf,
