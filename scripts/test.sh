@@ -16,6 +16,9 @@ source .tools/env
 step "format"
 cargo fmt --all --check
 
+step "lint (clippy, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -q -- -D warnings
+
 step "build (debug, all binaries: the whole-mesh tests start them as processes)"
 cargo build --workspace --bins --locked
 

@@ -107,17 +107,25 @@ where
     }
 }
 
-fn until(stopped: oneshot::Receiver<()>) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        let _ = stopped.await;
+async fn until(stopped: oneshot::Receiver<()>) {
+    let _ = stopped.await;
+}
+
+/// Server settings for a test service: port from the listener, no metrics endpoint, short drain.
+pub fn test_server(max_concurrency: usize) -> mesh_runtime::config::ServerConfig {
+    mesh_runtime::config::ServerConfig {
+        listen_addr: String::new(),
+        metrics_addr: None,
+        max_concurrency,
+        drain_delay: Duration::from_millis(50),
+        grace: Duration::from_secs(5),
     }
 }
 
 /// Configuration of the features service for tests.
 pub fn features_config(redis: Option<&RedisServer>, pg: &PostgresServer) -> mesh_features::Config {
     mesh_features::Config {
-        listen_addr: String::new(),
-        metrics_addr: None,
+        server: test_server(512),
         redis_url: redis.map(RedisServer::url),
         database_url: pg.url(),
         cache_ttl: Duration::from_secs(10),
@@ -127,25 +135,18 @@ pub fn features_config(redis: Option<&RedisServer>, pg: &PostgresServer) -> mesh
         redis_ttl: Duration::from_secs(300),
         db_timeout: Duration::from_secs(1),
         db_pool_size: 8,
-        max_concurrency: 512,
-        drain_delay: Duration::from_millis(50),
-        grace: Duration::from_secs(5),
     }
 }
 
 /// Configuration of an inference replica for tests.
 pub fn inference_config() -> mesh_inference::Config {
     mesh_inference::Config {
-        listen_addr: String::new(),
-        metrics_addr: None,
+        server: test_server(256),
         models_dir: repo().join("models"),
         ort_dylib: ort_dylib(),
         sessions_per_model: 2,
         warmup_iterations: 5,
-        max_concurrency: 256,
         max_batch_rows: 4096,
-        drain_delay: Duration::from_millis(50),
-        grace: Duration::from_secs(5),
         replica_id: "test".into(),
     }
 }
@@ -153,16 +154,12 @@ pub fn inference_config() -> mesh_inference::Config {
 /// Configuration of the logger for tests (short flush so records appear quickly).
 pub fn logger_config(pg: &PostgresServer) -> mesh_logger::Config {
     mesh_logger::Config {
-        listen_addr: String::new(),
-        metrics_addr: None,
+        server: test_server(256),
         database_url: pg.url(),
         batch_size: 100,
         flush_interval: Duration::from_millis(20),
         queue_capacity: 10_000,
         db_timeout: Duration::from_secs(2),
-        max_concurrency: 256,
-        drain_delay: Duration::from_millis(50),
-        grace: Duration::from_secs(5),
     }
 }
 
@@ -173,8 +170,7 @@ pub fn gateway_config(
     logger: String,
 ) -> mesh_gateway::Config {
     mesh_gateway::Config {
-        listen_addr: String::new(),
-        metrics_addr: None,
+        server: test_server(1024),
         features_url: features,
         inference_urls: inference,
         logger_url: logger,
@@ -182,7 +178,6 @@ pub fn gateway_config(
         default_budget: Duration::from_millis(1000),
         max_budget: Duration::from_secs(30),
         downstream_margin: Duration::from_millis(2),
-        max_concurrency: 1024,
         features_concurrency: 256,
         inference_concurrency: 256,
         batch_concurrency: 8,
@@ -191,8 +186,6 @@ pub fn gateway_config(
         log_queue: 10_000,
         log_batch_size: 100,
         log_flush: Duration::from_millis(10),
-        drain_delay: Duration::from_millis(50),
-        grace: Duration::from_secs(5),
     }
 }
 

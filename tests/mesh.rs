@@ -162,7 +162,9 @@ async fn invalid_requests_get_clear_errors_naming_the_culprit() {
     let good = request_features(row);
 
     let check = |result: Result<tonic::Response<_>, tonic::Status>, code: Code, names: &[&str]| {
-        let status = result.err().expect("should fail");
+        let Err(status) = result else {
+            panic!("should fail")
+        };
         assert_eq!(status.code(), code, "{status:?}");
         for name in names {
             assert!(

@@ -372,7 +372,7 @@ async fn health_is_not_serving_before_warm_up_and_while_draining() {
     // Many warm-up rounds make warm-up last long enough to observe from outside.
     let mut config = inference_config();
     config.warmup_iterations = 30_000;
-    config.drain_delay = Duration::from_millis(800);
+    config.server.drain_delay = Duration::from_millis(800);
     let mut replica = start_inference(config).await;
     assert_eq!(
         health(replica.addr, "").await,

@@ -164,7 +164,7 @@ async fn one_prediction_is_one_trace_across_all_four_services() {
     let (features_port, inference_port, logger_port, gateway_port) =
         (ports[0], ports[1], ports[2], ports[3]);
     let url = |p: u16| format!("http://127.0.0.1:{p}");
-    let mut processes = vec![
+    let mut processes = [
         spawn(
             "features",
             "mesh-features",

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::features::features_server::FeaturesServer;
-use mesh_runtime::config::{env_millis, env_positive, env_str, metrics_addr};
+use mesh_runtime::config::{env_millis, env_positive, env_str, ServerConfig};
 use mesh_runtime::postgres::Migration;
-use mesh_runtime::{serve_grpc, Health, ServeOptions, ServiceMetrics};
+use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
 pub use error::FeaturesError;
@@ -45,10 +45,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// Configuration, from `MESH_*` environment variables (see README).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `MESH_LISTEN_ADDR`, default `0.0.0.0:50052`.
-    pub listen_addr: String,
-    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9102`; `off` disables.
-    pub metrics_addr: Option<String>,
+    /// Address, metrics, concurrency limit and shutdown timing (`MESH_LISTEN_ADDR`,
+    /// `MESH_METRICS_ADDR`, `MESH_MAX_CONCURRENCY`, `MESH_DRAIN_DELAY_MS`, `MESH_GRACE_MS`).
+    pub server: ServerConfig,
     /// `MESH_REDIS_URL`, default `redis://127.0.0.1:6379`; `off` disables the Redis tier.
     pub redis_url: Option<String>,
     /// `MESH_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`.
@@ -67,12 +66,6 @@ pub struct Config {
     pub db_timeout: Duration,
     /// `MESH_DB_POOL_SIZE`, default 16.
     pub db_pool_size: usize,
-    /// `MESH_MAX_CONCURRENCY`, default 512.
-    pub max_concurrency: usize,
-    /// `MESH_DRAIN_DELAY_MS`, default 1000.
-    pub drain_delay: Duration,
-    /// `MESH_GRACE_MS`, default 10000.
-    pub grace: Duration,
 }
 
 impl Config {
@@ -80,8 +73,7 @@ impl Config {
     pub fn from_env() -> Result<Self, FeaturesError> {
         let cfg = |e: mesh_runtime::config::ConfigError| FeaturesError::Config(e.to_string());
         Ok(Self {
-            listen_addr: env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| "0.0.0.0:50052".into()),
-            metrics_addr: metrics_addr("0.0.0.0:9102"),
+            server: ServerConfig::from_env("0.0.0.0:50052", "0.0.0.0:9102", 512).map_err(cfg)?,
             redis_url: match env_str("MESH_REDIS_URL") {
                 Some(v) if v == "off" => None,
                 Some(v) => Some(v),
@@ -98,9 +90,6 @@ impl Config {
             redis_ttl: env_millis("MESH_REDIS_TTL_MS", Duration::from_secs(300)).map_err(cfg)?,
             db_timeout: env_millis("MESH_DB_TIMEOUT_MS", Duration::from_secs(1)).map_err(cfg)?,
             db_pool_size: env_positive("MESH_DB_POOL_SIZE", 16).map_err(cfg)?,
-            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", 512).map_err(cfg)?,
-            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1)).map_err(cfg)?,
-            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10)).map_err(cfg)?,
         })
     }
 }
@@ -149,30 +138,11 @@ pub async fn serve(
         feature_metrics,
     ));
 
-    let migrating = health.clone();
-    tokio::spawn(async move {
-        let mut attempt = 0u32;
-        loop {
-            match mesh_runtime::postgres::migrate(&db, "features", MIGRATIONS).await {
-                Ok(_) => {
-                    migrating.set_serving().await;
-                    return;
-                }
-                Err(e) => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "schema migration failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    });
+    mesh_runtime::postgres::migrate_then_serve(db.clone(), "features", MIGRATIONS, health.clone());
 
     let routes =
         tonic::service::Routes::new(FeaturesServer::new(service::FeaturesService::new(store)));
-    let mut options = ServeOptions::new(vec![name]);
-    options.max_concurrency = config.max_concurrency;
-    options.drain_delay = config.drain_delay;
-    options.grace = config.grace;
+    let options = config.server.serve_options(vec![name]);
     serve_grpc(
         routes,
         options,

@@ -165,7 +165,7 @@ impl FeatureStore {
     /// Loads `pending` from Redis, then PostgreSQL, publishing each result to its waiters.
     async fn load(self: Arc<Self>, pending: Vec<(String, watch::Sender<Option<LoadResult>>)>) {
         let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
-        let mut found: HashMap<String, Served> = self.from_redis(&ids).await;
+        let mut found: HashMap<String, Served> = self.read_redis(&ids).await;
         let missing: Vec<String> = ids
             .iter()
             .filter(|id| !found.contains_key(*id))
@@ -173,7 +173,7 @@ impl FeatureStore {
             .collect();
         let mut db_error = None;
         if !missing.is_empty() {
-            match tokio::time::timeout(self.config.db_timeout, self.from_db(&missing)).await {
+            match tokio::time::timeout(self.config.db_timeout, self.read_db(&missing)).await {
                 Ok(Ok(loaded)) => {
                     self.write_back(&loaded);
                     for (id, entity) in loaded {
@@ -231,7 +231,7 @@ impl FeatureStore {
         }
     }
 
-    async fn from_redis(&self, ids: &[String]) -> HashMap<String, Served> {
+    async fn read_redis(&self, ids: &[String]) -> HashMap<String, Served> {
         let mut out = HashMap::new();
         let Some(mut redis) = self.redis_usable() else {
             return out;
@@ -324,7 +324,7 @@ impl FeatureStore {
         );
     }
 
-    async fn from_db(&self, ids: &[String]) -> Result<Vec<(String, Arc<Entity>)>, FeaturesError> {
+    async fn read_db(&self, ids: &[String]) -> Result<Vec<(String, Arc<Entity>)>, FeaturesError> {
         let span = tracing::info_span!(
             "postgres.select",
             otel.name = "SELECT feature_values",

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::gateway::gateway_server::GatewayServer;
-use mesh_runtime::config::{env_list, env_millis, env_positive, env_str, metrics_addr};
+use mesh_runtime::config::{env_list, env_millis, env_positive, env_str, ServerConfig};
 use mesh_runtime::registry::ModelRegistry;
-use mesh_runtime::{serve_grpc, Bulkhead, Health, ServeOptions, ServiceMetrics};
+use mesh_runtime::{serve_grpc, Bulkhead, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
 pub use error::GatewayError;
@@ -30,10 +30,9 @@ pub use error::GatewayError;
 /// Configuration, from `MESH_*` environment variables (see README).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `MESH_LISTEN_ADDR`, default `0.0.0.0:50051`.
-    pub listen_addr: String,
-    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9101`; `off` disables.
-    pub metrics_addr: Option<String>,
+    /// Address, metrics, concurrency limit and shutdown timing (`MESH_LISTEN_ADDR`,
+    /// `MESH_METRICS_ADDR`, `MESH_MAX_CONCURRENCY`, `MESH_DRAIN_DELAY_MS`, `MESH_GRACE_MS`).
+    pub server: ServerConfig,
     /// `MESH_FEATURES_URL`, default `http://127.0.0.1:50052`.
     pub features_url: String,
     /// `MESH_INFERENCE_URLS`, comma-separated, default `http://127.0.0.1:50053,http://127.0.0.1:50054`.
@@ -48,8 +47,6 @@ pub struct Config {
     pub max_budget: Duration,
     /// `MESH_DOWNSTREAM_MARGIN_MS`, default 2: kept back from each downstream budget.
     pub downstream_margin: Duration,
-    /// `MESH_MAX_CONCURRENCY`, default 1024: concurrent RPCs before shedding.
-    pub max_concurrency: usize,
     /// `MESH_FEATURES_CONCURRENCY`, default 256: online calls to features in flight.
     pub features_concurrency: usize,
     /// `MESH_INFERENCE_CONCURRENCY`, default 256: online calls to inference in flight.
@@ -67,10 +64,6 @@ pub struct Config {
     pub log_batch_size: usize,
     /// `MESH_LOG_FLUSH_MS`, default 50.
     pub log_flush: Duration,
-    /// `MESH_DRAIN_DELAY_MS`, default 1000.
-    pub drain_delay: Duration,
-    /// `MESH_GRACE_MS`, default 10000.
-    pub grace: Duration,
 }
 
 impl Config {
@@ -78,8 +71,7 @@ impl Config {
     pub fn from_env() -> Result<Self, GatewayError> {
         let cfg = |e: mesh_runtime::config::ConfigError| GatewayError::Config(e.to_string());
         Ok(Self {
-            listen_addr: env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| "0.0.0.0:50051".into()),
-            metrics_addr: metrics_addr("0.0.0.0:9101"),
+            server: ServerConfig::from_env("0.0.0.0:50051", "0.0.0.0:9101", 1024).map_err(cfg)?,
             features_url: env_str("MESH_FEATURES_URL")
                 .unwrap_or_else(|| "http://127.0.0.1:50052".into()),
             inference_urls: env_list(
@@ -96,7 +88,6 @@ impl Config {
             max_budget: env_millis("MESH_MAX_BUDGET_MS", Duration::from_secs(30)).map_err(cfg)?,
             downstream_margin: env_millis("MESH_DOWNSTREAM_MARGIN_MS", Duration::from_millis(2))
                 .map_err(cfg)?,
-            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", 1024).map_err(cfg)?,
             features_concurrency: env_positive("MESH_FEATURES_CONCURRENCY", 256).map_err(cfg)?,
             inference_concurrency: env_positive("MESH_INFERENCE_CONCURRENCY", 256).map_err(cfg)?,
             batch_concurrency: env_positive("MESH_BATCH_CONCURRENCY", 8).map_err(cfg)?,
@@ -105,8 +96,6 @@ impl Config {
             log_queue: env_positive("MESH_LOG_QUEUE", 50_000).map_err(cfg)?,
             log_batch_size: env_positive("MESH_LOG_BATCH_SIZE", 500).map_err(cfg)?,
             log_flush: env_millis("MESH_LOG_FLUSH_MS", Duration::from_millis(50)).map_err(cfg)?,
-            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1)).map_err(cfg)?,
-            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10)).map_err(cfg)?,
         })
     }
 }
@@ -169,12 +158,9 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(
         GatewayServer::new(service).max_decoding_message_size(4 * 1024 * 1024),
     );
-    let mut options = ServeOptions::new(vec![name]);
-    options.max_concurrency = config.max_concurrency;
+    let mut options = config.server.serve_options(vec![name]);
     options.default_budget = Some(config.default_budget);
     options.max_budget = config.max_budget;
-    options.drain_delay = config.drain_delay;
-    options.grace = config.grace;
     let served = serve_grpc(
         routes,
         options,
@@ -186,7 +172,10 @@ pub async fn serve(
     )
     .await;
     // Handlers are gone, and with them the shipper's senders: flush what is queued.
-    if tokio::time::timeout(config.grace, shipping).await.is_err() {
+    if tokio::time::timeout(config.server.grace, shipping)
+        .await
+        .is_err()
+    {
         tracing::error!("prediction records not shipped within the grace period");
     }
     served.map_err(|e| GatewayError::Config(e.to_string()))

@@ -108,23 +108,10 @@ async fn run(
     metrics: ShipMetrics,
     mut receiver: mpsc::Receiver<Queued>,
 ) {
-    loop {
-        let Some(first) = receiver.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        let flush_at = tokio::time::Instant::now() + config.flush_interval;
-        let mut closed = false;
-        while batch.len() < config.batch_size {
-            // Fill until full or until the first record has waited long enough.
-            tokio::select! {
-                next = receiver.recv() => match next {
-                    Some(record) => batch.push(record),
-                    None => { closed = true; break; }
-                },
-                _ = tokio::time::sleep_until(flush_at) => break,
-            }
-        }
+    while let Some((batch, closed)) =
+        mesh_runtime::batch::next_batch(&mut receiver, config.batch_size, config.flush_interval)
+            .await
+    {
         ship(&logger, &bulkhead, &config, &metrics, batch).await;
         if closed {
             return;

@@ -5,8 +5,11 @@ async fn main() -> anyhow::Result<()> {
     let config = mesh_gateway::Config::from_env()?;
     let _telemetry =
         mesh_telemetry::init(&mesh_telemetry::TelemetryConfig::from_env("mesh-gateway")?)?;
-    let (listener, metrics) =
-        mesh_runtime::server::bind(&config.listen_addr, config.metrics_addr.as_deref()).await?;
+    let (listener, metrics) = mesh_runtime::server::bind(
+        &config.server.listen_addr,
+        config.server.metrics_addr.as_deref(),
+    )
+    .await?;
     let shutdown = mesh_runtime::server::shutdown_signal();
     mesh_gateway::serve(config, listener, metrics, shutdown).await?;
     Ok(())

@@ -19,11 +19,10 @@ pub mod service;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use mesh_runtime::config::{env_millis, env_parse, env_positive, env_str, metrics_addr};
-use mesh_runtime::{serve_grpc, Health, ServeOptions, ServiceMetrics};
+use mesh_runtime::config::{env_parse, env_positive, env_str, ServerConfig};
+use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
 pub use error::InferenceError;
@@ -32,10 +31,9 @@ pub use service::InferenceService;
 /// Configuration, from `MESH_*` environment variables (see README).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `MESH_LISTEN_ADDR`, default `0.0.0.0:50053`.
-    pub listen_addr: String,
-    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9103`; `off` disables.
-    pub metrics_addr: Option<String>,
+    /// Address, metrics, concurrency limit and shutdown timing (`MESH_LISTEN_ADDR`,
+    /// `MESH_METRICS_ADDR`, `MESH_MAX_CONCURRENCY`, `MESH_DRAIN_DELAY_MS`, `MESH_GRACE_MS`).
+    pub server: ServerConfig,
     /// `MESH_MODELS_DIR`, default `models`.
     pub models_dir: PathBuf,
     /// `ORT_DYLIB_PATH`: the ONNX Runtime shared library.
@@ -44,14 +42,8 @@ pub struct Config {
     pub sessions_per_model: usize,
     /// `MESH_WARMUP_ITERATIONS` per session before SERVING, default 20.
     pub warmup_iterations: usize,
-    /// `MESH_MAX_CONCURRENCY`, default 256: concurrent RPCs before shedding.
-    pub max_concurrency: usize,
     /// `MESH_MAX_BATCH_ROWS`, default 4096: rows per ModelInfer call.
     pub max_batch_rows: usize,
-    /// `MESH_DRAIN_DELAY_MS`, default 1000.
-    pub drain_delay: Duration,
-    /// `MESH_GRACE_MS`, default 10000.
-    pub grace: Duration,
     /// `MESH_REPLICA_ID`, reported in ServerMetadata; default the listen address.
     pub replica_id: String,
 }
@@ -60,14 +52,13 @@ impl Config {
     /// Reads the environment; fails naming the variable that does not parse.
     pub fn from_env() -> Result<Self, InferenceError> {
         let cfg = |e: mesh_runtime::config::ConfigError| InferenceError::Config(e.to_string());
-        let listen_addr = env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| "0.0.0.0:50053".into());
+        let server = ServerConfig::from_env("0.0.0.0:50053", "0.0.0.0:9103", 256).map_err(cfg)?;
         let ort_dylib = env_str("ORT_DYLIB_PATH").map(PathBuf::from).ok_or_else(|| {
             InferenceError::Config(
                 "ORT_DYLIB_PATH is not set: point it at libonnxruntime.so (scripts/bootstrap.sh installs one)".into(),
             )
         })?;
         Ok(Self {
-            metrics_addr: metrics_addr("0.0.0.0:9103"),
             models_dir: env_str("MESH_MODELS_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("models")),
@@ -75,12 +66,9 @@ impl Config {
             sessions_per_model: env_positive("MESH_SESSIONS_PER_MODEL", default_parallelism())
                 .map_err(cfg)?,
             warmup_iterations: env_parse("MESH_WARMUP_ITERATIONS", 20).map_err(cfg)?,
-            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", 256).map_err(cfg)?,
             max_batch_rows: env_positive("MESH_MAX_BATCH_ROWS", 4096).map_err(cfg)?,
-            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1)).map_err(cfg)?,
-            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10)).map_err(cfg)?,
-            replica_id: env_str("MESH_REPLICA_ID").unwrap_or_else(|| listen_addr.clone()),
-            listen_addr,
+            replica_id: env_str("MESH_REPLICA_ID").unwrap_or_else(|| server.listen_addr.clone()),
+            server,
         })
     }
 }
@@ -123,10 +111,7 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(
         GrpcInferenceServiceServer::from_arc(service).max_decoding_message_size(64 * 1024 * 1024),
     );
-    let mut options = ServeOptions::new(vec![name]);
-    options.max_concurrency = config.max_concurrency;
-    options.drain_delay = config.drain_delay;
-    options.grace = config.grace;
+    let options = config.server.serve_options(vec![name]);
     serve_grpc(
         routes,
         options,

@@ -18,9 +18,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use mesh_proto::logger::prediction_log_server::PredictionLogServer;
-use mesh_runtime::config::{env_millis, env_positive, env_str, metrics_addr};
+use mesh_runtime::config::{env_millis, env_positive, env_str, ServerConfig};
 use mesh_runtime::postgres::Migration;
-use mesh_runtime::{serve_grpc, Health, ServeOptions, ServiceMetrics};
+use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
 pub use error::LoggerError;
@@ -48,10 +48,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// Configuration, from `MESH_*` environment variables (see README).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `MESH_LISTEN_ADDR`, default `0.0.0.0:50055`.
-    pub listen_addr: String,
-    /// `MESH_METRICS_ADDR`, default `0.0.0.0:9105`; `off` disables.
-    pub metrics_addr: Option<String>,
+    /// Address, metrics, concurrency limit and shutdown timing (`MESH_LISTEN_ADDR`,
+    /// `MESH_METRICS_ADDR`, `MESH_MAX_CONCURRENCY`, `MESH_DRAIN_DELAY_MS`, `MESH_GRACE_MS`).
+    pub server: ServerConfig,
     /// `MESH_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`.
     pub database_url: String,
     /// `MESH_LOG_BATCH_SIZE`, default 500 records per INSERT.
@@ -62,12 +61,6 @@ pub struct Config {
     pub queue_capacity: usize,
     /// `MESH_DB_TIMEOUT_MS`, default 2000.
     pub db_timeout: Duration,
-    /// `MESH_MAX_CONCURRENCY`, default 256.
-    pub max_concurrency: usize,
-    /// `MESH_DRAIN_DELAY_MS`, default 1000.
-    pub drain_delay: Duration,
-    /// `MESH_GRACE_MS`, default 10000.
-    pub grace: Duration,
 }
 
 impl Config {
@@ -75,8 +68,7 @@ impl Config {
     pub fn from_env() -> Result<Self, LoggerError> {
         let cfg = |e: mesh_runtime::config::ConfigError| LoggerError::Config(e.to_string());
         Ok(Self {
-            listen_addr: env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| "0.0.0.0:50055".into()),
-            metrics_addr: metrics_addr("0.0.0.0:9105"),
+            server: ServerConfig::from_env("0.0.0.0:50055", "0.0.0.0:9105", 256).map_err(cfg)?,
             database_url: env_str("MESH_DATABASE_URL")
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into()),
             batch_size: env_positive("MESH_LOG_BATCH_SIZE", 500).map_err(cfg)?,
@@ -84,9 +76,6 @@ impl Config {
                 .map_err(cfg)?,
             queue_capacity: env_positive("MESH_LOG_QUEUE", 100_000).map_err(cfg)?,
             db_timeout: env_millis("MESH_DB_TIMEOUT_MS", Duration::from_secs(2)).map_err(cfg)?,
-            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", 256).map_err(cfg)?,
-            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1)).map_err(cfg)?,
-            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10)).map_err(cfg)?,
         })
     }
 }
@@ -106,24 +95,7 @@ pub async fn serve(
     let db = mesh_runtime::postgres::pool(&config.database_url, 4, config.db_timeout)
         .map_err(|e| LoggerError::Config(e.to_string()))?;
 
-    let migrating = health.clone();
-    let migrate_db = db.clone();
-    tokio::spawn(async move {
-        let mut attempt = 0u32;
-        loop {
-            match mesh_runtime::postgres::migrate(&migrate_db, "logger", MIGRATIONS).await {
-                Ok(_) => {
-                    migrating.set_serving().await;
-                    return;
-                }
-                Err(e) => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "schema migration failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    });
+    mesh_runtime::postgres::migrate_then_serve(db.clone(), "logger", MIGRATIONS, health.clone());
 
     let (queue, writer) = writer::spawn(
         db.clone(),
@@ -137,10 +109,7 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(PredictionLogServer::new(
         service::PredictionLogService::new(queue, db),
     ));
-    let mut options = ServeOptions::new(vec![name]);
-    options.max_concurrency = config.max_concurrency;
-    options.drain_delay = config.drain_delay;
-    options.grace = config.grace;
+    let options = config.server.serve_options(vec![name]);
     let served = serve_grpc(
         routes,
         options,
@@ -152,10 +121,10 @@ pub async fn serve(
     )
     .await;
     // The routes (and with them the queue's sender) are gone: the writer flushes and ends.
-    match tokio::time::timeout(config.grace, writer).await {
+    match tokio::time::timeout(config.server.grace, writer).await {
         Ok(_) => tracing::info!("prediction log flushed"),
         Err(_) => {
-            tracing::error!(grace = ?config.grace, "prediction log not flushed within the grace period")
+            tracing::error!(grace = ?config.server.grace, "prediction log not flushed within the grace period")
         }
     }
     served.map_err(|e| LoggerError::Config(e.to_string()))

@@ -123,27 +123,12 @@ async fn run(
     metrics: WriterMetrics,
     mut receiver: mpsc::Receiver<Queued>,
 ) {
-    let mut batch = Vec::with_capacity(config.batch_size);
-    loop {
-        let Some(first) = receiver.recv().await else {
-            return;
-        };
-        batch.push(first);
-        let flush_at = tokio::time::Instant::now() + config.flush_interval;
-        let mut closed = false;
-        while batch.len() < config.batch_size {
-            // Fill the batch until it is full or its first record has waited long enough.
-            tokio::select! {
-                next = receiver.recv() => match next {
-                    Some(record) => batch.push(record),
-                    None => { closed = true; break; }
-                },
-                _ = tokio::time::sleep_until(flush_at) => break,
-            }
-        }
+    while let Some((batch, closed)) =
+        mesh_runtime::batch::next_batch(&mut receiver, config.batch_size, config.flush_interval)
+            .await
+    {
         metrics.queued.sub(batch.len() as i64);
         write_until_done(&db, &batch, &metrics).await;
-        batch.clear();
         if closed {
             return;
         }

@@ -76,3 +76,44 @@ pub fn metrics_addr(default: &str) -> Option<String> {
         None => Some(default.to_owned()),
     }
 }
+
+/// The settings every service has, from the same variables everywhere.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `MESH_LISTEN_ADDR`: the gRPC address.
+    pub listen_addr: String,
+    /// `MESH_METRICS_ADDR`: the `/metrics` address; `off` disables it.
+    pub metrics_addr: Option<String>,
+    /// `MESH_MAX_CONCURRENCY`: concurrent RPCs before the server sheds.
+    pub max_concurrency: usize,
+    /// `MESH_DRAIN_DELAY_MS`, default 1000: answering on after health turned NOT_SERVING.
+    pub drain_delay: Duration,
+    /// `MESH_GRACE_MS`, default 10000: the wait for in-flight calls at shutdown.
+    pub grace: Duration,
+}
+
+impl ServerConfig {
+    /// Reads the common variables with this service's defaults.
+    pub fn from_env(
+        default_listen: &str,
+        default_metrics: &str,
+        default_concurrency: usize,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen_addr: env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| default_listen.to_owned()),
+            metrics_addr: metrics_addr(default_metrics),
+            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", default_concurrency)?,
+            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1))?,
+            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10))?,
+        })
+    }
+
+    /// Serving options for `services` with these settings.
+    pub fn serve_options(&self, services: Vec<&'static str>) -> crate::ServeOptions {
+        let mut options = crate::ServeOptions::new(services);
+        options.max_concurrency = self.max_concurrency;
+        options.drain_delay = self.drain_delay;
+        options.grace = self.grace;
+        options
+    }
+}

@@ -7,6 +7,7 @@
 //! - [`server`]: the serving scaffold: tower stack, health, reflection, metrics, graceful drain.
 //! - [`postgres`]: connection pools and schema migrations.
 
+pub mod batch;
 pub mod bulkhead;
 pub mod config;
 pub mod deadline;

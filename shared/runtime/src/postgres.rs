@@ -130,3 +130,29 @@ fn ignore_concurrent_create(e: tokio_postgres::Error) -> Result<(), tokio_postgr
         _ => Err(e),
     }
 }
+
+/// Migrates `component` on a background task, retrying every 500 ms while PostgreSQL is
+/// unreachable, and reports SERVING on `health` once the schema is in place.
+pub fn migrate_then_serve(
+    pool: Pool,
+    component: &'static str,
+    steps: &'static [Migration],
+    health: crate::Health,
+) {
+    tokio::spawn(async move {
+        let mut attempt = 0u32;
+        loop {
+            match migrate(&pool, component, steps).await {
+                Ok(_) => {
+                    health.set_serving().await;
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, component, "schema migration failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+}
