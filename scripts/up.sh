@@ -149,6 +149,9 @@ TXT
 while true; do
   for pid in "${pids[@]}"; do
     if ! kill -0 "$pid" 2>/dev/null; then
+      # Ctrl-C reaches the children too; if that is why, the INT trap runs during this wait.
+      sleep 1 &
+      wait $! || true
       say "process $pid exited unexpectedly; see .run/logs/. Stopping the rest."
       exit 1
     fi
