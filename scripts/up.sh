@@ -100,6 +100,11 @@ export MESH_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 export MESH_REDIS_URL="redis://127.0.0.1:$redis_port"
 export MESH_MODELS_DIR="$root/models"
 export MESH_LOG_FORMAT="${MESH_LOG_FORMAT:-json}"
+# With MESH_API_KEYS set, the demo prediction below uses the first key's secret.
+if [ -n "${MESH_API_KEYS:-}" ] && [ -z "${MESH_API_KEY:-}" ]; then
+  first="${MESH_API_KEYS%%,*}"
+  export MESH_API_KEY="${first#*:}"
+fi
 
 start() { # name port metrics_port binary [VAR=value...]
   local name=$1 port=$2 metrics=$3 binary=$4

@@ -186,6 +186,8 @@ pub fn gateway_config(
         log_queue: 10_000,
         log_batch_size: 100,
         log_flush: Duration::from_millis(10),
+        api_keys: Vec::new(),
+        rate_limit: None,
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`logship`]: the non-blocking hand-over of prediction records.
 //! - [`service`]: the handlers; [`error`]: the one mapping to `tonic::Status`.
 
+pub mod auth;
 pub mod downstream;
 pub mod error;
 pub mod logship;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::gateway::gateway_server::GatewayServer;
-use mesh_runtime::config::{env_list, env_millis, env_positive, env_str, ServerConfig};
+use mesh_runtime::config::{env_list, env_millis, env_parse, env_positive, env_str, ServerConfig};
 use mesh_runtime::registry::ModelRegistry;
 use mesh_runtime::{serve_grpc, Bulkhead, Health, ServiceMetrics};
 use tokio::net::TcpListener;
@@ -64,6 +65,12 @@ pub struct Config {
     pub log_batch_size: usize,
     /// `MESH_LOG_FLUSH_MS`, default 50.
     pub log_flush: Duration,
+    /// `MESH_API_KEYS`: comma-separated `id:secret` pairs; unset or empty turns access
+    /// control off (local development only).
+    pub api_keys: Vec<auth::ApiKey>,
+    /// `MESH_RATE_LIMIT_RPS` (default 1000) and `MESH_RATE_LIMIT_BURST` (default 2 × the
+    /// rate) per API key; `MESH_RATE_LIMIT_RPS=off` disables the limit.
+    pub rate_limit: Option<auth::RateLimit>,
 }
 
 impl Config {
@@ -96,6 +103,22 @@ impl Config {
             log_queue: env_positive("MESH_LOG_QUEUE", 50_000).map_err(cfg)?,
             log_batch_size: env_positive("MESH_LOG_BATCH_SIZE", 500).map_err(cfg)?,
             log_flush: env_millis("MESH_LOG_FLUSH_MS", Duration::from_millis(50)).map_err(cfg)?,
+            api_keys: auth::parse_keys(&env_str("MESH_API_KEYS").unwrap_or_default())
+                .map_err(GatewayError::Config)?,
+            rate_limit: match env_str("MESH_RATE_LIMIT_RPS").as_deref() {
+                Some("off") => None,
+                _ => {
+                    let per_second: f64 = env_parse("MESH_RATE_LIMIT_RPS", 1000.0).map_err(cfg)?;
+                    let burst: f64 =
+                        env_parse("MESH_RATE_LIMIT_BURST", per_second * 2.0).map_err(cfg)?;
+                    if !(per_second > 0.0 && burst >= 1.0) {
+                        return Err(GatewayError::Config(
+                            "MESH_RATE_LIMIT_RPS must be > 0 and MESH_RATE_LIMIT_BURST >= 1".into(),
+                        ));
+                    }
+                    Some(auth::RateLimit { per_second, burst })
+                }
+            },
         })
     }
 }
@@ -155,9 +178,20 @@ pub async fn serve(
     };
     // The gateway's own readiness: its configuration loaded. Dependencies are judged per call.
     health.set_serving().await;
-    let routes = tonic::service::Routes::new(
+    let access = auth::AccessControl::new(
+        config.api_keys.clone(),
+        config.rate_limit,
+        &metrics.registry,
+    )
+    .map_err(|e| GatewayError::Config(e.to_string()))?;
+    if !access.enabled() {
+        tracing::warn!("MESH_API_KEYS is not set: the gateway accepts requests without an API key");
+    }
+    // Health and reflection stay open (probes carry no key); only the Gateway API is guarded.
+    let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
         GatewayServer::new(service).max_decoding_message_size(4 * 1024 * 1024),
-    );
+        move |request| access.check(request),
+    ));
     let mut options = config.server.serve_options(vec![name]);
     options.default_budget = Some(config.default_budget);
     options.max_budget = config.max_budget;

@@ -64,6 +64,9 @@ enum Command {
         /// Deadline in milliseconds.
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// API key, sent as x-api-key (needed when the gateway has MESH_API_KEYS).
+        #[arg(long, env = "MESH_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
     /// Exit 0 if the server reports SERVING, 1 otherwise.
     Health {
@@ -146,6 +149,7 @@ async fn predict(
     entity: String,
     features: Vec<String>,
     timeout_ms: u64,
+    api_key: Option<String>,
 ) -> anyhow::Result<()> {
     let mut parsed = HashMap::new();
     for f in features {
@@ -168,6 +172,12 @@ async fn predict(
         model_version: String::new(),
     });
     request.set_timeout(Duration::from_millis(timeout_ms));
+    if let Some(key) = api_key {
+        request.metadata_mut().insert(
+            "x-api-key",
+            key.parse().context("--api-key is not valid metadata")?,
+        );
+    }
     match client.predict(request).await {
         Ok(response) => {
             let r = response.into_inner();
@@ -240,7 +250,8 @@ async fn main() -> anyhow::Result<()> {
             entity,
             features,
             timeout_ms,
-        } => predict(gateway_url, model, entity, features, timeout_ms).await,
+            api_key,
+        } => predict(gateway_url, model, entity, features, timeout_ms, api_key).await,
         Command::Health {
             url,
             service,
