@@ -91,7 +91,17 @@ where
     Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    spawn_service_at("127.0.0.1:0".parse().expect("addr"), serve).await
+}
+
+/// Like [`spawn_service`], on a given address (to restart a service where clients expect it).
+pub async fn spawn_service_at<F, Fut, E>(addr: SocketAddr, serve: F) -> Running
+where
+    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let listener = TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel();
     let fut = serve(listener, stopped);
@@ -188,12 +198,24 @@ pub fn gateway_config(
         log_flush: Duration::from_millis(10),
         api_keys: Vec::new(),
         rate_limit: None,
+        breaker: mesh_runtime::retry::BreakerConfig {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(1),
+            max_open_for: Duration::from_secs(30),
+        },
+        retry_ratio: 0.2,
+        retry_floor: 10.0,
     }
 }
 
 /// Starts the features service.
 pub async fn start_features(config: mesh_features::Config) -> Running {
     spawn_service(|l, s| mesh_features::serve(config, l, None, until(s))).await
+}
+
+/// Starts the features service on `addr`.
+pub async fn start_features_at(config: mesh_features::Config, addr: SocketAddr) -> Running {
+    spawn_service_at(addr, |l, s| mesh_features::serve(config, l, None, until(s))).await
 }
 
 /// Starts the features service with its `/metrics` endpoint; returns that endpoint's address.

@@ -12,6 +12,7 @@ use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceCl
 use mesh_proto::inference::{ModelInferRequest, ModelInferResponse};
 use mesh_proto::logger::prediction_log_client::PredictionLogClient;
 use mesh_proto::logger::{RecordRequest, RecordResponse};
+use mesh_runtime::retry::{is_failure, retry_pause, CircuitBreaker, RetryBudget};
 use mesh_runtime::{Bulkhead, Deadline};
 use mesh_telemetry::propagation::{client_span, inject_current, record_client_status};
 use tonic::transport::{Channel, Endpoint};
@@ -40,6 +41,52 @@ pub struct Compartments {
     pub inference: Bulkhead,
 }
 
+/// What guards calls to one downstream besides its bulkheads: a breaker that fails fast while
+/// it is down, and a budget that keeps retries from amplifying an outage.
+#[derive(Clone)]
+pub struct Guard {
+    /// Opens after consecutive failures.
+    pub breaker: CircuitBreaker,
+    /// Bounds retries to a share of traffic.
+    pub budget: RetryBudget,
+}
+
+/// How a fail-fast answer of an open breaker ends, so callers can tell it from an outage seen
+/// on the wire.
+pub const CIRCUIT_OPEN: &str = "circuit open: failing fast";
+
+/// Back-off of the first retry; it doubles per attempt up to [`RETRY_CAP`] (full jitter).
+pub const RETRY_BASE: Duration = Duration::from_millis(5);
+/// Longest back-off.
+pub const RETRY_CAP: Duration = Duration::from_millis(100);
+/// A retry is only started if at least this much of the deadline would remain after its pause.
+pub const RETRY_MIN_LEFT: Duration = Duration::from_millis(5);
+
+impl Guard {
+    /// Fails fast with `UNAVAILABLE` while the breaker is open.
+    fn admit(&self) -> Result<(), tonic::Status> {
+        if self.breaker.allow() {
+            Ok(())
+        } else {
+            Err(tonic::Status::unavailable(format!(
+                "{} {CIRCUIT_OPEN}",
+                self.breaker.name()
+            )))
+        }
+    }
+
+    fn record<T>(&self, result: &Result<T, tonic::Status>) {
+        self.breaker
+            .record(!matches!(result, Err(s) if is_failure(s.code())));
+    }
+
+    /// The pause before retry number `attempt`, if the budget and the deadline allow one.
+    fn retry(&self, attempt: u32, deadline: Deadline) -> Option<Duration> {
+        let pause = retry_pause(attempt, deadline, RETRY_BASE, RETRY_CAP, RETRY_MIN_LEFT)?;
+        self.budget.try_retry().then_some(pause)
+    }
+}
+
 /// Builds an outgoing request inside the current (client) span: remaining budget minus
 /// `margin` as its timeout, trace context in its metadata.
 fn outgoing<T>(
@@ -61,6 +108,9 @@ pub fn from_status(downstream: &str, status: &tonic::Status) -> GatewayError {
     match status.code() {
         DeadlineExceeded | Cancelled => GatewayError::DeadlineExceeded,
         ResourceExhausted => GatewayError::Overloaded(format!("{downstream} is overloaded")),
+        Unavailable if status.message().ends_with(CIRCUIT_OPEN) => {
+            GatewayError::Unavailable(format!("{downstream} is unavailable ({CIRCUIT_OPEN})"))
+        }
         Unavailable | Unknown => GatewayError::Unavailable(format!("{downstream} is unavailable")),
         InvalidArgument => GatewayError::InvalidArgument(status.message().to_owned()),
         NotFound => GatewayError::NotFound(status.message().to_owned()),
@@ -77,14 +127,16 @@ pub fn from_status(downstream: &str, status: &tonic::Status) -> GatewayError {
 pub struct FeaturesDownstream {
     client: FeaturesClient<Channel>,
     margin: Duration,
+    guard: Guard,
 }
 
 impl FeaturesDownstream {
     /// A client over `channel`; `margin` is kept back from each budget for the way back.
-    pub fn new(channel: Channel, margin: Duration) -> Self {
+    pub fn new(channel: Channel, margin: Duration, guard: Guard) -> Self {
         Self {
             client: FeaturesClient::new(channel),
             margin,
+            guard,
         }
     }
 
@@ -96,19 +148,47 @@ impl FeaturesDownstream {
         bulkhead: &Bulkhead,
     ) -> Result<GetFeaturesResponse, tonic::Status> {
         let _permit = bulkhead.try_enter()?;
-        let span = client_span(mesh_proto::service_names::FEATURES, "GetFeatures");
-        let mut client = self.client.clone();
-        let margin = self.margin;
-        async move {
-            let request = outgoing(GetFeaturesRequest { entity_ids }, deadline, margin)
-                .map_err(tonic::Status::from)?;
-            let result = client.get_features(request).await;
-            record_client_status(&tracing::Span::current(), code_of(&result));
-            result.map(tonic::Response::into_inner)
+        self.guard.budget.record_request();
+        let mut attempt = 0;
+        loop {
+            self.guard.admit()?;
+            let span = client_span(mesh_proto::service_names::FEATURES, "GetFeatures");
+            let mut client = self.client.clone();
+            let message = GetFeaturesRequest {
+                entity_ids: entity_ids.clone(),
+            };
+            let margin = self.margin;
+            let result = async move {
+                let request = outgoing(message, deadline, margin).map_err(tonic::Status::from)?;
+                let result = client.get_features(request).await;
+                record_client_status(&tracing::Span::current(), code_of(&result));
+                result.map(tonic::Response::into_inner)
+            }
+            .instrument(span)
+            .await;
+            self.guard.record(&result);
+            match result {
+                // Reads are idempotent: an unreachable service is retried, within budget.
+                Err(status) if is_unreachable(&status) => {
+                    let Some(pause) = self.guard.retry(attempt, deadline) else {
+                        return Err(status);
+                    };
+                    attempt += 1;
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
         }
-        .instrument(span)
-        .await
     }
+}
+
+/// The downstream could not be reached or the connection broke (tonic reports a reset
+/// connection as UNKNOWN): safe to retry for idempotent calls.
+fn is_unreachable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown
+    )
 }
 
 fn code_of<T>(result: &Result<T, tonic::Status>) -> tonic::Code {
@@ -131,11 +211,12 @@ pub struct InferenceDownstream {
     replicas: Arc<Vec<Replica>>,
     next: Arc<AtomicUsize>,
     margin: Duration,
+    guard: Guard,
 }
 
 impl InferenceDownstream {
     /// Clients for `urls` (from `MESH_INFERENCE_URLS`).
-    pub fn new(urls: &[String], margin: Duration) -> Result<Self, GatewayError> {
+    pub fn new(urls: &[String], margin: Duration, guard: Guard) -> Result<Self, GatewayError> {
         if urls.is_empty() {
             return Err(GatewayError::Config(
                 "MESH_INFERENCE_URLS lists no replica".into(),
@@ -156,6 +237,7 @@ impl InferenceDownstream {
             replicas: Arc::new(replicas),
             next: Arc::new(AtomicUsize::new(0)),
             margin,
+            guard,
         })
     }
 
@@ -171,8 +253,9 @@ impl InferenceDownstream {
         order
     }
 
-    /// `ModelInfer` within `deadline`, in `bulkhead`. A replica that is unreachable is skipped
-    /// for the next one while budget remains (inference is idempotent).
+    /// `ModelInfer` within `deadline`, in `bulkhead`. Inference is idempotent: a replica that is
+    /// unreachable, or pushes back with `RESOURCE_EXHAUSTED`, is followed by the next replica
+    /// after a jittered pause, while the retry budget and the deadline allow.
     pub async fn infer(
         &self,
         request: ModelInferRequest,
@@ -180,17 +263,27 @@ impl InferenceDownstream {
         bulkhead: &Bulkhead,
     ) -> Result<ModelInferResponse, tonic::Status> {
         let _permit = bulkhead.try_enter()?;
-        let mut last = tonic::Status::unavailable("no inference replica answered");
-        for index in self.order() {
-            let replica = &self.replicas[index];
+        self.guard.budget.record_request();
+        let order = self.order();
+        let mut attempt = 0u32;
+        loop {
+            self.guard.admit()?;
+            let replica = &self.replicas[order[attempt as usize % order.len()]];
             let span = client_span(mesh_proto::service_names::INFERENCE, "ModelInfer");
             span.record("server.address", replica.url.as_str());
             let mut client = replica.client.clone();
             let message = request.clone();
             let margin = self.margin;
+            // With another replica to turn to, one attempt may use half of what remains, so a
+            // replica that hangs (e.g. its connection is being re-established) cannot take all.
+            let per_try = if order.len() > 1 {
+                Deadline::after(deadline.remaining() / 2)
+            } else {
+                deadline
+            };
             replica.in_flight.fetch_add(1, Ordering::Relaxed);
             let result = async move {
-                let outgoing = outgoing(message, deadline, margin).map_err(tonic::Status::from)?;
+                let outgoing = outgoing(message, per_try, margin).map_err(tonic::Status::from)?;
                 let result = client.model_infer(outgoing).await;
                 record_client_status(&tracing::Span::current(), code_of(&result));
                 result.map(tonic::Response::into_inner)
@@ -198,16 +291,25 @@ impl InferenceDownstream {
             .instrument(span)
             .await;
             replica.in_flight.fetch_sub(1, Ordering::Relaxed);
-            match result {
-                Ok(response) => return Ok(response),
-                Err(status) if status.code() == tonic::Code::Unavailable && !deadline.expired() => {
-                    tracing::warn!(replica = %replica.url, error = %status.message(), "inference replica unavailable; trying the next");
-                    last = status;
-                }
-                Err(status) => return Err(status),
+            self.guard.record(&result);
+            let try_timed_out = matches!(&result, Err(s) if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded))
+                && order.len() > 1
+                && !deadline.expired();
+            let retryable = try_timed_out
+                || matches!(&result, Err(s) if is_unreachable(s)
+                    || (s.code() == tonic::Code::ResourceExhausted && order.len() > 1));
+            if !retryable {
+                return result;
             }
+            let Some(pause) = self.guard.retry(attempt, deadline) else {
+                return result;
+            };
+            if let Err(status) = &result {
+                tracing::warn!(replica = %replica.url, code = ?status.code(), error = %status.message(), "inference replica failed; retrying on the next");
+            }
+            attempt += 1;
+            tokio::time::sleep(pause).await;
         }
-        Err(last)
     }
 }
 

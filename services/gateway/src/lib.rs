@@ -23,6 +23,7 @@ use std::time::Duration;
 use mesh_proto::gateway::gateway_server::GatewayServer;
 use mesh_runtime::config::{env_list, env_millis, env_parse, env_positive, env_str, ServerConfig};
 use mesh_runtime::registry::ModelRegistry;
+use mesh_runtime::retry::{BreakerConfig, BreakerMetrics, CircuitBreaker, RetryBudget};
 use mesh_runtime::{serve_grpc, Bulkhead, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
@@ -71,6 +72,13 @@ pub struct Config {
     /// `MESH_RATE_LIMIT_RPS` (default 1000) and `MESH_RATE_LIMIT_BURST` (default 2 × the
     /// rate) per API key; `MESH_RATE_LIMIT_RPS=off` disables the limit.
     pub rate_limit: Option<auth::RateLimit>,
+    /// `MESH_BREAKER_FAILURES` (default 5) consecutive failures open a downstream's breaker
+    /// for `MESH_BREAKER_OPEN_MS` (default 1000, doubling per failed probe up to 30 s).
+    pub breaker: BreakerConfig,
+    /// `MESH_RETRY_BUDGET_RATIO` (default 0.2): retries may add this share of requests…
+    pub retry_ratio: f64,
+    /// …plus `MESH_RETRY_BUDGET_FLOOR` (default 10) per second.
+    pub retry_floor: f64,
 }
 
 impl Config {
@@ -103,6 +111,14 @@ impl Config {
             log_queue: env_positive("MESH_LOG_QUEUE", 50_000).map_err(cfg)?,
             log_batch_size: env_positive("MESH_LOG_BATCH_SIZE", 500).map_err(cfg)?,
             log_flush: env_millis("MESH_LOG_FLUSH_MS", Duration::from_millis(50)).map_err(cfg)?,
+            breaker: BreakerConfig {
+                failure_threshold: env_positive("MESH_BREAKER_FAILURES", 5).map_err(cfg)? as u32,
+                open_for: env_millis("MESH_BREAKER_OPEN_MS", Duration::from_secs(1))
+                    .map_err(cfg)?,
+                max_open_for: Duration::from_secs(30),
+            },
+            retry_ratio: env_parse("MESH_RETRY_BUDGET_RATIO", 0.2).map_err(cfg)?,
+            retry_floor: env_parse("MESH_RETRY_BUDGET_FLOOR", 10.0).map_err(cfg)?,
             api_keys: auth::parse_keys(&env_str("MESH_API_KEYS").unwrap_or_default())
                 .map_err(GatewayError::Config)?,
             rate_limit: match env_str("MESH_RATE_LIMIT_RPS").as_deref() {
@@ -142,6 +158,12 @@ pub async fn serve(
         inference: Bulkhead::new(&format!("{prefix}inference"), inference, bulkheads),
     };
     let margin = config.downstream_margin;
+    let breakers = BreakerMetrics::register(&metrics.registry)
+        .map_err(|e| GatewayError::Config(e.to_string()))?;
+    let guard = |name: &str| downstream::Guard {
+        breaker: CircuitBreaker::new(name, config.breaker, &breakers),
+        budget: RetryBudget::new(config.retry_ratio, config.retry_floor),
+    };
     let logger = downstream::LoggerDownstream::new(downstream::channel(
         &config.logger_url,
         "MESH_LOGGER_URL",
@@ -163,8 +185,13 @@ pub async fn serve(
         features: downstream::FeaturesDownstream::new(
             downstream::channel(&config.features_url, "MESH_FEATURES_URL")?,
             margin,
+            guard("features"),
         ),
-        inference: downstream::InferenceDownstream::new(&config.inference_urls, margin)?,
+        inference: downstream::InferenceDownstream::new(
+            &config.inference_urls,
+            margin,
+            guard("inference"),
+        )?,
         log,
         online: compartments(
             "",

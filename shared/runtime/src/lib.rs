@@ -13,6 +13,7 @@ pub mod config;
 pub mod deadline;
 pub mod postgres;
 pub mod registry;
+pub mod retry;
 pub mod server;
 
 pub use bulkhead::{Bulkhead, BulkheadLayer};
