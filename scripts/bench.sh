@@ -3,7 +3,8 @@
 # terminal). Release build of the load generator; loopback targets only; every run is bounded.
 #
 # Writes bench-results/<scenario>.json and bench-results/summary.md, and prints the summary.
-# Override durations with BENCH_SECONDS (default 20) and targets with MESH_GATEWAY_URL /
+# Override durations with BENCH_SECONDS (default 20), the pause between scenarios with
+# BENCH_PAUSE (default 10 s), and targets with MESH_GATEWAY_URL /
 # MESH_INFERENCE_URL.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,8 +22,13 @@ if ! "$root/target/release/meshctl" health --url "$gateway" >/dev/null 2>&1; the
   exit 1
 fi
 
+pause="${BENCH_PAUSE:-10}"
+first=1
 run() { # name, then mesh-bench arguments
   local name=$1; shift
+  # Let the previous scenario's backlog (e.g. prediction records being written) settle first.
+  [ "$first" = 1 ] || sleep "$pause"
+  first=0
   echo "== $name" >&2
   "$bench" "$@" --duration "$seconds" --name "$name" --output "$out/$name.json"
 }
