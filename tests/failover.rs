@@ -35,9 +35,25 @@ async fn predictions_survive_a_dead_replica_and_a_dead_features_service_trips_th
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
 
+    let report = |body: &str| serde_json::from_str::<serde_json::Value>(body).expect("json report");
+    assert_eq!(http_get(mesh.gateway_http, "/health/live").await.0, 200);
+    let (code, body) = http_get(mesh.gateway_http, "/health").await;
+    assert_eq!(
+        (code, report(&body)["status"].as_str()),
+        (200, Some("healthy")),
+        "{body}"
+    );
+
     // One inference replica stops for good: every prediction is still answered by the other.
     let dead = mesh.inference.remove(0);
     dead.shutdown().await;
+    let (code, body) = http_get(mesh.gateway_http, "/health").await;
+    assert_eq!(
+        (code, report(&body)["status"].as_str()),
+        (200, Some("degraded")),
+        "{body}"
+    );
+    assert_eq!(report(&body)["inference_replicas_serving"], 1, "{body}");
     for i in 0..40 {
         let response = gateway
             .predict(request(&row.entity_id, partial.clone()))
@@ -94,6 +110,16 @@ async fn predictions_survive_a_dead_replica_and_a_dead_features_service_trips_th
         .await
         .expect("recovered after the half-open probe");
     assert!((response.into_inner().score - row.probability).abs() < 1e-5);
+
+    // No inference replica left: the report says unhealthy, with 503 for load balancers.
+    let last = mesh.inference.remove(0);
+    last.shutdown().await;
+    let (code, body) = http_get(mesh.gateway_http, "/health").await;
+    assert_eq!(
+        (code, report(&body)["status"].as_str()),
+        (503, Some("unhealthy")),
+        "{body}"
+    );
 }
 
 /// A stand-in `Running` (an idle listener) so the mesh struct stays whole while a service is down.

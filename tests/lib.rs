@@ -229,18 +229,31 @@ pub async fn start_features_with_metrics(config: mesh_features::Config) -> (Runn
     (running, addr)
 }
 
-/// The value of the Prometheus sample `name` (with labels, as printed) at `addr`/metrics.
-pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+/// `GET path` on a service's HTTP (metrics) port: status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
-        .expect("metrics endpoint");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.expect("read");
+        .expect("http endpoint");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the Prometheus sample `name` (with labels, as printed) at `addr`/metrics.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").await;
     body.lines()
         .find_map(|line| {
             line.strip_prefix(name)
@@ -262,6 +275,14 @@ pub async fn start_logger(config: mesh_logger::Config) -> Running {
 /// Starts the gateway.
 pub async fn start_gateway(config: mesh_gateway::Config) -> Running {
     spawn_service(|l, s| mesh_gateway::serve(config, l, None, until(s))).await
+}
+
+/// Starts the gateway with its HTTP port (metrics, health); returns that port's address.
+pub async fn start_gateway_with_http(config: mesh_gateway::Config) -> (Running, SocketAddr) {
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let addr = http.local_addr().expect("addr");
+    let running = spawn_service(|l, s| mesh_gateway::serve(config, l, Some(http), until(s))).await;
+    (running, addr)
 }
 
 /// A lazily connecting channel to `addr`.
@@ -312,6 +333,8 @@ pub struct Mesh {
     pub logger: Running,
     /// The gateway.
     pub gateway: Running,
+    /// The gateway's HTTP port: `/metrics`, `/health`, `/health/live`.
+    pub gateway_http: SocketAddr,
     /// Proxy between the gateway and features (no delay unless a test sets one).
     pub features_proxy: DelayProxy,
     /// Proxies between the gateway and each inference replica.
@@ -342,7 +365,7 @@ impl Mesh {
             logger.url(),
         );
         tune(&mut config);
-        let gateway = start_gateway(config).await;
+        let (gateway, gateway_http) = start_gateway_with_http(config).await;
         for addr in [features.addr, logger.addr, gateway.addr]
             .into_iter()
             .chain(inference.iter().map(|r| r.addr))
@@ -356,6 +379,7 @@ impl Mesh {
             inference,
             logger,
             gateway,
+            gateway_http,
             features_proxy,
             inference_proxies,
         }

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod downstream;
 pub mod error;
+pub mod health;
 pub mod logship;
 pub mod service;
 pub mod validate;
@@ -219,7 +220,27 @@ pub async fn serve(
         GatewayServer::new(service).max_decoding_message_size(4 * 1024 * 1024),
         move |request| access.check(request),
     ));
+    let mut dependencies = vec![
+        health::Dependency {
+            name: format!("features {}", config.features_url),
+            role: health::Role::Features,
+            channel: downstream::channel(&config.features_url, "MESH_FEATURES_URL")?,
+        },
+        health::Dependency {
+            name: format!("logger {}", config.logger_url),
+            role: health::Role::Logger,
+            channel: downstream::channel(&config.logger_url, "MESH_LOGGER_URL")?,
+        },
+    ];
+    for url in &config.inference_urls {
+        dependencies.push(health::Dependency {
+            name: format!("inference {url}"),
+            role: health::Role::Inference,
+            channel: downstream::channel(url, "MESH_INFERENCE_URLS")?,
+        });
+    }
     let mut options = config.server.serve_options(vec![name]);
+    options.health_probe = Some(health::probe(dependencies));
     options.default_budget = Some(config.default_budget);
     options.max_budget = config.max_budget;
     let served = serve_grpc(

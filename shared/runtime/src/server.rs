@@ -22,7 +22,7 @@ use crate::bulkhead::{Bulkhead, BulkheadLayer, BulkheadMetrics};
 use crate::deadline::DeadlineLayer;
 
 /// How a service is served.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// The services this process exposes (reflection lists them, health reports them).
     pub services: Vec<&'static str>,
@@ -36,6 +36,8 @@ pub struct ServeOptions {
     pub drain_delay: Duration,
     /// How long to wait for in-flight calls once accepting stopped.
     pub grace: Duration,
+    /// The detailed `/health` report on the metrics port, for services that have one.
+    pub health_probe: Option<mesh_telemetry::metrics::HealthProbe>,
 }
 
 impl ServeOptions {
@@ -49,6 +51,7 @@ impl ServeOptions {
             max_budget: Duration::from_secs(30),
             drain_delay: Duration::from_secs(1),
             grace: Duration::from_secs(10),
+            health_probe: None,
         }
     }
 }
@@ -199,6 +202,7 @@ pub async fn serve_grpc(
         tokio::spawn(mesh_telemetry::metrics::serve_metrics(
             metrics_listener,
             metrics.registry.clone(),
+            options.health_probe.clone(),
             async {
                 let _ = metrics_stopped.await;
             },

@@ -153,11 +153,20 @@ pub fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` (Prometheus text format) from `registry` on `listener` until `shutdown`
-/// resolves. Any other path gets 404.
+/// A detailed health report: HTTP status and a JSON body.
+pub type HealthProbe =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = (u16, String)> + Send>> + Send + Sync>;
+
+/// Serves on `listener` until `shutdown` resolves:
+/// - `GET /metrics`: Prometheus text format from `registry`;
+/// - `GET /health/live`: 200 while the process answers at all (liveness);
+/// - `GET /health`: the service's detailed report from `probe`, if it has one.
+///
+/// Any other path gets 404.
 pub async fn serve_metrics(
     listener: TcpListener,
     registry: Arc<Registry>,
+    probe: Option<HealthProbe>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -174,10 +183,22 @@ pub async fn serve_metrics(
             },
         };
         let registry = registry.clone();
+        let probe = probe.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let registry = registry.clone();
-                async move { Ok::<_, Infallible>(metrics_response(&req, &registry)) }
+                let probe = probe.clone();
+                async move {
+                    let response = match (req.uri().path(), probe) {
+                        ("/health/live", _) => text_response(200, "live\n".into(), "text/plain"),
+                        ("/health", Some(probe)) => {
+                            let (status, body) = probe().await;
+                            text_response(status, body, "application/json")
+                        }
+                        _ => metrics_response(&req, &registry),
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
@@ -185,6 +206,20 @@ pub async fn serve_metrics(
                 .await;
         });
     }
+}
+
+fn text_response(
+    status: u16,
+    body: String,
+    content_type: &'static str,
+) -> http::Response<Full<Bytes>> {
+    let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
 }
 
 fn metrics_response<B>(req: &http::Request<B>, registry: &Registry) -> http::Response<Full<Bytes>> {
