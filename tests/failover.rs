@@ -44,6 +44,24 @@ async fn predictions_survive_a_dead_replica_and_a_dead_features_service_trips_th
         "{body}"
     );
 
+    // A client sending hopeless deadlines gets its errors but does not open the breaker for
+    // everyone else.
+    for _ in 0..10 {
+        let mut hopeless = request(&row.entity_id, partial.clone());
+        hopeless.set_timeout(Duration::from_millis(1));
+        let _ = gateway.predict(hopeless).await;
+    }
+    let features_breaker = r#"mesh_breaker_state{downstream="features"}"#;
+    assert_eq!(
+        metric(mesh.gateway_http, features_breaker).await,
+        0.0,
+        "breaker stays closed"
+    );
+    gateway
+        .predict(request(&row.entity_id, partial.clone()))
+        .await
+        .expect("others are unaffected");
+
     // One inference replica stops for good: every prediction is still answered by the other.
     let dead = mesh.inference.remove(0);
     dead.shutdown().await;

@@ -55,6 +55,9 @@ pub struct Guard {
 /// on the wire.
 pub const CIRCUIT_OPEN: &str = "circuit open: failing fast";
 
+/// The smallest budget whose expiry counts as the dependency's failure.
+pub const FAIR_BUDGET: Duration = Duration::from_millis(20);
+
 /// Back-off of the first retry; it doubles per attempt up to [`RETRY_CAP`] (full jitter).
 pub const RETRY_BASE: Duration = Duration::from_millis(5);
 /// Longest back-off.
@@ -75,9 +78,23 @@ impl Guard {
         }
     }
 
-    fn record<T>(&self, result: &Result<T, tonic::Status>) {
-        self.breaker
-            .record(!matches!(result, Err(s) if is_failure(s.code())));
+    /// Reports an attempt that had `budget` to the breaker. A deadline miss only counts
+    /// against the dependency if the attempt had a fair budget: a caller sending hopeless
+    /// deadlines must not open the breaker for everyone.
+    fn record<T>(&self, result: &Result<T, tonic::Status>, budget: Duration) {
+        let failed = match result {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                ) =>
+            {
+                budget >= FAIR_BUDGET
+            }
+            Err(s) => is_failure(s.code()),
+            Ok(_) => false,
+        };
+        self.breaker.record(!failed);
     }
 
     /// The pause before retry number `attempt`, if the budget and the deadline allow one.
@@ -152,6 +169,7 @@ impl FeaturesDownstream {
         let mut attempt = 0;
         loop {
             self.guard.admit()?;
+            let budget = deadline.remaining();
             let span = client_span(mesh_proto::service_names::FEATURES, "GetFeatures");
             let mut client = self.client.clone();
             let message = GetFeaturesRequest {
@@ -166,7 +184,7 @@ impl FeaturesDownstream {
             }
             .instrument(span)
             .await;
-            self.guard.record(&result);
+            self.guard.record(&result, budget);
             match result {
                 // Reads are idempotent: an unreachable service is retried, within budget.
                 Err(status) if is_unreachable(&status) => {
@@ -281,6 +299,7 @@ impl InferenceDownstream {
             } else {
                 deadline
             };
+            let per_try_budget = per_try.remaining();
             replica.in_flight.fetch_add(1, Ordering::Relaxed);
             let result = async move {
                 let outgoing = outgoing(message, per_try, margin).map_err(tonic::Status::from)?;
@@ -291,7 +310,7 @@ impl InferenceDownstream {
             .instrument(span)
             .await;
             replica.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.guard.record(&result);
+            self.guard.record(&result, per_try_budget);
             let try_timed_out = matches!(&result, Err(s) if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded))
                 && order.len() > 1
                 && !deadline.expired();
