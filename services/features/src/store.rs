@@ -237,13 +237,7 @@ impl FeatureStore {
             return out;
         };
         let keys: Vec<String> = ids.iter().map(|id| redis_key(id)).collect();
-        let span = tracing::info_span!(
-            "redis.mget",
-            otel.name = "redis MGET",
-            otel.kind = "client",
-            db.system = "redis",
-            keys = keys.len()
-        );
+        let span = mesh_telemetry::propagation::store_span("redis", "redis MGET", keys.len());
         let call = async {
             redis::cmd("MGET")
                 .arg(&keys)
@@ -292,6 +286,7 @@ impl FeatureStore {
         if found.is_empty() {
             return;
         }
+        let set_span = mesh_telemetry::propagation::store_span("redis", "redis SET", found.len());
         let ttl = self.config.redis_ttl.as_secs().max(1);
         let timeout = self.config.redis_timeout;
         let errors = self.metrics.redis_errors.clone();
@@ -315,22 +310,15 @@ impl FeatureStore {
                     }
                 }
             }
-            .instrument(tracing::info_span!(
-                "redis.set",
-                otel.name = "redis SET",
-                otel.kind = "client",
-                db.system = "redis"
-            )),
+            .instrument(set_span),
         );
     }
 
     async fn read_db(&self, ids: &[String]) -> Result<Vec<(String, Arc<Entity>)>, FeaturesError> {
-        let span = tracing::info_span!(
-            "postgres.select",
-            otel.name = "SELECT feature_values",
-            otel.kind = "client",
-            db.system = "postgresql",
-            entities = ids.len()
+        let span = mesh_telemetry::propagation::store_span(
+            "postgresql",
+            "SELECT feature_values",
+            ids.len(),
         );
         async {
             let client = mesh_runtime::postgres::connection(&self.db)
@@ -403,12 +391,10 @@ impl FeatureStore {
                 }
             }
         }
-        let span = tracing::info_span!(
-            "postgres.upsert",
-            otel.name = "UPSERT feature_values",
-            otel.kind = "client",
-            db.system = "postgresql",
-            values = ids.len()
+        let span = mesh_telemetry::propagation::store_span(
+            "postgresql",
+            "UPSERT feature_values",
+            ids.len(),
         );
         async {
             let client = mesh_runtime::postgres::connection(&self.db)

@@ -119,6 +119,29 @@ fn outgoing<T>(
     Ok(request)
 }
 
+/// Sends `message` through `call` inside `span` (a client span): what remains of `deadline`
+/// minus `margin` as its grpc-timeout, trace context in its metadata, the outcome on the span.
+async fn traced_call<T, R, F, Fut>(
+    span: tracing::Span,
+    message: T,
+    deadline: Deadline,
+    margin: Duration,
+    call: F,
+) -> Result<R, tonic::Status>
+where
+    F: FnOnce(tonic::Request<T>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    async move {
+        let request = outgoing(message, deadline, margin).map_err(tonic::Status::from)?;
+        let result = call(request).await;
+        record_client_status(&tracing::Span::current(), code_of(&result));
+        result.map(tonic::Response::into_inner)
+    }
+    .instrument(span)
+    .await
+}
+
 /// Maps a downstream failure to the gateway's error, naming the downstream.
 pub fn from_status(downstream: &str, status: &tonic::Status) -> GatewayError {
     use tonic::Code::*;
@@ -176,13 +199,9 @@ impl FeaturesDownstream {
                 entity_ids: entity_ids.clone(),
             };
             let margin = self.margin;
-            let result = async move {
-                let request = outgoing(message, deadline, margin).map_err(tonic::Status::from)?;
-                let result = client.get_features(request).await;
-                record_client_status(&tracing::Span::current(), code_of(&result));
-                result.map(tonic::Response::into_inner)
-            }
-            .instrument(span)
+            let result = traced_call(span, message, deadline, margin, move |r| async move {
+                client.get_features(r).await
+            })
             .await;
             self.guard.record(&result, budget);
             match result {
@@ -233,24 +252,26 @@ pub struct InferenceDownstream {
 }
 
 impl InferenceDownstream {
-    /// Clients for `urls` (from `MESH_INFERENCE_URLS`).
-    pub fn new(urls: &[String], margin: Duration, guard: Guard) -> Result<Self, GatewayError> {
-        if urls.is_empty() {
+    /// Clients for the replicas (`MESH_INFERENCE_URLS`), each over its channel.
+    pub fn new(
+        replicas: &[(String, Channel)],
+        margin: Duration,
+        guard: Guard,
+    ) -> Result<Self, GatewayError> {
+        if replicas.is_empty() {
             return Err(GatewayError::Config(
                 "MESH_INFERENCE_URLS lists no replica".into(),
             ));
         }
-        let replicas = urls
+        let replicas = replicas
             .iter()
-            .map(|url| {
-                Ok(Replica {
-                    url: url.clone(),
-                    client: GrpcInferenceServiceClient::new(channel(url, "MESH_INFERENCE_URLS")?)
-                        .max_decoding_message_size(64 * 1024 * 1024),
-                    in_flight: AtomicUsize::new(0),
-                })
+            .map(|(url, channel)| Replica {
+                url: url.clone(),
+                client: GrpcInferenceServiceClient::new(channel.clone())
+                    .max_decoding_message_size(64 * 1024 * 1024),
+                in_flight: AtomicUsize::new(0),
             })
-            .collect::<Result<Vec<_>, GatewayError>>()?;
+            .collect();
         Ok(Self {
             replicas: Arc::new(replicas),
             next: Arc::new(AtomicUsize::new(0)),
@@ -301,13 +322,9 @@ impl InferenceDownstream {
             };
             let per_try_budget = per_try.remaining();
             replica.in_flight.fetch_add(1, Ordering::Relaxed);
-            let result = async move {
-                let outgoing = outgoing(message, per_try, margin).map_err(tonic::Status::from)?;
-                let result = client.model_infer(outgoing).await;
-                record_client_status(&tracing::Span::current(), code_of(&result));
-                result.map(tonic::Response::into_inner)
-            }
-            .instrument(span)
+            let result = traced_call(span, message, per_try, margin, move |r| async move {
+                client.model_infer(r).await
+            })
             .await;
             replica.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.guard.record(&result, per_try_budget);
@@ -356,14 +373,14 @@ impl LoggerDownstream {
         let _permit = bulkhead.try_enter()?;
         let span = client_span(mesh_proto::service_names::LOGGER, "Record");
         let mut client = self.client.clone();
-        async move {
-            let outgoing = outgoing(request, Deadline::after(timeout), Duration::ZERO)
-                .map_err(tonic::Status::from)?;
-            let result = client.record(outgoing).await;
-            record_client_status(&tracing::Span::current(), code_of(&result));
-            result.map(tonic::Response::into_inner)
-        }
-        .instrument(span)
+        let deadline = Deadline::after(timeout);
+        traced_call(
+            span,
+            request,
+            deadline,
+            Duration::ZERO,
+            move |r| async move { client.record(r).await },
+        )
         .await
     }
 }

@@ -165,10 +165,20 @@ pub async fn serve(
         breaker: CircuitBreaker::new(name, config.breaker, &breakers),
         budget: RetryBudget::new(config.retry_ratio, config.retry_floor),
     };
-    let logger = downstream::LoggerDownstream::new(downstream::channel(
-        &config.logger_url,
-        "MESH_LOGGER_URL",
-    )?);
+    // One channel (connection) per dependency, shared by its client and the health report.
+    let features_channel = downstream::channel(&config.features_url, "MESH_FEATURES_URL")?;
+    let logger_channel = downstream::channel(&config.logger_url, "MESH_LOGGER_URL")?;
+    let inference_channels = config
+        .inference_urls
+        .iter()
+        .map(|url| {
+            Ok((
+                url.clone(),
+                downstream::channel(url, "MESH_INFERENCE_URLS")?,
+            ))
+        })
+        .collect::<Result<Vec<_>, GatewayError>>()?;
+    let logger = downstream::LoggerDownstream::new(logger_channel.clone());
     let (log, shipping) = logship::spawn(
         logger,
         Bulkhead::new("logger", config.logger_concurrency, bulkheads),
@@ -184,12 +194,12 @@ pub async fn serve(
     let service = service::GatewayService {
         registry,
         features: downstream::FeaturesDownstream::new(
-            downstream::channel(&config.features_url, "MESH_FEATURES_URL")?,
+            features_channel.clone(),
             margin,
             guard("features"),
         ),
         inference: downstream::InferenceDownstream::new(
-            &config.inference_urls,
+            &inference_channels,
             margin,
             guard("inference"),
         )?,
@@ -224,19 +234,19 @@ pub async fn serve(
         health::Dependency {
             name: format!("features {}", config.features_url),
             role: health::Role::Features,
-            channel: downstream::channel(&config.features_url, "MESH_FEATURES_URL")?,
+            channel: features_channel,
         },
         health::Dependency {
             name: format!("logger {}", config.logger_url),
             role: health::Role::Logger,
-            channel: downstream::channel(&config.logger_url, "MESH_LOGGER_URL")?,
+            channel: logger_channel,
         },
     ];
-    for url in &config.inference_urls {
+    for (url, channel) in inference_channels {
         dependencies.push(health::Dependency {
             name: format!("inference {url}"),
             role: health::Role::Inference,
-            channel: downstream::channel(url, "MESH_INFERENCE_URLS")?,
+            channel,
         });
     }
     let mut options = config.server.serve_options(vec![name]);

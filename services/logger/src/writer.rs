@@ -202,13 +202,8 @@ pub fn features_json(record: &PredictionRecord) -> String {
 
 /// Inserts `batch` in one statement; returns how many rows were new.
 async fn insert(db: &Pool, batch: &[PredictionRecord]) -> Result<u64, String> {
-    let span = tracing::info_span!(
-        "postgres.insert",
-        otel.name = "INSERT predictions",
-        otel.kind = "client",
-        db.system = "postgresql",
-        rows = batch.len()
-    );
+    let span =
+        mesh_telemetry::propagation::store_span("postgresql", "INSERT predictions", batch.len());
     async {
         let client = mesh_runtime::postgres::connection(db)
             .await

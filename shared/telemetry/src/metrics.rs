@@ -114,13 +114,7 @@ where
         Box::pin(async move {
             let result = inner.call(req).await;
             let code = match &result {
-                Ok(resp) => resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map(tonic::Code::from_i32)
-                    .unwrap_or(tonic::Code::Ok),
+                Ok(resp) => crate::propagation::response_code(resp),
                 Err(_) => tonic::Code::Internal,
             };
             metrics.observe(&method, code_label(code), started);

@@ -70,6 +70,7 @@ pub fn client_span(service: &str, method: &str) -> tracing::Span {
         rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
+        server.address = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         rpc.grpc.status_code = tracing::field::Empty,
     )
@@ -146,12 +147,7 @@ where
         Box::pin(
             async move {
                 let response = inner.call(req).await?;
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .unwrap_or(0);
+                let code = response_code(&response) as i32;
                 fut_span.record("rpc.grpc.status_code", code);
                 if is_server_error(code) {
                     fut_span.record("otel.status_code", "ERROR");
@@ -161,6 +157,30 @@ where
             .instrument(span),
         )
     }
+}
+
+/// The gRPC status of a response as servers send it: `grpc-status` in the headers for
+/// errors (trailers-only responses), absent (OK so far) otherwise.
+pub fn response_code<B>(response: &http::Response<B>) -> tonic::Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+        .unwrap_or(tonic::Code::Ok)
+}
+
+/// A client span for a call to a store (Redis, PostgreSQL): `statement` is its name in traces,
+/// e.g. `SELECT feature_values`; `items` the keys or rows involved.
+pub fn store_span(system: &'static str, statement: &'static str, items: usize) -> tracing::Span {
+    tracing::info_span!(
+        "store",
+        otel.name = statement,
+        otel.kind = "client",
+        db.system = system,
+        items
+    )
 }
 
 /// Splits `/pkg.Service/Method` into (`pkg.Service`, `Method`).
