@@ -23,7 +23,13 @@ impl From<FeaturesError> for tonic::Status {
             }
             FeaturesError::Unavailable(msg) => {
                 tracing::error!(error = %msg, "feature store unavailable");
-                tonic::Status::unavailable("feature store unavailable: database unreachable")
+                let mut status =
+                    tonic::Status::unavailable("feature store unavailable: database unreachable");
+                status.metadata_mut().insert(
+                    mesh_runtime::retry::STORE_UNAVAILABLE,
+                    tonic::metadata::MetadataValue::from_static("postgresql"),
+                );
+                status
             }
             FeaturesError::Config(msg) => {
                 tracing::error!(error = %msg, "features misconfigured");

@@ -49,6 +49,11 @@ fn check_ids<'a>(ids: impl Iterator<Item = &'a str>, count: usize) -> Result<(),
                 id.len()
             )));
         }
+        if let Some(c) = mesh_runtime::text::control_character(id) {
+            return Err(FeaturesError::InvalidArgument(format!(
+                "entity id #{i} contains a control character ({c})"
+            )));
+        }
     }
     Ok(())
 }
@@ -77,7 +82,10 @@ impl Features for FeaturesService {
                 tier: s.tier as i32,
             })
             .collect();
-        Ok(Response::new(GetFeaturesResponse { entities }))
+        Ok(Response::new(GetFeaturesResponse {
+            entities,
+            degraded: self.store.degraded(),
+        }))
     }
 
     async fn put_features(
@@ -94,6 +102,21 @@ impl Features for FeaturesService {
                 if name.trim().is_empty() {
                     return Err(FeaturesError::InvalidArgument(format!(
                         "entity {:?} has a feature with an empty name",
+                        entity.entity_id
+                    ))
+                    .into());
+                }
+                let text = match &value.kind {
+                    Some(Kind::Category(c)) => Some(c.as_str()),
+                    _ => None,
+                };
+                if let Some(c) = [Some(name.as_str()), text]
+                    .into_iter()
+                    .flatten()
+                    .find_map(mesh_runtime::text::control_character)
+                {
+                    return Err(FeaturesError::InvalidArgument(format!(
+                        "entity {:?} feature {name:?} contains a control character ({c})",
                         entity.entity_id
                     ))
                     .into());

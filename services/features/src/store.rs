@@ -66,11 +66,15 @@ pub struct FeatureStore {
     memory: FeatureCache,
     redis: Option<ConnectionManager>,
     redis_skip_until: Mutex<Option<Instant>>,
+    db_failed_at: Mutex<Option<Instant>>,
     db: Pool,
     inflight: Mutex<HashMap<String, Slot>>,
     metrics: FeatureMetrics,
     loads: AtomicU64,
 }
+
+/// How long answers say PostgreSQL is unavailable after a failed read.
+pub const DB_FAILURE_NOTE_FOR: Duration = Duration::from_secs(5);
 
 /// Redis key of an entity's features (protobuf-encoded `EntityFeatures`).
 pub fn redis_key(entity_id: &str) -> String {
@@ -91,11 +95,29 @@ impl FeatureStore {
             memory,
             redis,
             redis_skip_until: Mutex::new(None),
+            db_failed_at: Mutex::new(None),
             db,
             inflight: Mutex::new(HashMap::new()),
             metrics,
             loads: AtomicU64::new(0),
         }
+    }
+
+    /// The tiers failing now, as notes for answers served meanwhile: Redis while it is being
+    /// skipped after a failure, PostgreSQL for [`DB_FAILURE_NOTE_FOR`] after a failed read.
+    pub fn degraded(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut notes = Vec::new();
+        if self.redis.is_some()
+            && matches!(self.redis_skip_until.lock().ok().and_then(|g| *g), Some(until) if now < until)
+        {
+            notes.push("features: redis unavailable; served from memory/PostgreSQL".to_owned());
+        }
+        if matches!(self.db_failed_at.lock().ok().and_then(|g| *g), Some(at) if now.duration_since(at) < DB_FAILURE_NOTE_FOR)
+        {
+            notes.push("features: PostgreSQL unavailable; served from cache".to_owned());
+        }
+        notes
     }
 
     /// Number of loads started below memory (for tests of coalescing).
@@ -175,6 +197,9 @@ impl FeatureStore {
         if !missing.is_empty() {
             match tokio::time::timeout(self.config.db_timeout, self.read_db(&missing)).await {
                 Ok(Ok(loaded)) => {
+                    if let Ok(mut g) = self.db_failed_at.lock() {
+                        *g = None;
+                    }
                     self.write_back(&loaded);
                     for (id, entity) in loaded {
                         found.insert(
@@ -193,6 +218,11 @@ impl FeatureStore {
                         self.config.db_timeout
                     )))
                 }
+            }
+        }
+        if db_error.is_some() {
+            if let Ok(mut g) = self.db_failed_at.lock() {
+                *g = Some(Instant::now());
             }
         }
         let mut inflight = self.inflight.lock().ok();

@@ -13,15 +13,30 @@ pub async fn next_batch<T>(
     max: usize,
     wait: Duration,
 ) -> Option<(Vec<T>, bool)> {
+    next_batch_weighted(receiver, max, wait, |_| 1).await
+}
+
+/// Like [`next_batch`], but a batch is full once the `weight` of its items reaches `max` (e.g.
+/// items that each carry several records).
+pub async fn next_batch_weighted<T>(
+    receiver: &mut mpsc::Receiver<T>,
+    max: usize,
+    wait: Duration,
+    weight: impl Fn(&T) -> usize,
+) -> Option<(Vec<T>, bool)> {
     let first = receiver.recv().await?;
+    let mut total = weight(&first);
     let mut batch = Vec::with_capacity(max.min(1024));
     batch.push(first);
     let flush_at = tokio::time::Instant::now() + wait;
-    while batch.len() < max {
+    while total < max {
         // Fill until full, or until the first item has waited long enough.
         tokio::select! {
             next = receiver.recv() => match next {
-                Some(item) => batch.push(item),
+                Some(item) => {
+                    total += weight(&item);
+                    batch.push(item);
+                }
                 None => return Some((batch, true)),
             },
             _ = tokio::time::sleep_until(flush_at) => break,

@@ -158,12 +158,16 @@ where
         if is_control_path(req.uri().path()) {
             return Box::pin(inner.call(req));
         }
-        let requested = req
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .or(self.layer.default_budget);
+        let requested = match req.headers().get("grpc-timeout") {
+            None => self.layer.default_budget,
+            Some(value) => match value.to_str().ok().and_then(parse_grpc_timeout) {
+                Some(budget) => Some(budget),
+                None => {
+                    let status = malformed_timeout(&String::from_utf8_lossy(value.as_bytes()));
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            },
+        };
         let budget = requested
             .map(|b| b.min(self.layer.max_budget))
             .unwrap_or(self.layer.max_budget);
@@ -181,6 +185,15 @@ where
             }
         })
     }
+}
+
+/// The answer to a `grpc-timeout` header that does not parse: the caller's deadline is unknown,
+/// and guessing one would hide its bug.
+pub fn malformed_timeout(value: &str) -> tonic::Status {
+    let shown: String = value.chars().take(32).collect();
+    tonic::Status::invalid_argument(format!(
+        "grpc-timeout {shown:?} is malformed: expected 1 to 8 digits and a unit (H, M, S, m, u or n), e.g. 250m"
+    ))
 }
 
 /// Time kept back from a server's budget for its answer to reach the caller: a tenth of the
@@ -240,8 +253,9 @@ mod tests {
             .map(|v| v.to_str().unwrap_or_default().to_owned())
     }
 
-    #[tokio::test]
-    async fn work_whose_deadline_passed_is_refused_without_running_the_handler() {
+    /// Sends a request with `grpc-timeout: value` through the layer: the grpc-status answered,
+    /// its message, and whether the handler ran.
+    async fn with_timeout_header(value: &str) -> (Option<String>, Option<String>, bool) {
         use tower::{Layer as _, Service as _, ServiceExt as _};
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = ran.clone();
@@ -254,7 +268,7 @@ mod tests {
         let mut service = DeadlineLayer::new(None, Duration::from_secs(30)).layer(inner);
         let request = http::Request::builder()
             .uri("/mesh.gateway.v1.Gateway/Predict")
-            .header("grpc-timeout", "0m")
+            .header("grpc-timeout", value)
             .body(())
             .expect("request");
         let response = service
@@ -264,15 +278,34 @@ mod tests {
             .call(request)
             .await
             .expect("response");
-        assert_eq!(
-            status_of(&response).as_deref(),
-            Some("4"),
-            "DEADLINE_EXCEEDED"
-        );
+        let message = response
+            .headers()
+            .get("grpc-message")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        (
+            status_of(&response),
+            message,
+            ran.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    #[tokio::test]
+    async fn work_whose_deadline_passed_is_refused_without_running_the_handler() {
+        let (status, _, ran) = with_timeout_header("0m").await;
+        assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED");
+        assert!(!ran, "handler must not run");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_grpc_timeout_is_refused_naming_the_value() {
+        let (status, message, ran) = with_timeout_header("soon").await;
+        assert_eq!(status.as_deref(), Some("3"), "INVALID_ARGUMENT");
+        let message = message.unwrap_or_default();
         assert!(
-            !ran.load(std::sync::atomic::Ordering::SeqCst),
-            "handler must not run"
+            message.contains("grpc-timeout") && message.contains("soon"),
+            "{message}"
         );
+        assert!(!ran, "handler must not run");
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@
 //! - [`bulkhead`]: concurrency limits that shed load with `RESOURCE_EXHAUSTED` instead of queueing.
 //! - [`server`]: the serving scaffold: tower stack, health, reflection, metrics, graceful drain.
 //! - [`postgres`]: connection pools and schema migrations.
+//! - [`text`]: what stored strings (ids, categories) may contain.
 
 pub mod batch;
 pub mod bulkhead;
@@ -15,6 +16,7 @@ pub mod postgres;
 pub mod registry;
 pub mod retry;
 pub mod server;
+pub mod text;
 
 pub use bulkhead::{Bulkhead, BulkheadLayer};
 pub use deadline::{Deadline, DeadlineLayer};

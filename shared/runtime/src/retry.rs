@@ -281,6 +281,18 @@ impl CircuitBreaker {
     }
 }
 
+/// Metadata key a service sets on an error it answered because a store *behind it* failed (e.g.
+/// features: entity in no cache and PostgreSQL down). The service itself is up and answering:
+/// its breaker must not open (that would also refuse what it serves from cache), and retrying
+/// it at once does not help.
+pub const STORE_UNAVAILABLE: &str = "mesh-store-unavailable";
+
+/// Whether `status` was answered by a live service whose own store failed (see
+/// [`STORE_UNAVAILABLE`]).
+pub fn is_store_unavailable(status: &tonic::Status) -> bool {
+    status.metadata().contains_key(STORE_UNAVAILABLE)
+}
+
 /// Codes that count against a dependency's health: it is down, failing or too slow. Caller
 /// mistakes and push-back (`RESOURCE_EXHAUSTED`) do not.
 pub fn is_failure(code: tonic::Code) -> bool {

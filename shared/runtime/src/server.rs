@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// The detailed `/health` report on the metrics port, for services that have one.
     pub health_probe: Option<mesh_telemetry::metrics::HealthProbe>,
+    /// TLS (rustls) on the gRPC port; plaintext when `None`.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl ServeOptions {
@@ -52,6 +54,7 @@ impl ServeOptions {
             drain_delay: Duration::from_secs(1),
             grace: Duration::from_secs(10),
             health_probe: None,
+            tls: None,
         }
     }
 }
@@ -125,6 +128,9 @@ pub enum ServeError {
     /// Reflection could not be built from the descriptor set.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -189,7 +195,13 @@ pub async fn serve_grpc(
         })
     });
     let (stop_accepting, stop_signal) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls.clone() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let server = builder
         .layer(stack)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async {
