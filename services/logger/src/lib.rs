@@ -1,6 +1,7 @@
 //! The prediction log: `mesh.logger.v1.PredictionLog` takes prediction records and writes them
 //! to PostgreSQL in batches (one multi-row `INSERT … SELECT FROM UNNEST`, idempotent on the
-//! prediction id), so the gateway never waits for the database.
+//! prediction id). `Record` answers once its records are committed, so a sender (the gateway's
+//! spool) may forget exactly what was acknowledged; a record sent twice is stored once.
 //!
 //! # Layout
 //! - [`writer`]: the queue and the batching writer task.

@@ -7,7 +7,7 @@ use mesh_proto::types::{feature_value::Kind, FeatureTier, FeatureValue};
 use tonic::{Request, Response, Status};
 
 use crate::error::LoggerError;
-use crate::writer::LogQueue;
+use crate::writer::{LogQueue, Refused};
 
 /// Most records one Record call may carry.
 pub const MAX_RECORDS_PER_CALL: usize = 10_000;
@@ -58,19 +58,61 @@ fn check(records: &[PredictionRecord]) -> Result<(), LoggerError> {
     Ok(())
 }
 
+/// Replaces NUL characters, which PostgreSQL cannot store in text or jsonb, with U+FFFD. The
+/// gateway never sends them (it refuses control characters in ids and categories); a record
+/// from elsewhere must not become a batch that can never be written, blocking all behind it.
+fn make_storable(record: &mut PredictionRecord) {
+    fn clean(s: &mut String) {
+        if s.contains('\0') {
+            tracing::warn!("NUL character in a prediction record replaced");
+            *s = s.replace('\0', "\u{FFFD}");
+        }
+    }
+    for s in [
+        &mut record.prediction_id,
+        &mut record.model,
+        &mut record.model_version,
+        &mut record.entity_id,
+        &mut record.trace_id,
+    ] {
+        clean(s);
+    }
+    if record.features.keys().any(|k| k.contains('\0')) {
+        record.features = std::mem::take(&mut record.features)
+            .into_iter()
+            .map(|(mut k, v)| {
+                clean(&mut k);
+                (k, v)
+            })
+            .collect();
+    }
+    for value in record.features.values_mut() {
+        if let Some(Kind::Category(c)) = &mut value.kind {
+            clean(c);
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl PredictionLog for PredictionLogService {
     async fn record(
         &self,
         request: Request<RecordRequest>,
     ) -> Result<Response<RecordResponse>, Status> {
-        let RecordRequest { records } = request.into_inner();
+        let RecordRequest { mut records } = request.into_inner();
         check(&records)?;
+        records.iter_mut().for_each(make_storable);
         let accepted = records.len() as u32;
-        if !self.queue.offer(records) {
-            return Err(LoggerError::QueueFull.into());
+        // Acknowledged only once committed: the sender may forget what we acknowledge.
+        match self.queue.commit(records).await {
+            Ok(()) => Ok(Response::new(RecordResponse { accepted })),
+            Err(Refused::Full) => Err(LoggerError::QueueFull.into()),
+            Err(Refused::StoreDown) => Err(LoggerError::Unavailable(
+                "writes are failing; the batch in hand is being retried".into(),
+            )
+            .into()),
+            Err(Refused::Closed) => Err(Status::unavailable("prediction log is shutting down")),
         }
-        Ok(Response::new(RecordResponse { accepted }))
     }
 
     async fn get_prediction(

@@ -1,25 +1,45 @@
 //! The queue between the RPC handlers and PostgreSQL, and the task that drains it in batches.
 //!
-//! A batch is written when it holds `batch_size` records or its first record has waited
-//! `flush_interval`. A failed write is retried with capped exponential back-off, keeping the
-//! batch; meanwhile the bounded queue fills and `Record` sheds with `RESOURCE_EXHAUSTED`.
+//! A `Record` call is acknowledged only once its records are committed: the handler queues the
+//! call and waits for the batch that carries it. A batch is written when it holds `batch_size`
+//! records or its first call has waited `flush_interval`. A failed write is retried with capped
+//! exponential back-off, keeping the batch; while it fails, new calls are refused at once with
+//! `UNAVAILABLE` (the sender keeps the records — the gateway's on-disk spool — and retries), so
+//! the queue never fills with records nobody can write.
 //!
 //! Records keep the trace context of the `Record` call that brought them; a batch's INSERT
-//! span is parented on its first record's context and linked to the others'.
+//! span is parented on its first call's context and linked to the others'.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use mesh_proto::logger::PredictionRecord;
 use mesh_proto::types::{feature_value::Kind, FeatureTier};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-/// A record and the trace context it arrived with.
-type Queued = (PredictionRecord, opentelemetry::Context);
+/// One `Record` call's records, its trace context, and who waits for their commit.
+struct Queued {
+    records: Vec<PredictionRecord>,
+    context: opentelemetry::Context,
+    committed: oneshot::Sender<()>,
+}
+
+/// Why records were not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full.
+    Full,
+    /// The database is failing; the batch in hand is being retried.
+    StoreDown,
+    /// The writer has stopped (shutting down).
+    Closed,
+}
 
 /// Batching settings.
 #[derive(Debug, Clone)]
@@ -84,36 +104,53 @@ impl WriterMetrics {
 pub struct LogQueue {
     sender: mpsc::Sender<Queued>,
     metrics: WriterMetrics,
+    capacity: usize,
+    store_down: Arc<AtomicBool>,
 }
 
 impl LogQueue {
-    /// Queues `records` if they all fit; otherwise queues none and returns `false`.
-    pub fn offer(&self, records: Vec<PredictionRecord>) -> bool {
-        if self.sender.capacity() < records.len() {
-            self.metrics.shed.inc_by(records.len() as u64);
-            return false;
+    /// Queues `records` if they all fit and the database is writable, and waits until they are
+    /// committed.
+    pub async fn commit(&self, records: Vec<PredictionRecord>) -> Result<(), Refused> {
+        if self.store_down.load(Ordering::Relaxed) {
+            return Err(Refused::StoreDown);
         }
-        let context = tracing::Span::current().context();
-        for record in records {
-            // Capacity was checked; a concurrent caller may still win the last places.
-            if self.sender.try_send((record, context.clone())).is_err() {
-                self.metrics.shed.inc();
-                return false;
-            }
-            self.metrics.queued.inc();
+        let count = records.len();
+        if count == 0 {
+            return Ok(());
         }
-        true
+        if self.metrics.queued.get() as usize + count > self.capacity {
+            self.metrics.shed.inc_by(count as u64);
+            return Err(Refused::Full);
+        }
+        let (committed, done) = oneshot::channel();
+        let queued = Queued {
+            records,
+            context: tracing::Span::current().context(),
+            committed,
+        };
+        self.metrics.queued.add(count as i64);
+        if self.sender.try_send(queued).is_err() {
+            self.metrics.queued.sub(count as i64);
+            self.metrics.shed.inc_by(count as u64);
+            return Err(Refused::Full);
+        }
+        done.await.map_err(|_| Refused::Closed)
     }
 }
 
 /// Starts the writer; it ends once every [`LogQueue`] is dropped and the queue is flushed.
 pub fn spawn(db: Pool, config: WriterConfig, metrics: WriterMetrics) -> (LogQueue, JoinHandle<()>) {
-    let (sender, receiver) = mpsc::channel(config.capacity);
+    // Each call carries at least one record, so this many calls can never exceed the capacity.
+    let (sender, receiver) = mpsc::channel(config.capacity.max(1));
+    let store_down = Arc::new(AtomicBool::new(false));
     let queue = LogQueue {
         sender,
         metrics: metrics.clone(),
+        capacity: config.capacity,
+        store_down: store_down.clone(),
     };
-    let handle = tokio::spawn(run(db, config, metrics, receiver));
+    let handle = tokio::spawn(run(db, config, metrics, receiver, store_down));
     (queue, handle)
 }
 
@@ -122,38 +159,63 @@ async fn run(
     config: WriterConfig,
     metrics: WriterMetrics,
     mut receiver: mpsc::Receiver<Queued>,
+    store_down: Arc<AtomicBool>,
 ) {
-    while let Some((batch, closed)) =
-        mesh_runtime::batch::next_batch(&mut receiver, config.batch_size, config.flush_interval)
-            .await
+    while let Some((batch, closed)) = mesh_runtime::batch::next_batch_weighted(
+        &mut receiver,
+        config.batch_size,
+        config.flush_interval,
+        |q: &Queued| q.records.len(),
+    )
+    .await
     {
-        metrics.queued.sub(batch.len() as i64);
-        write_until_done(&db, &batch, &metrics).await;
+        let count: usize = batch.iter().map(|q| q.records.len()).sum();
+        write_until_done(&db, &batch, &metrics, &store_down).await;
+        metrics.queued.sub(count as i64);
+        for queued in batch {
+            // The caller may have given up (deadline); the records are committed all the same.
+            let _ = queued.committed.send(());
+        }
         if closed {
             return;
         }
     }
 }
 
-async fn write_until_done(db: &Pool, queued: &[Queued], metrics: &WriterMetrics) {
+async fn write_until_done(
+    db: &Pool,
+    queued: &[Queued],
+    metrics: &WriterMetrics,
+    store_down: &AtomicBool,
+) {
     use opentelemetry::trace::TraceContextExt as _;
+    let batch: Vec<PredictionRecord> = queued
+        .iter()
+        .flat_map(|q| q.records.iter().cloned())
+        .collect();
     let span = tracing::info_span!(
         "log.write",
         otel.name = "write prediction batch",
-        records = queued.len()
+        records = batch.len()
     );
-    let mut contexts = queued.iter().map(|(_, cx)| cx);
+    let mut contexts = queued.iter().map(|q| &q.context);
     if let Some(first) = contexts.next() {
         let _ = span.set_parent(first.clone());
     }
     for cx in contexts {
         span.add_link(cx.span().span_context().clone());
     }
-    let batch: Vec<PredictionRecord> = queued.iter().map(|(r, _)| r.clone()).collect();
-    retry_insert(db, &batch, metrics).instrument(span).await
+    retry_insert(db, &batch, metrics, store_down)
+        .instrument(span)
+        .await
 }
 
-async fn retry_insert(db: &Pool, batch: &[PredictionRecord], metrics: &WriterMetrics) {
+async fn retry_insert(
+    db: &Pool,
+    batch: &[PredictionRecord],
+    metrics: &WriterMetrics,
+    store_down: &AtomicBool,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let timer = metrics.batch_seconds.start_timer();
@@ -161,11 +223,13 @@ async fn retry_insert(db: &Pool, batch: &[PredictionRecord], metrics: &WriterMet
             Ok(inserted) => {
                 timer.observe_duration();
                 metrics.written.inc_by(inserted);
+                store_down.store(false, Ordering::Relaxed);
                 return;
             }
             Err(e) => {
                 timer.stop_and_discard();
                 metrics.write_errors.inc();
+                store_down.store(true, Ordering::Relaxed);
                 tracing::warn!(error = %e, records = batch.len(), retry_in = ?backoff, "prediction log write failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
