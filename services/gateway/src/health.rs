@@ -18,6 +18,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::downstream::InferenceDownstream;
+use crate::logship::SpoolStatus;
+
 /// One dependency to check.
 #[derive(Clone)]
 pub struct Dependency {
@@ -53,11 +56,18 @@ async fn status_of(channel: Channel) -> &'static str {
     }
 }
 
-/// The probe over `dependencies`.
-pub fn probe(dependencies: Vec<Dependency>) -> HealthProbe {
+/// The probe over `dependencies`; the report also shows what the gateway itself knows of the
+/// replicas (health watch, ejection) and of its spool.
+pub fn probe(
+    dependencies: Vec<Dependency>,
+    inference: InferenceDownstream,
+    log: SpoolStatus,
+) -> HealthProbe {
     let dependencies = Arc::new(dependencies);
     Arc::new(move || {
         let dependencies = dependencies.clone();
+        let inference = inference.clone();
+        let log = log.clone();
         Box::pin(async move {
             let statuses = futures::future::join_all(
                 dependencies.iter().map(|d| status_of(d.channel.clone())),
@@ -84,10 +94,27 @@ pub fn probe(dependencies: Vec<Dependency>) -> HealthProbe {
                 .zip(&statuses)
                 .map(|(d, s)| (d.name.clone(), serde_json::Value::from(*s)))
                 .collect();
+            let replica_states: serde_json::Map<String, serde_json::Value> = inference
+                .states()
+                .into_iter()
+                .map(|(url, serving, ejected)| {
+                    (
+                        url,
+                        serde_json::json!({"watched_serving": serving, "ejected": ejected}),
+                    )
+                })
+                .collect();
+            let (pending_records, pending_bytes) = log.pending();
             let body = serde_json::json!({
                 "status": overall,
                 "checks": checks,
                 "inference_replicas_serving": replicas.iter().filter(|ok| **ok).count(),
+                "replicas": replica_states,
+                "spool": {
+                    "pending_records": pending_records,
+                    "pending_bytes": pending_bytes,
+                    "delivery": if log.delivery_failing() { "failing" } else { "ok" },
+                },
             });
             (
                 if overall == "unhealthy" { 503 } else { 200 },

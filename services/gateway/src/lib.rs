@@ -14,6 +14,7 @@ pub mod error;
 pub mod health;
 pub mod logship;
 pub mod service;
+pub mod spool;
 pub mod validate;
 
 use std::future::Future;
@@ -61,8 +62,22 @@ pub struct Config {
     pub logger_concurrency: usize,
     /// `MESH_MAX_BATCH_ITEMS`, default 1000.
     pub max_batch_items: usize,
-    /// `MESH_LOG_QUEUE`, default 50000 records awaiting shipment.
+    /// `MESH_LOG_QUEUE`, default 50000 records waiting for the spool's writer thread.
     pub log_queue: usize,
+    /// `MESH_SPOOL_DIR`, default `spool`: the durable spool of prediction records (one
+    /// directory per gateway process; it is locked while in use).
+    pub spool_dir: PathBuf,
+    /// `MESH_SPOOL_MAX_BYTES`, default 1073741824 (1 GiB) of undelivered records; beyond it new
+    /// records are not kept (counted, and said in the response).
+    pub spool_max_bytes: u64,
+    /// `MESH_SPOOL_SEGMENT_BYTES`, default 16777216: size of one spool file.
+    pub spool_segment_bytes: u64,
+    /// `MESH_TLS_CERT` and `MESH_TLS_KEY`: PEM files of the certificate (chain) and private key
+    /// for TLS on the public gRPC port; both or neither (plaintext, for local use or behind a
+    /// TLS-terminating proxy).
+    pub tls: Option<TlsFiles>,
+    /// Outlier detection of inference replicas (`MESH_OUTLIER_*`).
+    pub outlier: downstream::OutlierConfig,
     /// `MESH_LOG_BATCH_SIZE`, default 500 records per Record call.
     pub log_batch_size: usize,
     /// `MESH_LOG_FLUSH_MS`, default 50.
@@ -110,6 +125,51 @@ impl Config {
             logger_concurrency: env_positive("MESH_LOGGER_CONCURRENCY", 4).map_err(cfg)?,
             max_batch_items: env_positive("MESH_MAX_BATCH_ITEMS", 1000).map_err(cfg)?,
             log_queue: env_positive("MESH_LOG_QUEUE", 50_000).map_err(cfg)?,
+            spool_dir: env_str("MESH_SPOOL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("spool")),
+            spool_max_bytes: env_positive("MESH_SPOOL_MAX_BYTES", 1 << 30).map_err(cfg)? as u64,
+            spool_segment_bytes: env_positive("MESH_SPOOL_SEGMENT_BYTES", 16 << 20).map_err(cfg)?
+                as u64,
+            tls: match (env_str("MESH_TLS_CERT"), env_str("MESH_TLS_KEY")) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: PathBuf::from(cert),
+                    key: PathBuf::from(key),
+                }),
+                _ => return Err(GatewayError::Config(
+                    "MESH_TLS_CERT and MESH_TLS_KEY go together: set both (PEM files) or neither"
+                        .into(),
+                )),
+            },
+            outlier: {
+                let defaults = downstream::OutlierConfig::default();
+                let percent = env_positive(
+                    "MESH_OUTLIER_MAX_EJECTED_PERCENT",
+                    defaults.max_ejected_percent as usize,
+                )
+                .map_err(cfg)?;
+                if percent > 100 {
+                    return Err(GatewayError::Config(format!(
+                        "MESH_OUTLIER_MAX_EJECTED_PERCENT={percent}: must be at most 100"
+                    )));
+                }
+                downstream::OutlierConfig {
+                    consecutive_failures: env_positive(
+                        "MESH_OUTLIER_CONSECUTIVE_FAILURES",
+                        defaults.consecutive_failures as usize,
+                    )
+                    .map_err(cfg)? as u32,
+                    base_ejection: env_millis(
+                        "MESH_OUTLIER_BASE_EJECTION_MS",
+                        defaults.base_ejection,
+                    )
+                    .map_err(cfg)?,
+                    max_ejection: env_millis("MESH_OUTLIER_MAX_EJECTION_MS", defaults.max_ejection)
+                        .map_err(cfg)?,
+                    max_ejected_percent: percent as u32,
+                }
+            },
             log_batch_size: env_positive("MESH_LOG_BATCH_SIZE", 500).map_err(cfg)?,
             log_flush: env_millis("MESH_LOG_FLUSH_MS", Duration::from_millis(50)).map_err(cfg)?,
             breaker: BreakerConfig {
@@ -140,6 +200,39 @@ impl Config {
     }
 }
 
+/// Where the public port's TLS identity is.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Reads both files; fails naming the one that cannot be read.
+    pub fn load(&self) -> Result<tonic::transport::ServerTlsConfig, GatewayError> {
+        let read = |path: &PathBuf, variable: &str| {
+            std::fs::read(path)
+                .map_err(|e| GatewayError::Config(format!("{variable}={}: {e}", path.display())))
+        };
+        let cert = read(&self.cert, "MESH_TLS_CERT")?;
+        let key = read(&self.key, "MESH_TLS_KEY")?;
+        for (bytes, variable, what) in [
+            (&cert, "MESH_TLS_CERT", "CERTIFICATE"),
+            (&key, "MESH_TLS_KEY", "PRIVATE KEY"),
+        ] {
+            if !String::from_utf8_lossy(bytes).contains(&format!("{what}-----")) {
+                return Err(GatewayError::Config(format!(
+                    "{variable}: no PEM {what} block in the file"
+                )));
+            }
+        }
+        Ok(tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key)))
+    }
+}
+
 /// Serves the gateway on `listener` until `shutdown` resolves, then flushes queued records.
 pub async fn serve(
     config: Config,
@@ -148,6 +241,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
     let name = mesh_proto::service_names::GATEWAY;
+    let tls = config.tls.as_ref().map(TlsFiles::load).transpose()?;
     let registry = Arc::new(ModelRegistry::load(&config.models_dir)?);
     let health = Health::new(&[name]).await;
     let metrics = ServiceMetrics::new().map_err(|e| GatewayError::Config(e.to_string()))?;
@@ -183,14 +277,27 @@ pub async fn serve(
         logger,
         Bulkhead::new("logger", config.logger_concurrency, bulkheads),
         logship::ShipConfig {
+            dir: config.spool_dir.clone(),
+            max_bytes: config.spool_max_bytes,
+            segment_bytes: config.spool_segment_bytes,
             capacity: config.log_queue,
             batch_size: config.log_batch_size,
             flush_interval: config.log_flush,
             call_timeout: Duration::from_secs(2),
-            attempts: 5,
         },
         ship_metrics,
-    );
+    )
+    .map_err(|e| GatewayError::Config(e.to_string()))?;
+    let replica_metrics = downstream::ReplicaMetrics::register(&metrics.registry)
+        .map_err(|e| GatewayError::Config(e.to_string()))?;
+    let inference = downstream::InferenceDownstream::new(
+        &inference_channels,
+        margin,
+        guard("inference"),
+        config.outlier,
+        replica_metrics,
+    )?;
+    let spool_status = log.status();
     let service = service::GatewayService {
         registry,
         features: downstream::FeaturesDownstream::new(
@@ -198,11 +305,7 @@ pub async fn serve(
             margin,
             guard("features"),
         ),
-        inference: downstream::InferenceDownstream::new(
-            &inference_channels,
-            margin,
-            guard("inference"),
-        )?,
+        inference: inference.clone(),
         log,
         online: compartments(
             "",
@@ -250,9 +353,10 @@ pub async fn serve(
         });
     }
     let mut options = config.server.serve_options(vec![name]);
-    options.health_probe = Some(health::probe(dependencies));
+    options.health_probe = Some(health::probe(dependencies, inference, spool_status));
     options.default_budget = Some(config.default_budget);
     options.max_budget = config.max_budget;
+    options.tls = tls;
     let served = serve_grpc(
         routes,
         options,
@@ -263,12 +367,18 @@ pub async fn serve(
         shutdown,
     )
     .await;
-    // Handlers are gone, and with them the shipper's senders: flush what is queued.
+    // Handlers are gone, and with them the spool's writers: deliver what the spool holds,
+    // within the grace period. What is left stays on disk for the next start.
+    let abort = shipping.abort_handle();
     if tokio::time::timeout(config.server.grace, shipping)
         .await
         .is_err()
     {
-        tracing::error!("prediction records not shipped within the grace period");
+        abort.abort();
+        tracing::warn!(
+            dir = %config.spool_dir.display(),
+            "prediction records not all delivered within the grace period; they stay in the spool for the next start"
+        );
     }
     served.map_err(|e| GatewayError::Config(e.to_string()))
 }

@@ -1,181 +1,551 @@
-//! Hands prediction records to the logger without making any prediction wait: `Predict` puts
-//! the record on a bounded in-process queue (never blocking) and a background task ships
-//! batches to the logger. If the queue is full or the logger keeps failing, records are
-//! dropped and counted in `mesh_gateway_log_records_dropped_total`.
+//! Prediction records from the handlers to the logger, through the durable [`spool`].
 //!
-//! Each record travels with the trace context of the prediction that made it; a batch's
-//! `Record` call is parented on its first record's context and linked to the others', so the
-//! logger's work appears in the prediction's trace.
+//! `Predict` hands its record to a writer thread and waits (briefly, see [`LogShipper::record`])
+//! until the record is on disk: a prediction that was answered is in the spool. The writer
+//! appends every record that arrived while the previous `fdatasync` ran and syncs once (group
+//! commit). A shipping task reads the spool in order and sends batches to the logger, whose
+//! `Record` answers only once they are committed to PostgreSQL; then the cursor advances. While
+//! the logger or PostgreSQL is down the batch is retried with capped back-off and the spool
+//! grows; nothing is dropped.
+//!
+//! At the bound (`MESH_SPOOL_MAX_BYTES` of undelivered records) new records are refused: the
+//! prediction is still answered, its response says `prediction-log: not recorded (spool full)`,
+//! and `mesh_spool_dropped_total{reason="full"}` counts it. Predictions keep flowing; what cannot
+//! be kept is said, not hidden.
+//!
+//! Each record travels with the trace context of the prediction that made it (while the process
+//! lives); a batch's `Record` call is parented on its first record's context and linked to the
+//! others', so the logger's work appears in the prediction's trace.
+//!
+//! [`spool`]: crate::spool
 
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_proto::logger::{PredictionRecord, RecordRequest};
 use mesh_runtime::Bulkhead;
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
-use tokio::sync::mpsc;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::downstream::LoggerDownstream;
+use crate::spool::{self, Reader, Spool};
 
 /// Shipping settings.
 #[derive(Debug, Clone)]
 pub struct ShipConfig {
-    /// Records held before new ones are dropped.
+    /// `MESH_SPOOL_DIR`: where the spool lives.
+    pub dir: PathBuf,
+    /// `MESH_SPOOL_MAX_BYTES`: undelivered bytes kept before new records are refused.
+    pub max_bytes: u64,
+    /// `MESH_SPOOL_SEGMENT_BYTES`: size at which a new segment file is started.
+    pub segment_bytes: u64,
+    /// Records waiting for the writer thread before new ones are refused.
     pub capacity: usize,
     /// Records per `Record` call.
     pub batch_size: usize,
-    /// Longest wait before a partial batch is sent.
+    /// Longest wait for a partial batch to fill.
     pub flush_interval: Duration,
     /// Budget of one `Record` call.
     pub call_timeout: Duration,
-    /// Attempts per batch before it is dropped.
-    pub attempts: u32,
 }
 
-/// Counters of log shipping.
+/// Counters of the spool and its delivery.
 #[derive(Clone)]
 pub struct ShipMetrics {
-    shipped: IntCounter,
+    appended: IntCounter,
+    delivered: IntCounter,
     dropped: IntCounterVec,
+    pending_records: IntGauge,
+    pending_bytes: IntGauge,
+    sync_seconds: Histogram,
 }
 
 impl ShipMetrics {
-    /// Registers `mesh_gateway_log_records_shipped_total` and
-    /// `mesh_gateway_log_records_dropped_total{reason}`.
+    /// Registers the `mesh_spool_*` metrics.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let shipped = IntCounter::new(
-            "mesh_gateway_log_records_shipped_total",
-            "Prediction records accepted by the logger",
+        let appended = IntCounter::new(
+            "mesh_spool_appended_total",
+            "Prediction records written to the on-disk spool",
+        )?;
+        let delivered = IntCounter::new(
+            "mesh_spool_delivered_total",
+            "Prediction records committed by the logger and released from the spool",
         )?;
         let dropped = IntCounterVec::new(
             Opts::new(
-                "mesh_gateway_log_records_dropped_total",
-                "Prediction records given up on, by reason (queue_full, logger_failed)",
+                "mesh_spool_dropped_total",
+                "Prediction records not kept, by reason: full (MESH_SPOOL_MAX_BYTES reached), \
+                 queue_full (writer behind), io_error (disk write failed), corrupt (unreadable \
+                 on disk), rejected (the logger refused them as invalid)",
             ),
             &["reason"],
         )?;
-        registry.register(Box::new(shipped.clone()))?;
+        let pending_records = IntGauge::new(
+            "mesh_spool_pending_records",
+            "Records in the spool not yet committed by the logger",
+        )?;
+        let pending_bytes = IntGauge::new(
+            "mesh_spool_pending_bytes",
+            "Bytes in the spool not yet committed by the logger",
+        )?;
+        let sync_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "mesh_spool_sync_seconds",
+                "Time to write and fdatasync one group of records",
+            )
+            .buckets(mesh_telemetry::metrics::LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(appended.clone()))?;
+        registry.register(Box::new(delivered.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
-        Ok(Self { shipped, dropped })
+        registry.register(Box::new(pending_records.clone()))?;
+        registry.register(Box::new(pending_bytes.clone()))?;
+        registry.register(Box::new(sync_seconds.clone()))?;
+        Ok(Self {
+            appended,
+            delivered,
+            dropped,
+            pending_records,
+            pending_bytes,
+            sync_seconds,
+        })
     }
 }
 
-/// The producing side, used by the handlers.
-#[derive(Clone)]
-pub struct LogShipper {
-    sender: mpsc::Sender<Queued>,
-    metrics: ShipMetrics,
+/// Why a record is not in the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotKept {
+    /// `MESH_SPOOL_MAX_BYTES` of undelivered records are already held.
+    Full,
+    /// The writer thread is behind by `capacity` records.
+    QueueFull,
+    /// The disk write failed.
+    Io(String),
+    /// The write did not finish within the wait the prediction could afford (it may yet).
+    Pending,
 }
 
-/// A record and the trace context of the prediction that made it.
-type Queued = (PredictionRecord, opentelemetry::Context);
-
-impl LogShipper {
-    /// Queues `record`; never waits.
-    pub fn submit(&self, record: PredictionRecord) {
-        let context = tracing::Span::current().context();
-        if self.sender.try_send((record, context)).is_err() {
-            self.metrics
-                .dropped
-                .with_label_values(&["queue_full"])
-                .inc();
+impl NotKept {
+    /// The note for the response's `degraded` list.
+    pub fn note(&self) -> String {
+        match self {
+            NotKept::Full => "prediction-log: not recorded (spool full)".into(),
+            NotKept::QueueFull => "prediction-log: not recorded (spool writer behind)".into(),
+            NotKept::Io(e) => format!("prediction-log: not recorded (spool write failed: {e})"),
+            NotKept::Pending => "prediction-log: not yet durable when answered".into(),
         }
     }
 }
 
-/// Starts the shipping task; it flushes and ends once every [`LogShipper`] is dropped.
+/// A record on its way to the writer thread.
+struct Entry {
+    payload: Vec<u8>,
+    context: opentelemetry::Context,
+    done: oneshot::Sender<Result<(), NotKept>>,
+}
+
+/// What the writer, the shipper and the handlers share.
+struct Shared {
+    dir: PathBuf,
+    /// Offset past the last durable record.
+    end: AtomicU64,
+    /// Offset of the first record not yet committed by the logger.
+    cursor: AtomicU64,
+    /// The writer has stopped (no more records will come).
+    closed: AtomicBool,
+    /// The last delivery attempt failed.
+    logger_failing: AtomicBool,
+    /// New durable records, or the writer stopped.
+    wake: Notify,
+    /// Trace contexts of records written by this process, by offset.
+    contexts: Mutex<VecDeque<(u64, opentelemetry::Context)>>,
+}
+
+/// Contexts kept for linking; beyond this the oldest links are forgotten (records are not).
+const MAX_CONTEXTS: usize = 100_000;
+
+/// The producing side, used by the handlers.
+#[derive(Clone)]
+pub struct LogShipper {
+    sender: mpsc::Sender<Entry>,
+    metrics: ShipMetrics,
+    shared: Arc<Shared>,
+}
+
+impl LogShipper {
+    /// Writes `record` to the spool and waits at most `wait` for it to be durable.
+    pub async fn record(&self, record: &PredictionRecord, wait: Duration) -> Result<(), NotKept> {
+        let (done, durable) = oneshot::channel();
+        let entry = Entry {
+            payload: record.encode_to_vec(),
+            context: tracing::Span::current().context(),
+            done,
+        };
+        if self.sender.try_send(entry).is_err() {
+            self.metrics
+                .dropped
+                .with_label_values(&["queue_full"])
+                .inc();
+            return Err(NotKept::QueueFull);
+        }
+        match tokio::time::timeout(wait, durable).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(NotKept::Io("spool writer stopped".into())),
+            Err(_) => Err(NotKept::Pending),
+        }
+    }
+
+    /// Whether delivery to the logger is failing now (records wait in the spool).
+    pub fn delivery_failing(&self) -> bool {
+        self.shared.logger_failing.load(Ordering::Relaxed)
+    }
+
+    /// A view of the spool's state that does not keep the spool open (for the health report).
+    pub fn status(&self) -> SpoolStatus {
+        SpoolStatus {
+            shared: self.shared.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The spool's state, for reports.
+#[derive(Clone)]
+pub struct SpoolStatus {
+    shared: Arc<Shared>,
+    metrics: ShipMetrics,
+}
+
+impl SpoolStatus {
+    /// Whether delivery to the logger is failing now.
+    pub fn delivery_failing(&self) -> bool {
+        self.shared.logger_failing.load(Ordering::Relaxed)
+    }
+
+    /// Records and bytes waiting in the spool.
+    pub fn pending(&self) -> (i64, i64) {
+        (
+            self.metrics.pending_records.get(),
+            self.metrics.pending_bytes.get(),
+        )
+    }
+}
+
+/// Opens the spool in `config.dir` (recovering what a previous run left), starts the writer
+/// thread and the shipping task. The task ends once every [`LogShipper`] is dropped and the
+/// spool is delivered; it may be aborted earlier (what is undelivered stays on disk).
 pub fn spawn(
     logger: LoggerDownstream,
     bulkhead: Bulkhead,
     config: ShipConfig,
     metrics: ShipMetrics,
-) -> (LogShipper, JoinHandle<()>) {
+) -> std::io::Result<(LogShipper, JoinHandle<()>)> {
+    let recovered = Spool::open(&config.dir, config.segment_bytes).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("spool {} (MESH_SPOOL_DIR): {e}", config.dir.display()),
+        )
+    })?;
+    if recovered.pending_records > 0 || recovered.dropped_bytes > 0 {
+        tracing::info!(
+            pending = recovered.pending_records,
+            torn_bytes_dropped = recovered.dropped_bytes,
+            dir = %config.dir.display(),
+            "spool recovered; delivering what a previous run left"
+        );
+    }
+    let reader = Reader::new(&config.dir, recovered.cursor)?;
+    let shared = Arc::new(Shared {
+        dir: config.dir.clone(),
+        end: AtomicU64::new(recovered.spool.end()),
+        cursor: AtomicU64::new(recovered.cursor),
+        closed: AtomicBool::new(false),
+        logger_failing: AtomicBool::new(false),
+        wake: Notify::new(),
+        contexts: Mutex::new(VecDeque::new()),
+    });
+    metrics
+        .pending_records
+        .set(recovered.pending_records as i64);
+    metrics
+        .pending_bytes
+        .set((recovered.spool.end() - recovered.cursor) as i64);
     let (sender, receiver) = mpsc::channel(config.capacity);
+    {
+        let shared = shared.clone();
+        let metrics = metrics.clone();
+        let max_bytes = config.max_bytes;
+        let spool = recovered.spool;
+        std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || write_loop(spool, receiver, &shared, &metrics, max_bytes))?;
+    }
     let shipper = LogShipper {
         sender,
         metrics: metrics.clone(),
+        shared: shared.clone(),
     };
-    let task = tokio::spawn(run(logger, bulkhead, config, metrics, receiver));
-    (shipper, task)
+    let task = tokio::spawn(ship_loop(reader, logger, bulkhead, config, metrics, shared));
+    Ok((shipper, task))
 }
 
-async fn run(
+/// The writer thread: group commit until every sender is gone.
+fn write_loop(
+    mut spool: Spool,
+    mut receiver: mpsc::Receiver<Entry>,
+    shared: &Shared,
+    metrics: &ShipMetrics,
+    max_bytes: u64,
+) {
+    while let Some(first) = receiver.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < 4096 {
+            match receiver.try_recv() {
+                Ok(entry) => group.push(entry),
+                Err(_) => break,
+            }
+        }
+        let mut pending = spool.end() - shared.cursor.load(Ordering::Acquire);
+        let mut kept = Vec::with_capacity(group.len());
+        for entry in group {
+            let size = Spool::frame_len(entry.payload.len());
+            if pending + size > max_bytes {
+                metrics.dropped.with_label_values(&["full"]).inc();
+                let _ = entry.done.send(Err(NotKept::Full));
+            } else {
+                pending += size;
+                kept.push(entry);
+            }
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        let timer = metrics.sync_seconds.start_timer();
+        let payloads: Vec<&[u8]> = kept.iter().map(|e| e.payload.as_slice()).collect();
+        match spool.append(&payloads) {
+            Ok(offsets) => {
+                timer.observe_duration();
+                let count = kept.len() as u64;
+                if let Ok(mut contexts) = shared.contexts.lock() {
+                    for (offset, entry) in offsets.iter().zip(&kept) {
+                        contexts.push_back((*offset, entry.context.clone()));
+                    }
+                    while contexts.len() > MAX_CONTEXTS {
+                        contexts.pop_front();
+                    }
+                }
+                shared.end.store(spool.end(), Ordering::Release);
+                metrics.appended.inc_by(count);
+                metrics.pending_records.add(count as i64);
+                metrics
+                    .pending_bytes
+                    .set((spool.end() - shared.cursor.load(Ordering::Acquire)) as i64);
+                shared.wake.notify_one();
+                for entry in kept {
+                    let _ = entry.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                timer.stop_and_discard();
+                tracing::error!(error = %e, records = kept.len(), "spool write failed; records not kept");
+                metrics
+                    .dropped
+                    .with_label_values(&["io_error"])
+                    .inc_by(kept.len() as u64);
+                for entry in kept {
+                    let _ = entry.done.send(Err(NotKept::Io(e.to_string())));
+                }
+            }
+        }
+    }
+    shared.closed.store(true, Ordering::Release);
+    shared.wake.notify_one();
+}
+
+/// The shipping task: in order, one batch at a time, each retried until the logger commits it.
+async fn ship_loop(
+    mut reader: Reader,
     logger: LoggerDownstream,
     bulkhead: Bulkhead,
     config: ShipConfig,
     metrics: ShipMetrics,
-    mut receiver: mpsc::Receiver<Queued>,
+    shared: Arc<Shared>,
 ) {
-    while let Some((batch, closed)) =
-        mesh_runtime::batch::next_batch(&mut receiver, config.batch_size, config.flush_interval)
-            .await
-    {
-        ship(&logger, &bulkhead, &config, &metrics, batch).await;
-        if closed {
-            return;
+    let mut last_was_full = false;
+    loop {
+        let end = shared.end.load(Ordering::Acquire);
+        if reader.position() >= end {
+            if shared.closed.load(Ordering::Acquire)
+                && reader.position() >= shared.end.load(Ordering::Acquire)
+            {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.wake.notified()).await;
+            continue;
         }
+        if !last_was_full && !shared.closed.load(Ordering::Acquire) {
+            // Let a partial batch fill a little.
+            tokio::time::sleep(config.flush_interval).await;
+        }
+        let end = shared.end.load(Ordering::Acquire);
+        let max = config.batch_size;
+        let read = tokio::task::spawn_blocking(move || {
+            let result = reader.read(end, max);
+            (reader, result)
+        })
+        .await;
+        let (returned, result) = match read {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::error!(error = %e, "spool reader panicked; shipping stops");
+                return;
+            }
+        };
+        reader = returned;
+        let (frames, skipped) = match result {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the spool failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if skipped > 0 {
+            tracing::error!(bytes = skipped, "corrupt data in the spool skipped");
+        }
+        if frames.is_empty() {
+            if reader.position() < end {
+                tracing::error!(
+                    position = reader.position(),
+                    end,
+                    "unreadable record in the spool; waiting"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            continue;
+        }
+        last_was_full = frames.len() == config.batch_size;
+        let mut records = Vec::with_capacity(frames.len());
+        for frame in &frames {
+            match PredictionRecord::decode(frame.payload.as_slice()) {
+                Ok(record) => records.push(record),
+                Err(e) => {
+                    tracing::error!(offset = frame.offset, error = %e, "undecodable spool record dropped");
+                    metrics.dropped.with_label_values(&["corrupt"]).inc();
+                }
+            }
+        }
+        let position = reader.position();
+        let contexts = take_contexts(&shared, position);
+        let count = frames.len() as u64;
+        deliver(
+            &logger, &bulkhead, &config, &metrics, &shared, records, contexts,
+        )
+        .await;
+        shared.cursor.store(position, Ordering::Release);
+        let dir = shared.dir.clone();
+        let keep_from = reader.segment_start();
+        match tokio::task::spawn_blocking(move || spool::commit(&dir, position, keep_from)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "recording the spool cursor failed (records may be delivered twice; the logger stores them once)")
+            }
+            Err(e) => tracing::error!(error = %e, "recording the spool cursor panicked"),
+        }
+        metrics.delivered.inc_by(count);
+        metrics.pending_records.sub(count as i64);
+        metrics
+            .pending_bytes
+            .set((shared.end.load(Ordering::Acquire) - position) as i64);
     }
 }
 
-async fn ship(
+/// Trace contexts of the records before `position`.
+fn take_contexts(shared: &Shared, position: u64) -> Vec<opentelemetry::Context> {
+    let Ok(mut contexts) = shared.contexts.lock() else {
+        return Vec::new();
+    };
+    let mut taken = Vec::new();
+    while contexts
+        .front()
+        .is_some_and(|(offset, _)| *offset < position)
+    {
+        if let Some((_, context)) = contexts.pop_front() {
+            taken.push(context);
+        }
+    }
+    taken
+}
+
+/// Sends `records` until the logger commits them (or refuses them as invalid).
+async fn deliver(
     logger: &LoggerDownstream,
     bulkhead: &Bulkhead,
     config: &ShipConfig,
     metrics: &ShipMetrics,
-    queued: Vec<Queued>,
+    shared: &Shared,
+    records: Vec<PredictionRecord>,
+    contexts: Vec<opentelemetry::Context>,
 ) {
     use opentelemetry::trace::TraceContextExt as _;
-    let count = queued.len() as u64;
+    if records.is_empty() {
+        return;
+    }
+    let count = records.len();
     let span = tracing::info_span!(
         "log.ship",
         otel.name = "ship prediction records",
         records = count
     );
-    let mut contexts = queued.iter().map(|(_, cx)| cx);
+    let mut contexts = contexts.iter();
     if let Some(first) = contexts.next() {
         let _ = span.set_parent(first.clone());
     }
     for cx in contexts {
         span.add_link(cx.span().span_context().clone());
     }
-    let records: Vec<PredictionRecord> = queued.into_iter().map(|(r, _)| r).collect();
-    ship_records(logger, bulkhead, config, metrics, records, count)
-        .instrument(span)
-        .await
-}
-
-async fn ship_records(
-    logger: &LoggerDownstream,
-    bulkhead: &Bulkhead,
-    config: &ShipConfig,
-    metrics: &ShipMetrics,
-    records: Vec<PredictionRecord>,
-    count: u64,
-) {
     let request = RecordRequest { records };
     let mut backoff = Duration::from_millis(50);
-    for attempt in 1..=config.attempts {
-        match logger
-            .record(request.clone(), config.call_timeout, bulkhead)
-            .await
-        {
-            Ok(_) => {
-                metrics.shipped.inc_by(count);
-                return;
-            }
-            Err(status) => {
-                tracing::warn!(code = ?status.code(), error = %status.message(), attempt, records = count, "shipping prediction records failed");
-                if attempt < config.attempts {
-                    tokio::time::sleep(backoff).await;
+    let mut attempt = 0u32;
+    async {
+        loop {
+            attempt += 1;
+            match logger
+                .record(request.clone(), config.call_timeout, bulkhead)
+                .await
+            {
+                Ok(_) => {
+                    if shared.logger_failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!(attempt, "prediction log reachable again; delivering the spool");
+                    }
+                    return;
+                }
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    tracing::error!(error = %status.message(), records = count, "the logger refused a batch as invalid; dropped");
+                    metrics
+                        .dropped
+                        .with_label_values(&["rejected"])
+                        .inc_by(count as u64);
+                    return;
+                }
+                Err(status) => {
+                    if !shared.logger_failing.swap(true, Ordering::Relaxed) || attempt.is_multiple_of(20) {
+                        tracing::warn!(code = ?status.code(), error = %status.message(), attempt, records = count, "delivering prediction records failed; they stay in the spool");
+                    }
+                    let pause = rand::random_range(backoff / 2..=backoff);
+                    tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
     }
-    metrics
-        .dropped
-        .with_label_values(&["logger_failed"])
-        .inc_by(count);
+    .instrument(span)
+    .await
 }

@@ -46,6 +46,11 @@ pub struct GatewayService {
     pub default_budget: std::time::Duration,
 }
 
+/// Longest a prediction waits for its record to be on disk before it is answered anyway.
+pub const SPOOL_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// Kept back from the deadline when waiting for the spool, for the answer's way back.
+const SPOOL_WAIT_MARGIN: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// One row to score.
 struct Row {
     entity_id: String,
@@ -67,22 +72,24 @@ impl GatewayService {
         Deadline::of(request).unwrap_or_else(|| Deadline::after(self.default_budget))
     }
 
-    /// Stored features of `ids` (deduplicated by the caller), or the features service's failure.
+    /// Stored features of `ids` (deduplicated by the caller) and the degradations the features
+    /// service reported, or its failure.
     async fn fetch(
         &self,
         ids: Vec<String>,
         deadline: Deadline,
         compartments: &Compartments,
-    ) -> Result<HashMap<String, EntityFeatures>, Status> {
+    ) -> Result<(HashMap<String, EntityFeatures>, Vec<String>), Status> {
         let response = self
             .features
             .get(ids, deadline, &compartments.features)
             .await?;
-        Ok(response
+        let found = response
             .entities
             .into_iter()
             .map(|e| (e.entity_id.clone(), e))
-            .collect())
+            .collect();
+        Ok((found, response.degraded))
     }
 
     async fn predict_one(
@@ -102,14 +109,14 @@ impl GatewayService {
         validate::entity_id(&entity_id)?;
         validate::request_features(manifest, &features)?;
 
-        let (stored, tier) = if validate::request_is_complete(manifest, &features) {
-            (None, FeatureTier::Request)
+        let (stored, tier, degraded) = if validate::request_is_complete(manifest, &features) {
+            (None, FeatureTier::Request, Vec::new())
         } else {
             match self
                 .fetch(vec![entity_id.clone()], deadline, &self.online)
                 .await
             {
-                Ok(mut found) => {
+                Ok((mut found, degraded)) => {
                     let entity = found.remove(&entity_id).ok_or_else(|| {
                         GatewayError::Internal("features service omitted the entity".into())
                     })?;
@@ -121,7 +128,7 @@ impl GatewayService {
                     }
                     let tier =
                         FeatureTier::try_from(entity.tier).unwrap_or(FeatureTier::Unspecified);
-                    (Some(entity.features), tier)
+                    (Some(entity.features), tier, degraded)
                 }
                 Err(status) => {
                     let error = from_status("features service", &status);
@@ -146,67 +153,93 @@ impl GatewayService {
             values,
             logged,
             tier,
-            degraded: Vec::new(),
+            degraded,
         }];
         let scores = self.score(manifest, &rows, deadline, &self.online).await?;
-        let mut responses = self.answer(manifest, rows, scores, started);
+        let mut responses = self.answer(manifest, rows, scores, started, deadline).await;
         responses
             .pop()
             .ok_or_else(|| GatewayError::Internal("no score for the row".into()))
     }
 
-    /// One ModelInfer call for all `rows`; their scores in order.
+    /// One ModelInfer call for all `rows`; their scores in order, and what degraded on the way
+    /// (a replica failed over).
     async fn score(
         &self,
         manifest: &ModelManifest,
         rows: &[Row],
         deadline: Deadline,
         compartments: &Compartments,
-    ) -> Result<Vec<f64>, GatewayError> {
+    ) -> Result<(Vec<f64>, Vec<String>), GatewayError> {
         let request = infer_request(manifest, rows);
-        let response = self
+        let (response, degraded) = self
             .inference
             .infer(request, deadline, &compartments.inference)
             .await
             .map_err(|s| from_status("inference", &s))?;
-        scores(manifest, &response, rows.len())
+        Ok((scores(manifest, &response, rows.len())?, degraded))
     }
 
-    /// Responses for scored rows, each also handed to the prediction log.
-    fn answer(
+    /// Responses for scored rows, each written to the prediction log's spool first. The wait
+    /// for the disk is bounded by [`SPOOL_WAIT`] and the deadline; a record that could not be
+    /// kept is said in its response's `degraded` list, the answer is not withheld.
+    async fn answer(
         &self,
         manifest: &ModelManifest,
         rows: Vec<Row>,
-        scores: Vec<f64>,
+        (scores, inference_notes): (Vec<f64>, Vec<String>),
         started: Instant,
+        deadline: Deadline,
     ) -> Vec<PredictResponse> {
         let trace_id = current_trace_id().unwrap_or_default();
         let latency = started.elapsed().as_micros() as u64;
         let time = now_micros();
-        rows.into_iter()
-            .zip(scores)
-            .map(|(row, score)| {
-                let prediction_id = uuid::Uuid::now_v7().to_string();
-                self.log.submit(PredictionRecord {
-                    prediction_id: prediction_id.clone(),
-                    time_unix_micros: time,
-                    model: manifest.name.clone(),
-                    model_version: manifest.version.clone(),
-                    entity_id: row.entity_id,
-                    features: row.logged.into_iter().collect(),
-                    score,
-                    latency_micros: latency,
-                    feature_tier: row.tier as i32,
-                    trace_id: trace_id.clone(),
-                });
+        let wait = SPOOL_WAIT.min(deadline.remaining().saturating_sub(SPOOL_WAIT_MARGIN));
+        let delivery_note = self.log.delivery_failing().then(|| {
+            "prediction-log: delivery delayed (logger unavailable; record kept in the spool)"
+                .to_owned()
+        });
+        let records: Vec<PredictionRecord> = rows
+            .iter()
+            .zip(&scores)
+            .map(|(row, score)| PredictionRecord {
+                prediction_id: uuid::Uuid::now_v7().to_string(),
+                time_unix_micros: time,
+                model: manifest.name.clone(),
+                model_version: manifest.version.clone(),
+                entity_id: row.entity_id.clone(),
+                features: row
+                    .logged
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                score: *score,
+                latency_micros: latency,
+                feature_tier: row.tier as i32,
+                trace_id: trace_id.clone(),
+            })
+            .collect();
+        let kept =
+            futures::future::join_all(records.iter().map(|r| self.log.record(r, wait))).await;
+        records
+            .into_iter()
+            .zip(rows)
+            .zip(kept)
+            .map(|((record, row), kept)| {
+                let mut degraded = row.degraded;
+                degraded.extend(inference_notes.iter().cloned());
+                match kept {
+                    Ok(()) => degraded.extend(delivery_note.clone()),
+                    Err(not_kept) => degraded.push(not_kept.note()),
+                }
                 PredictResponse {
-                    prediction_id,
-                    model: manifest.name.clone(),
-                    model_version: manifest.version.clone(),
-                    score,
-                    feature_tier: row.tier as i32,
-                    trace_id: trace_id.clone(),
-                    degraded: row.degraded,
+                    prediction_id: record.prediction_id,
+                    model: record.model,
+                    model_version: record.model_version,
+                    score: record.score,
+                    feature_tier: record.feature_tier,
+                    trace_id: record.trace_id,
+                    degraded,
                 }
             })
             .collect()
@@ -256,7 +289,7 @@ impl GatewayService {
             }
         }
         let stored = if need_store.is_empty() {
-            Ok(HashMap::new())
+            Ok((HashMap::new(), Vec::new()))
         } else {
             self.fetch(need_store, deadline, &self.batch).await
         };
@@ -276,8 +309,8 @@ impl GatewayService {
                 continue;
             }
             let complete = validate::request_is_complete(manifest, &item.features);
-            let (features, tier) = if complete {
-                (None, FeatureTier::Request)
+            let (features, tier, degraded) = if complete {
+                (None, FeatureTier::Request, Vec::new())
             } else {
                 match &stored {
                     Err(status) => {
@@ -288,10 +321,11 @@ impl GatewayService {
                         ))));
                         continue;
                     }
-                    Ok(found) => match found.get(&item.entity_id) {
+                    Ok((found, notes)) => match found.get(&item.entity_id) {
                         Some(e) if e.found => (
                             Some(&e.features),
                             FeatureTier::try_from(e.tier).unwrap_or(FeatureTier::Unspecified),
+                            notes.clone(),
                         ),
                         _ => {
                             outcome[i] = Some(Err(GatewayError::NotFound(format!(
@@ -310,7 +344,7 @@ impl GatewayService {
                         entity_id: item.entity_id,
                         values,
                         tier,
-                        degraded: Vec::new(),
+                        degraded,
                     });
                     row_items.push(i);
                 }
@@ -321,7 +355,7 @@ impl GatewayService {
             let scores = self.score(manifest, &rows, deadline, &self.batch).await?;
             for (i, response) in row_items
                 .into_iter()
-                .zip(self.answer(manifest, rows, scores, started))
+                .zip(self.answer(manifest, rows, scores, started, deadline).await)
             {
                 outcome[i] = Some(Ok(response));
             }

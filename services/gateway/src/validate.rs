@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
 use mesh_runtime::registry::{FeatureKind, ModelManifest};
+use mesh_runtime::text::control_character;
 
 use crate::error::GatewayError;
 
@@ -20,6 +21,11 @@ pub fn entity_id(id: &str) -> Result<(), GatewayError> {
         return Err(GatewayError::InvalidArgument(format!(
             "entity_id is {} bytes long; the limit is {MAX_STRING_BYTES}",
             id.len()
+        )));
+    }
+    if let Some(c) = control_character(id) {
+        return Err(GatewayError::InvalidArgument(format!(
+            "entity_id contains a control character ({c})"
         )));
     }
     Ok(())
@@ -53,6 +59,12 @@ pub fn request_features(
                 problems.push(format!(
                     "{name} is {} bytes long; the limit is {MAX_STRING_BYTES}",
                     c.len()
+                ))
+            }
+            (Some(Kind::Category(c)), FeatureKind::Category) if control_character(c).is_some() => {
+                problems.push(format!(
+                    "{name} contains a control character ({})",
+                    control_character(c).unwrap_or_default()
                 ))
             }
             (Some(Kind::Number(_)), FeatureKind::Category) => {
