@@ -26,3 +26,12 @@ fmt:
 
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
+
+.PHONY: chaos chaos-short
+## The chaos suite: the real mesh as processes, faults injected under load (release, 30 s faults).
+chaos:
+	bash scripts/chaos.sh
+
+## The short chaos suite CI can run: debug build, 10 s faults, invariants enforced.
+chaos-short:
+	bash scripts/chaos.sh --short

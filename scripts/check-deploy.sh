@@ -156,7 +156,10 @@ for b in docker_bins:
         problem(f"Dockerfile builds {b}, which is no package in the workspace (-p {b} would fail)")
     elif b not in packages[b]:
         problem(f"Dockerfile builds {b}, but package {b} has no binary target (no src/main.rs or [[bin]])")
-for b in sorted(workspace_bins - set(docker_bins)):
+# Tools that only make sense on a development machine (they start Redis, PostgreSQL and the
+# services as local processes) are not part of the image.
+LOCAL_ONLY = {"mesh-chaos"}
+for b in sorted(workspace_bins - set(docker_bins) - LOCAL_ONLY):
     problem(f"workspace binary {b} is not built into the image (add it to MESH_BINS)")
 if "--locked" not in dockerfile:
     problem("the Dockerfile's cargo build does not use --locked")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test` (and CI): installs what is missing, then runs every test against real Redis,
 # PostgreSQL and ONNX Runtime (started by the test harness on loopback ports), and validates
-# the deployment files. Debug builds: fast to compile, and the targets here are behaviour.
+# the deployment files, then runs the short chaos suite (scripts/chaos.sh --short). Debug builds:
+# fast to compile, and the targets here are behaviour.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -27,5 +28,8 @@ cargo test --workspace --locked -- --test-threads="${MESH_TEST_THREADS:-2}"
 
 step "deployment files"
 bash scripts/check-deploy.sh
+
+step "chaos suite, short (the real mesh as processes, seven faults under load; invariants enforced)"
+bash scripts/chaos.sh --short
 
 step "all green"

@@ -120,7 +120,8 @@ start logger "$logger_port" 9105 mesh-logger
 start gateway "$gateway_port" 9101 mesh-gateway \
   MESH_FEATURES_URL="http://127.0.0.1:$features_port" \
   MESH_INFERENCE_URLS="http://127.0.0.1:$inference1_port,http://127.0.0.1:$inference2_port" \
-  MESH_LOGGER_URL="http://127.0.0.1:$logger_port"
+  MESH_LOGGER_URL="http://127.0.0.1:$logger_port" \
+  MESH_SPOOL_DIR="$run/spool"
 
 for port in "$features_port" "$inference1_port" "$inference2_port" "$logger_port" "$gateway_port"; do
   if ! "$bin/meshctl" health --url "http://127.0.0.1:$port" --wait-secs 60 >/dev/null; then

@@ -6,11 +6,19 @@
 //! hidden by coordinated omission). Bounded by a duration or a request count. Prints throughput,
 //! p50/p90/p99/p99.9 latency (HDR histogram) and errors by status code, and writes the same as
 //! JSON.
+//!
+//! For fault-injection runs (`mesh-chaos`): the target may be unreachable at start or during the
+//! run (failures are counted and the load goes on); `--timeline` adds per-second buckets to the
+//! report, `--ids-out` writes the prediction id of every OK Predict answer, `--requests-out`
+//! writes one line per request, and `--stop-on-signal` lets SIGTERM/SIGINT end the run early
+//! with a complete report. The report always carries `started_unix_ms`, the wall-clock start of
+//! the measured run, to which `--timeline` seconds and `--requests-out` offsets are relative.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -92,6 +100,26 @@ struct Load {
     /// Output format on stdout.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// Add per-second buckets to the report: requests started in that second, OK, OK within
+    /// the deadline, errors by code, not accepted, client-side timeouts, p99 and max latency.
+    #[arg(long, global = true)]
+    timeline: bool,
+    /// Write the prediction id of every OK Predict answer to this file, one per line.
+    #[arg(long, global = true)]
+    ids_out: Option<std::path::PathBuf>,
+    /// Write one line per measured request to this file (flushed every 100 ms):
+    /// `start_us latency_us code class` (code: gRPC status code number, 0 = OK; class: `server`
+    /// (an answer from the server), `timeout` (the client's own deadline timer fired),
+    /// `not_accepted` (never reached the server: connection refused, refused by HTTP/2 GOAWAY,
+    /// or never handed to the connection), `transport` (any other local or connection
+    /// failure)); local failures add their error chain, spaces replaced by `_`. The first line
+    /// is `# started_unix_ms <ms> timeout_ms <ms>`.
+    #[arg(long, global = true)]
+    requests_out: Option<std::path::PathBuf>,
+    /// End the run early on SIGTERM or SIGINT: stop starting requests, let those in flight
+    /// finish, and write the report as usual.
+    #[arg(long, global = true)]
+    stop_on_signal: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,8 +138,95 @@ enum Caller {
     ),
 }
 
+/// How a request that did not get OK failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Class {
+    /// The server answered with this status.
+    Server,
+    /// The client's own deadline timer fired first (no answer in time).
+    Timeout,
+    /// The request never reached a server: connection refused, or refused by an HTTP/2 GOAWAY
+    /// (a stream above the GOAWAY's last stream id was, by RFC 9113 §6.8, not processed).
+    NotAccepted,
+    /// Any other local or connection-level failure (e.g. the connection broke mid-call).
+    Transport,
+}
+
+impl Class {
+    fn as_str(self) -> &'static str {
+        match self {
+            Class::Server => "server",
+            Class::Timeout => "timeout",
+            Class::NotAccepted => "not_accepted",
+            Class::Transport => "transport",
+        }
+    }
+}
+
+/// A failed request: its status code, how it failed and, for local failures, why.
+#[derive(Clone, Debug)]
+struct Failure {
+    code: tonic::Code,
+    class: Class,
+    /// The error chain of a local (non-server) failure; empty for server answers.
+    detail: String,
+}
+
+impl Failure {
+    fn of(status: &tonic::Status) -> Self {
+        use std::error::Error as _;
+        let code = status.code();
+        // tonic's own deadline timer (the grpc-timeout we set is enforced locally too).
+        if code == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+            return Self {
+                code,
+                class: Class::Timeout,
+                detail: status.message().to_owned(),
+            };
+        }
+        // A status parsed from the server's answer has no source; local failures have one.
+        let Some(mut source) = status.source() else {
+            return Self {
+                code,
+                class: Class::Server,
+                detail: String::new(),
+            };
+        };
+        let mut text = status.message().to_owned();
+        let mut connect_error = false;
+        loop {
+            connect_error |= source.downcast_ref::<tonic::ConnectError>().is_some();
+            text.push_str(" | ");
+            text.push_str(&source.to_string());
+            match source.source() {
+                Some(next) => source = next,
+                None => break,
+            }
+        }
+        let not_accepted = connect_error
+            || text.contains("REFUSED_STREAM")
+            || text.contains("refused stream")
+            || text.contains("Connection refused")
+            // h2: streams above a GOAWAY's last stream id fail with the GOAWAY's reason.
+            || text.contains("connection error received: not a result of an error")
+            // hyper had not handed the request to the connection ("connection closed" /
+            // "connection was not ready"): it was never sent.
+            || text.contains("operation was canceled");
+        Self {
+            code,
+            class: if not_accepted {
+                Class::NotAccepted
+            } else {
+                Class::Transport
+            },
+            detail: text,
+        }
+    }
+}
+
 impl Caller {
-    async fn call(&self, n: u64, timeout: Duration) -> Result<(), tonic::Code> {
+    /// One request; the prediction id on a Predict OK.
+    async fn call(&self, n: u64, timeout: Duration) -> Result<Option<String>, Failure> {
         match self {
             Caller::Predict(clients, entities) => {
                 let mut client = clients[n as usize % clients.len()].clone();
@@ -137,8 +252,8 @@ impl Caller {
                 client
                     .predict(request)
                     .await
-                    .map(|_| ())
-                    .map_err(|s| s.code())
+                    .map(|r| Some(r.into_inner().prediction_id))
+                    .map_err(|s| Failure::of(&s))
             }
             Caller::Infer(clients, template) => {
                 let mut client = clients[n as usize % clients.len()].clone();
@@ -147,8 +262,8 @@ impl Caller {
                 client
                     .model_infer(request)
                     .await
-                    .map(|_| ())
-                    .map_err(|s| s.code())
+                    .map(|_| None)
+                    .map_err(|s| Failure::of(&s))
             }
         }
     }
@@ -210,36 +325,187 @@ fn infer_template(rows: usize) -> ModelInferRequest {
     }
 }
 
+/// One second of the timeline (by intended start).
+#[derive(Default)]
+struct Bucket {
+    started: u64,
+    ok: u64,
+    ok_within_deadline: u64,
+    not_accepted: u64,
+    client_timeouts: u64,
+    errors: BTreeMap<String, u64>,
+    latencies_us: Vec<u64>,
+}
+
 /// Results gathered across workers.
 struct Recorder {
     histogram: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
     ok: AtomicU64,
+    ok_within_deadline: AtomicU64,
+    deadline: Duration,
+    timeline: Option<Mutex<BTreeMap<u64, Bucket>>>,
+    ids: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    requests: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+fn create(path: &std::path::Path) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
+    ))
 }
 
 impl Recorder {
-    fn new() -> anyhow::Result<Self> {
+    fn new(deadline: Duration) -> anyhow::Result<Self> {
         Ok(Self {
             histogram: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
             errors: Mutex::new(BTreeMap::new()),
             ok: AtomicU64::new(0),
+            ok_within_deadline: AtomicU64::new(0),
+            deadline,
+            timeline: None,
+            ids: None,
+            requests: None,
         })
     }
 
-    fn record(&self, latency: Duration, result: Result<(), tonic::Code>) {
+    /// A recorder for the measured run, with the optional outputs of `load`.
+    fn measured(load: &Load, started_unix_ms: u128) -> anyhow::Result<Self> {
+        let mut recorder = Self::new(Duration::from_millis(load.timeout_ms))?;
+        if load.timeline {
+            recorder.timeline = Some(Mutex::new(BTreeMap::new()));
+        }
+        if let Some(path) = &load.ids_out {
+            recorder.ids = Some(Mutex::new(create(path)?));
+        }
+        if let Some(path) = &load.requests_out {
+            let mut out = create(path)?;
+            writeln!(
+                out,
+                "# started_unix_ms {started_unix_ms} timeout_ms {}",
+                load.timeout_ms
+            )?;
+            out.flush()?;
+            recorder.requests = Some(Mutex::new(out));
+        }
+        Ok(recorder)
+    }
+
+    /// Records one request that started `offset` after the run began.
+    fn record(&self, offset: Duration, latency: Duration, result: Result<Option<String>, Failure>) {
         if let Ok(mut h) = self.histogram.lock() {
             let _ = h.record((latency.as_micros() as u64).max(1));
         }
-        match result {
-            Ok(()) => {
+        let within = latency <= self.deadline;
+        match &result {
+            Ok(id) => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
+                if within {
+                    self.ok_within_deadline.fetch_add(1, Ordering::Relaxed);
+                }
+                if let (Some(ids), Some(id)) = (&self.ids, id) {
+                    if let Ok(mut ids) = ids.lock() {
+                        let _ = writeln!(ids, "{id}");
+                    }
+                }
             }
-            Err(code) => {
+            Err(failure) => {
                 if let Ok(mut e) = self.errors.lock() {
-                    *e.entry(format!("{code:?}")).or_default() += 1;
+                    *e.entry(format!("{:?}", failure.code)).or_default() += 1;
                 }
             }
         }
+        if let Some(timeline) = &self.timeline {
+            if let Ok(mut timeline) = timeline.lock() {
+                let bucket = timeline.entry(offset.as_secs()).or_default();
+                bucket.started += 1;
+                bucket.latencies_us.push(latency.as_micros() as u64);
+                match &result {
+                    Ok(_) => {
+                        bucket.ok += 1;
+                        if within {
+                            bucket.ok_within_deadline += 1;
+                        }
+                    }
+                    Err(failure) => {
+                        *bucket
+                            .errors
+                            .entry(format!("{:?}", failure.code))
+                            .or_default() += 1;
+                        match failure.class {
+                            Class::NotAccepted => bucket.not_accepted += 1,
+                            Class::Timeout => bucket.client_timeouts += 1,
+                            Class::Server | Class::Transport => {}
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(requests) = &self.requests {
+            let (code, class, detail) = match &result {
+                Ok(_) => (0, Class::Server, String::new()),
+                Err(f) => (f.code as i32, f.class, f.detail.clone()),
+            };
+            // The detail of a local failure, on one line without spaces.
+            let detail: String = detail
+                .chars()
+                .map(|c| if c.is_whitespace() { '_' } else { c })
+                .take(200)
+                .collect();
+            if let Ok(mut out) = requests.lock() {
+                let _ = writeln!(
+                    out,
+                    "{} {} {code} {}{}{detail}",
+                    offset.as_micros(),
+                    latency.as_micros(),
+                    class.as_str(),
+                    if detail.is_empty() { "" } else { " " },
+                );
+            }
+        }
+    }
+
+    /// Flushes the files (periodically while running, and at the end).
+    fn flush(&self) {
+        for out in [&self.ids, &self.requests].into_iter().flatten() {
+            if let Ok(mut out) = out.lock() {
+                let _ = out.flush();
+            }
+        }
+    }
+
+    fn timeline_json(&self) -> Option<serde_json::Value> {
+        let timeline = self.timeline.as_ref()?.lock().ok()?;
+        Some(serde_json::Value::Array(
+            timeline
+                .iter()
+                .map(|(second, b)| {
+                    let mut sorted = b.latencies_us.clone();
+                    sorted.sort_unstable();
+                    let p99 = if sorted.is_empty() {
+                        0
+                    } else {
+                        sorted[((sorted.len() as f64 * 0.99).ceil() as usize)
+                            .clamp(1, sorted.len())
+                            - 1]
+                    };
+                    serde_json::json!({
+                        "second": second,
+                        "started": b.started,
+                        "ok": b.ok,
+                        "ok_within_deadline": b.ok_within_deadline,
+                        "errors": b.errors,
+                        "not_accepted": b.not_accepted,
+                        "client_timeouts": b.client_timeouts,
+                        "p99_ms": p99 as f64 / 1000.0,
+                        "max_ms": sorted.last().copied().unwrap_or(0) as f64 / 1000.0,
+                    })
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -250,15 +516,52 @@ async fn connect(url: &str, connections: usize) -> anyhow::Result<Vec<Channel>> 
     }
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
-        channels.push(
-            tonic::transport::Endpoint::from_shared(url.to_owned())?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {url}"))?,
-        );
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(1));
+        match endpoint.connect().await {
+            Ok(channel) => channels.push(channel),
+            Err(e) => {
+                // Unreachable now: connect on first use and count failures as errors.
+                eprintln!(
+                    "mesh-bench: cannot connect to {url} yet ({}); going on, failures count as errors",
+                    anyhow::Error::from(e)
+                );
+                channels.push(endpoint.connect_lazy());
+            }
+        }
     }
     Ok(channels)
+}
+
+/// Set once SIGTERM/SIGINT asked the run to end (with `--stop-on-signal`).
+#[derive(Clone, Default)]
+struct Stop {
+    requested: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Stop {
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+
+    fn listen(&self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let stop = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("mesh-bench: stop requested; finishing requests in flight");
+            stop.requested.store(true, Ordering::Relaxed);
+            stop.notify.notify_waiters();
+        });
+        Ok(())
+    }
 }
 
 /// Runs load for `duration` (or `limit` requests) and records into `recorder`.
@@ -268,6 +571,7 @@ async fn run(
     duration: Duration,
     limit: Option<u64>,
     recorder: Arc<Recorder>,
+    stop: &Stop,
 ) -> Duration {
     let timeout = Duration::from_millis(load.timeout_ms);
     let started = Instant::now();
@@ -283,18 +587,28 @@ async fn run(
             }
         }
     };
+    let flusher = (recorder.ids.is_some() || recorder.requests.is_some()).then(|| {
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                recorder.flush();
+            }
+        })
+    });
     match load.rate {
         None => {
             let workers = (0..load.concurrency.max(1)).map(|_| {
                 let caller = caller.clone();
                 let recorder = recorder.clone();
                 let take = take.clone();
+                let stop = stop.clone();
                 tokio::spawn(async move {
-                    while Instant::now() < end {
+                    while Instant::now() < end && !stop.requested() {
                         let Some(n) = take() else { break };
                         let t = Instant::now();
                         let result = caller.call(n, timeout).await;
-                        recorder.record(t.elapsed(), result);
+                        recorder.record(t - started, t.elapsed(), result);
                     }
                 })
             });
@@ -310,16 +624,24 @@ async fn run(
             loop {
                 // Each request has an intended start on a fixed schedule.
                 let intended = started + interval.mul_f64(k as f64);
-                if intended >= end {
+                if intended >= end || stop.requested() {
                     break;
                 }
-                tokio::time::sleep_until(tokio::time::Instant::from_std(intended)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(intended)) => {}
+                    _ = stop.notify.notified() => break,
+                }
                 let Some(n) = take() else { break };
                 k += 1;
                 if outstanding.load(Ordering::Relaxed) >= load.max_outstanding {
                     recorder.record(
+                        intended - started,
                         Duration::from_millis(load.timeout_ms),
-                        Err(tonic::Code::ResourceExhausted),
+                        Err(Failure {
+                            code: tonic::Code::ResourceExhausted,
+                            class: Class::Transport,
+                            detail: "mesh-bench: --max-outstanding reached, not sent".into(),
+                        }),
                     );
                     continue;
                 }
@@ -329,7 +651,7 @@ async fn run(
                 let outstanding = outstanding.clone();
                 tasks.push(tokio::spawn(async move {
                     let result = caller.call(n, timeout).await;
-                    recorder.record(intended.elapsed(), result);
+                    recorder.record(intended - started, intended.elapsed(), result);
                     outstanding.fetch_sub(1, Ordering::Relaxed);
                 }));
                 if tasks.len() > 4096 {
@@ -341,6 +663,10 @@ async fn run(
             }
         }
     }
+    if let Some(flusher) = flusher {
+        flusher.abort();
+    }
+    recorder.flush();
     started.elapsed()
 }
 
@@ -348,6 +674,10 @@ async fn run(
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let load = cli.load.clone();
+    let stop = Stop::default();
+    if load.stop_on_signal {
+        stop.listen()?;
+    }
     let (caller, target_name) = match &cli.target {
         Target::Predict { url, entities } => (
             Caller::Predict(
@@ -386,17 +716,23 @@ async fn main() -> anyhow::Result<()> {
             &load,
             Duration::from_secs_f64(load.warmup),
             None,
-            Arc::new(Recorder::new()?),
+            Arc::new(Recorder::new(Duration::from_millis(load.timeout_ms))?),
+            &stop,
         )
         .await;
     }
-    let recorder = Arc::new(Recorder::new()?);
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let recorder = Arc::new(Recorder::measured(&load, started_unix_ms)?);
     let elapsed = run(
         &caller,
         &load,
         Duration::from_secs_f64(load.duration),
         load.requests,
         recorder.clone(),
+        &stop,
     )
     .await;
 
@@ -414,7 +750,7 @@ async fn main() -> anyhow::Result<()> {
     let total = histogram.len();
     let secs = elapsed.as_secs_f64();
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "name": if load.name.is_empty() { format!("{target_name} {mode}") } else { load.name.clone() },
         "target": target_name,
         "mode": mode,
@@ -432,7 +768,12 @@ async fn main() -> anyhow::Result<()> {
             "p50": ms(0.50), "p90": ms(0.90), "p99": ms(0.99), "p99_9": ms(0.999),
             "max": histogram.max() as f64 / 1000.0, "mean": histogram.mean() / 1000.0,
         },
+        "started_unix_ms": started_unix_ms as u64,
     });
+    if let Some(timeline) = recorder.timeline_json() {
+        report["ok_within_deadline"] = recorder.ok_within_deadline.load(Ordering::Relaxed).into();
+        report["timeline"] = timeline;
+    }
     if let Some(path) = &load.output {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `make chaos` / `make chaos-short`: the chaos suite (tools/chaos, binary mesh-chaos).
+#
+# Starts the real mesh as separate processes on free loopback ports (its own PostgreSQL and
+# Redis, features, two inference replicas, logger, gateway), seeds it, drives open-loop load with
+# mesh-bench and injects one fault at a time: kill -9 of an inference replica, Redis stopped,
+# PostgreSQL stopped, +500 ms on one replica (the one injected fake: a proxy inside mesh-chaos),
+# kill -9 of the logger, SIGTERM to the gateway under load, and bad input at volume. Writes
+# chaos-results/summary.md, chaos-results/chaos.json and chaos-results/logs/<service>.log.
+#
+#   bash scripts/chaos.sh            release build, 30 s faults, 300 req/s, all targets enforced
+#   bash scripts/chaos.sh --short    debug build, 10 s faults, 100 req/s, invariants enforced (CI)
+#
+# Further arguments go to mesh-chaos (e.g. --only 1,4; see target/<profile>/mesh-chaos --help).
+# Everything it starts is stopped on exit, error or Ctrl-C; it does not touch `make up`'s .run/.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+short=0
+if [ "${1:-}" = "--short" ]; then
+  short=1
+  shift
+fi
+
+bash scripts/bootstrap.sh
+# shellcheck source=/dev/null
+source .tools/env
+
+if [ "$short" = 1 ]; then
+  echo "[chaos] building (debug)…" >&2
+  cargo build --bins --locked -q
+  args=(--profile debug --fault-secs 10 --rate 100 --recover-secs 30 --deliver-secs 60
+        --bad-requests 2000 --enforce-invariants)
+else
+  echo "[chaos] building (release)…" >&2
+  cargo build --release --bins --locked -q
+  args=(--profile release --fault-secs 30 --rate 300 --recover-secs 30 --deliver-secs 60
+        --bad-requests 5000 --enforce)
+fi
+profile_dir=$([ "$short" = 1 ] && echo debug || echo release)
+exec "$root/target/$profile_dir/mesh-chaos" --repo "$root" --out chaos-results "${args[@]}" "$@"

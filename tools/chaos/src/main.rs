@@ -1,0 +1,1040 @@
+//! `mesh-chaos`: the chaos suite. Starts the real mesh as separate processes (PostgreSQL, Redis,
+//! features, two inference replicas, logger, gateway; loopback ports only), seeds it, drives
+//! steady open-loop load with `mesh-bench`, injects one fault at a time while the load runs, and
+//! reports per scenario: requests, the share that succeeded within the deadline, p99 during the
+//! fault, time to recover, and predictions served against predictions found in PostgreSQL.
+//!
+//! Every fault is real (processes killed or stopped, servers stopped) except one: the 500 ms
+//! latency of scenario 4 is added by a TCP proxy inside this process
+//! (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference replica 2.
+//!
+//! Everything is bounded in time; only processes this program started are signalled (by PID);
+//! all of them stop on exit, on error and on Ctrl-C (the mesh is a guard that stops what it
+//! started when dropped).
+
+mod badinput;
+mod load;
+mod mesh;
+mod probe;
+mod procs;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use crate::load::{Class, Load};
+use crate::mesh::{Mesh, Paths};
+
+/// Wall clock, unix ms.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Prints a progress line with the time since start.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        eprintln!("[chaos {:>6.1}s] {}", $crate::elapsed_s(), format!($($arg)*))
+    };
+}
+
+/// Seconds since the program started.
+pub fn elapsed_s() -> f64 {
+    STARTED.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Profile {
+    Release,
+    Debug,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Chaos suite for the mesh: real processes, real faults, open-loop load, a report"
+)]
+struct Opts {
+    /// Which build's binaries to run (target/<profile>/…).
+    #[arg(long, value_enum, default_value_t = Profile::Release)]
+    profile: Profile,
+    /// The repository root.
+    #[arg(long, default_value = ".")]
+    repo: PathBuf,
+    /// Where to write summary.md, chaos.json and logs/.
+    #[arg(long, default_value = "chaos-results")]
+    out: PathBuf,
+    /// Scenarios to run, e.g. `1,4` (default: all, 1-7).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Open-loop load, requests per second.
+    #[arg(long, default_value_t = 300)]
+    rate: u64,
+    /// Deadline of each request (grpc-timeout), ms.
+    #[arg(long, default_value_t = 250)]
+    timeout_ms: u64,
+    /// How long each fault lasts, seconds.
+    #[arg(long, default_value_t = 30)]
+    fault_secs: u64,
+    /// Load before the fault, seconds.
+    #[arg(long, default_value_t = 5)]
+    baseline_secs: u64,
+    /// Longest wait for recovery after the fault is lifted, seconds.
+    #[arg(long, default_value_t = 30)]
+    recover_secs: u64,
+    /// Longest wait for the prediction records to reach PostgreSQL after the load, seconds.
+    #[arg(long, default_value_t = 60)]
+    deliver_secs: u64,
+    /// Scenario 7: bad requests to send in all.
+    #[arg(long, default_value_t = 4000)]
+    bad_requests: usize,
+    /// Exit non-zero if any target fails.
+    #[arg(long)]
+    enforce: bool,
+    /// Exit non-zero only if an invariant fails (found == served, no duplicates, no crashes,
+    /// scenario 6: every accepted request completes); the other targets are printed.
+    #[arg(long, conflicts_with = "enforce")]
+    enforce_invariants: bool,
+}
+
+const NAMES: [&str; 8] = [
+    "",
+    "kill -9 inference-1, restart",
+    "Redis stopped, restarted",
+    "PostgreSQL stopped, restarted",
+    "+500 ms on inference-2 (injected proxy)",
+    "kill -9 logger, restart",
+    "SIGTERM gateway in flight, restart",
+    "bad input at volume",
+];
+
+/// One target or invariant and whether it held.
+#[derive(Clone, serde::Serialize)]
+struct Check {
+    what: String,
+    pass: bool,
+    /// Must hold regardless of machine noise (enforced by `--enforce-invariants`).
+    invariant: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Outcome {
+    scenario: u8,
+    name: String,
+    requests: usize,
+    ok_within_deadline: usize,
+    ok_within_deadline_pct: f64,
+    p99_during_fault_ms: Option<f64>,
+    /// `None`: n/a (scenario 7) or not recovered within the bound (see `recovery`).
+    time_to_recover_s: Option<f64>,
+    recovery: String,
+    served: usize,
+    found: i64,
+    rows_added: i64,
+    duplicates: i64,
+    served_duplicate_ids: usize,
+    delivery: String,
+    fault_s: f64,
+    checks: Vec<Check>,
+    details: serde_json::Value,
+    notes: Vec<String>,
+}
+
+impl Outcome {
+    fn pass(&self) -> bool {
+        self.checks.iter().all(|c| c.pass)
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    STARTED.get_or_init(Instant::now);
+    let opts = Opts::parse();
+    let signal = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        result = run(opts) => match result {
+            Ok(code) => code,
+            Err(e) => {
+                say!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        _ = signal => {
+            say!("interrupted: stopping everything mesh-chaos started");
+            ExitCode::from(130)
+        }
+    }
+}
+
+async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
+    let repo = std::fs::canonicalize(&opts.repo).context("--repo")?;
+    let profile = match opts.profile {
+        Profile::Release => "release",
+        Profile::Debug => "debug",
+    };
+    let out = if opts.out.is_absolute() {
+        opts.out.clone()
+    } else {
+        repo.join(&opts.out)
+    };
+    let scenarios: Vec<u8> = if opts.only.is_empty() {
+        (1..=7).collect()
+    } else {
+        let mut s = opts.only.clone();
+        s.sort_unstable();
+        s.dedup();
+        if let Some(bad) = s.iter().find(|n| !(1..=7).contains(*n)) {
+            anyhow::bail!("--only: there is no scenario {bad} (1-7)");
+        }
+        s
+    };
+    if out.join("logs").exists() {
+        std::fs::remove_dir_all(out.join("logs"))?;
+    }
+    for n in 1..=7 {
+        let _ = std::fs::remove_dir_all(out.join(format!("scenario-{n}")));
+    }
+    std::fs::create_dir_all(out.join("logs"))?;
+    say!(
+        "mesh-chaos: {profile} build, scenarios {:?}, load {}/s open-loop, deadline {} ms, faults {} s",
+        scenarios,
+        opts.rate,
+        opts.timeout_ms,
+        opts.fault_secs
+    );
+    let suite_started = Instant::now();
+    let mut mesh = Mesh::start(Paths {
+        repo: repo.clone(),
+        bin: repo.join("target").join(profile),
+        logs: out.join("logs"),
+    })
+    .await?;
+    mesh.seed(&repo.join("data/demo_entities.jsonl")).await?;
+
+    // Warm caches and connections (not measured), and let its records land.
+    say!("warm-up: 3 s of load (not measured)");
+    let warm = Load::start(
+        &mesh.bench(),
+        &mesh.gateway.url(),
+        opts.rate,
+        opts.timeout_ms,
+        3.0,
+        &out.join("warmup"),
+        "warmup",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let warm = warm.finish().await?;
+    let warm_ok = warm.reqs.iter().filter(|r| r.code == 0).count();
+    say!("warm-up: {warm_ok}/{} OK", warm.reqs.len());
+    wait_delivery(&mesh, &warm.ids, Duration::from_secs(opts.deliver_secs)).await;
+    let _ = std::fs::remove_dir_all(out.join("warmup"));
+
+    let mut outcomes = Vec::new();
+    for &n in &scenarios {
+        let outcome = scenario(&mut mesh, &opts, n, &out).await?;
+        print_row(&outcome);
+        outcomes.push(outcome);
+    }
+    let total = suite_started.elapsed();
+    drop(mesh);
+
+    let (summary, failed_enforced) = summarise(&opts, profile, &outcomes, total);
+    std::fs::write(out.join("summary.md"), &summary)?;
+    std::fs::write(
+        out.join("chaos.json"),
+        serde_json::to_string_pretty(&json!({
+            "profile": profile,
+            "rate": opts.rate,
+            "timeout_ms": opts.timeout_ms,
+            "fault_secs": opts.fault_secs,
+            "baseline_secs": opts.baseline_secs,
+            "recover_secs": opts.recover_secs,
+            "deliver_secs": opts.deliver_secs,
+            "enforce": if opts.enforce { "all" } else if opts.enforce_invariants { "invariants" } else { "none" },
+            "duration_s": total.as_secs_f64(),
+            "scenarios": outcomes,
+        }))?,
+    )?;
+    println!("{summary}");
+    say!(
+        "wrote {} and {}",
+        out.join("summary.md").display(),
+        out.join("chaos.json").display()
+    );
+    if failed_enforced.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        say!("FAILED (enforced): {}", failed_enforced.join("; "));
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Waits until the gateway's `/health` says healthy (bounded); whether it did.
+async fn wait_healthy(mesh: &Mesh, bound: Duration) -> bool {
+    let until = Instant::now() + bound;
+    while Instant::now() < until {
+        if probe::gateway_health(mesh.gateway.metrics_port)
+            .await
+            .as_deref()
+            == Some("healthy")
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+struct Delivery {
+    found: i64,
+    rows: i64,
+    pending: Option<f64>,
+    metric_present: bool,
+    waited: Duration,
+    settled: bool,
+}
+
+/// Waits until the gateway's spool is empty (`mesh_spool_pending_records` 0; absent counts as 0)
+/// and the prediction log has stopped growing, with every id in `ids` found or the row count
+/// stable for 5 s; bounded by `bound`.
+async fn wait_delivery(mesh: &Mesh, ids: &[String], bound: Duration) -> Delivery {
+    let started = Instant::now();
+    let url = mesh.pg.url();
+    let mut last_rows = -1;
+    let mut rows_since = Instant::now();
+    let mut d = Delivery {
+        found: 0,
+        rows: 0,
+        pending: None,
+        metric_present: false,
+        waited: Duration::ZERO,
+        settled: false,
+    };
+    loop {
+        let pending = match probe::spool_pending(mesh.gateway.metrics_port).await {
+            Ok(Some(v)) => {
+                d.metric_present = true;
+                Some(v)
+            }
+            Ok(None) => Some(0.0),
+            Err(_) => None,
+        };
+        d.pending = pending;
+        if let Ok(c) = probe::log_counts(&url, ids).await {
+            d.found = c.found;
+            if c.rows != last_rows {
+                last_rows = c.rows;
+                rows_since = Instant::now();
+            }
+            d.rows = c.rows;
+            let stable = rows_since.elapsed();
+            if pending == Some(0.0)
+                && ((d.found == ids.len() as i64 && stable >= Duration::from_secs(2))
+                    || stable >= Duration::from_secs(5))
+            {
+                d.settled = true;
+                break;
+            }
+        }
+        if started.elapsed() >= bound {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    d.waited = started.elapsed();
+    d
+}
+
+async fn sleep_until_offset(load: &Load, offset_ms: f64) {
+    let wait = offset_ms - load.now_ms();
+    if wait > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(wait / 1000.0)).await;
+    }
+}
+
+/// Runs scenario `n`.
+async fn scenario(
+    mesh: &mut Mesh,
+    opts: &Opts,
+    n: u8,
+    out: &std::path::Path,
+) -> anyhow::Result<Outcome> {
+    let name = NAMES[n as usize];
+    let deadline_ms = opts.timeout_ms as f64;
+    let fault = Duration::from_secs(opts.fault_secs);
+    let mut notes = Vec::new();
+    say!("── scenario {n}: {name}");
+    let revived = mesh.revive().await?;
+    if !revived.is_empty() {
+        notes.push(format!(
+            "restarted before the scenario (were not running): {}",
+            revived.join(", ")
+        ));
+    }
+    if !wait_healthy(mesh, Duration::from_secs(30)).await {
+        notes.push("gateway /health was not `healthy` before the scenario (waited 30 s)".into());
+    }
+    let pg_url = mesh.pg.url();
+    let rows_before = probe::log_counts(&pg_url, &[]).await?.rows;
+    let scenario_started_unix = unix_ms();
+    let max_secs = (opts.baseline_secs + opts.fault_secs + opts.recover_secs + 60) as f64;
+    let mut load = Load::start(
+        &mesh.bench(),
+        &mesh.gateway.url(),
+        opts.rate,
+        opts.timeout_ms,
+        max_secs,
+        &out.join(format!("scenario-{n}")),
+        &format!("chaos-{n}"),
+    )
+    .await?;
+    sleep_until_offset(&load, opts.baseline_secs as f64 * 1000.0).await;
+
+    // Inject.
+    let inject_unix = unix_ms();
+    let mut details = json!({});
+    let mut barrage = None;
+    match n {
+        1 => {
+            mesh.inference1.kill9();
+            say!("fault injected: kill -9 inference-1");
+        }
+        2 => {
+            mesh.stop_redis();
+            say!("fault injected: Redis stopped");
+        }
+        3 => {
+            mesh.stop_pg();
+            say!("fault injected: PostgreSQL stopped");
+        }
+        4 => {
+            mesh.proxy.set_delay(Duration::from_millis(500));
+            say!("fault injected: +500 ms on inference-2 (the injected fake: DelayProxy in mesh-chaos)");
+        }
+        5 => {
+            mesh.logger.kill9();
+            say!("fault injected: kill -9 logger");
+        }
+        6 => {
+            mesh.gateway.signal(libc::SIGTERM);
+            say!("fault injected: SIGTERM to the gateway");
+        }
+        7 => {
+            let addr = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let plan = badinput::plan(
+                &badinput::Targets {
+                    gateway: addr(mesh.gateway.port),
+                    features: addr(mesh.features.port),
+                    inference: addr(mesh.inference1.port),
+                    logger: addr(mesh.logger.port),
+                },
+                opts.bad_requests,
+            );
+            let until = tokio::time::Instant::now() + fault * 3 + Duration::from_secs(30);
+            say!(
+                "fault injected: {} bad requests (gateway, and a few at features/inference/logger)",
+                plan.len()
+            );
+            barrage = Some(tokio::spawn(badinput::run(plan, 4, until)));
+        }
+        _ => unreachable!(),
+    }
+
+    // Hold.
+    let hold_until = tokio::time::Instant::now() + fault;
+    match n {
+        6 => {
+            let exited = mesh.gateway.wait_exit(Duration::from_secs(60)).await;
+            let exit_after = (unix_ms() - inject_unix) as f64 / 1000.0;
+            if exited {
+                say!("gateway exited {exit_after:.1} s after SIGTERM");
+            } else {
+                say!("gateway still running 60 s after SIGTERM: killing it");
+                mesh.gateway.kill9();
+                notes.push("the gateway did not exit within 60 s of SIGTERM (killed)".into());
+            }
+            details["gateway_exit_after_sigterm_s"] = json!(exit_after);
+            tokio::time::sleep_until(hold_until).await;
+        }
+        7 => {
+            let result = match barrage.take() {
+                Some(task) => task.await?,
+                None => badinput::Barrage::default(),
+            };
+            say!(
+                "bad input done: {} requests, {} kinds of answer",
+                result.sent,
+                result.outcomes.len()
+            );
+            details["bad_requests_sent"] = json!(result.sent);
+            details["bad_request_outcomes"] = json!(result.outcomes);
+            details["bad_request_outcomes_by_kind"] = json!(result.by_kind);
+        }
+        _ => tokio::time::sleep_until(hold_until).await,
+    }
+
+    // Lift.
+    match n {
+        1 => mesh.inference1.start()?,
+        2 => mesh.start_redis()?,
+        3 => mesh.restart_pg()?,
+        4 => mesh.proxy.set_delay(Duration::ZERO),
+        5 => mesh.logger.start()?,
+        6 => mesh.gateway.start()?,
+        _ => {}
+    }
+    let lift_unix = unix_ms();
+    let fault_s = (lift_unix - inject_unix) as f64 / 1000.0;
+    say!(
+        "fault lifted after {fault_s:.1} s{}",
+        match n {
+            1 => ": inference-1 restarted on its port",
+            2 => ": Redis restarted on its port",
+            3 => ": PostgreSQL restarted",
+            4 => ": delay 0",
+            5 => ": logger restarted",
+            6 => ": gateway restarted with the same MESH_SPOOL_DIR",
+            _ => "",
+        }
+    );
+
+    // Recover (load goes on meanwhile).
+    let lift_off = load.offset_of(lift_unix);
+    let inject_off = load.offset_of(inject_unix);
+    let (time_to_recover_s, recovery) = if n == 7 {
+        // No fault to recover from: keep the load a little longer, then check survival.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        (None, "n/a".to_owned())
+    } else {
+        let bound = Instant::now() + Duration::from_secs(opts.recover_secs);
+        let mut healthy_at = None;
+        let mut success_at = None;
+        loop {
+            if healthy_at.is_none()
+                && probe::gateway_health(mesh.gateway.metrics_port)
+                    .await
+                    .as_deref()
+                    == Some("healthy")
+            {
+                healthy_at = Some(load.offset_of(unix_ms()));
+            }
+            load.poll()?;
+            if success_at.is_none() {
+                success_at =
+                    load::success_back_at(&load.reqs, lift_off, load.now_ms(), deadline_ms);
+            }
+            if (healthy_at.is_some() && success_at.is_some()) || Instant::now() >= bound {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match (healthy_at, success_at) {
+            (Some(h), Some(s)) => {
+                let t = ((h.max(s) - lift_off) / 1000.0).max(0.0);
+                let t = (t * 10.0).round() / 10.0;
+                say!(
+                    "recovered after {t:.1} s (health healthy after {:.1} s, success back to 100 % after {:.1} s)",
+                    (h - lift_off) / 1000.0,
+                    (s - lift_off) / 1000.0
+                );
+                (
+                    Some(t),
+                    format!(
+                        "{t:.1} s (health {:.1} s, success {:.1} s)",
+                        (h - lift_off).max(0.0) / 1000.0,
+                        (s - lift_off).max(0.0) / 1000.0
+                    ),
+                )
+            }
+            (h, s) => {
+                let what = match (h, s) {
+                    (None, None) => "neither health nor success rate",
+                    (None, _) => "gateway /health never said healthy",
+                    _ => "the per-second success rate never got back to 100 %",
+                };
+                say!("NOT recovered within {} s: {what}", opts.recover_secs);
+                (None, format!("not within {} s ({what})", opts.recover_secs))
+            }
+        }
+    };
+
+    // Scenario 7: survival, checked while the load still runs and again after.
+    let mut survival = None;
+    if n == 7 {
+        survival = Some(survival_check(mesh).await);
+    }
+
+    // Stop the load and let the records land.
+    let fin = load.finish().await?;
+    say!("load stopped: {} requests", fin.reqs.len());
+    let delivery = wait_delivery(mesh, &fin.ids, Duration::from_secs(opts.deliver_secs)).await;
+    let duplicates = probe::duplicates_since(&pg_url, scenario_started_unix)
+        .await
+        .unwrap_or(-1);
+    let served = fin.ids.len();
+    let delivery_text = format!(
+        "{}found {}/{} after {:.1} s; spool pending {}",
+        if delivery.settled { "" } else { "NOT SETTLED: " },
+        delivery.found,
+        served,
+        delivery.waited.as_secs_f64(),
+        match (delivery.pending, delivery.metric_present) {
+            (Some(p), true) => format!("{p}"),
+            (Some(_), false) => "n/a (gateway has no mesh_spool_pending_records; waited for the PostgreSQL count to settle)".to_owned(),
+            (None, _) => "unreadable".to_owned(),
+        }
+    );
+    say!("delivered: {delivery_text}");
+
+    // Figures.
+    let reqs = &fin.reqs;
+    let requests = reqs.len();
+    let ok_within = reqs.iter().filter(|r| r.ok_within(deadline_ms)).count();
+    let pct = |a: usize, b: usize| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
+    let mut in_fault: Vec<f64> = reqs
+        .iter()
+        .filter(|r| r.start_ms >= inject_off && r.start_ms < lift_off)
+        .map(|r| r.latency_ms)
+        .collect();
+    let p99 = load::quantile(&mut in_fault, 0.99);
+    let ok_pct = pct(ok_within, requests);
+    let served_dups = load::duplicate_ids(&fin.ids);
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    for r in reqs {
+        *codes
+            .entry(format!(
+                "{:?}{}",
+                tonic::Code::from_i32(r.code),
+                match r.class {
+                    Class::Server => "",
+                    Class::Timeout => " (client deadline timer)",
+                    Class::NotAccepted => " (not accepted)",
+                    Class::Transport => " (transport)",
+                }
+            ))
+            .or_default() += 1;
+    }
+    details["answers"] = json!(codes);
+    details["ok"] = json!(reqs.iter().filter(|r| r.code == 0).count());
+    details["requests_during_fault"] = json!(in_fault.len());
+    details["bench_report"] = fin.report.clone();
+
+    let mut checks = vec![
+        Check {
+            what: format!("found == served ({} / {served})", delivery.found),
+            pass: delivery.found == served as i64,
+            invariant: true,
+        },
+        Check {
+            what: format!(
+                "duplicates == 0 ({duplicates} in PostgreSQL, {served_dups} among served ids)"
+            ),
+            pass: duplicates == 0 && served_dups == 0,
+            invariant: true,
+        },
+    ];
+    match n {
+        1 | 2 | 4 | 5 => checks.push(Check {
+            what: format!("succeeded within deadline >= 99.9 % ({ok_pct:.2} %)"),
+            pass: ok_pct >= 99.9,
+            invariant: false,
+        }),
+        3 => {
+            let slack = deadline_ms + 50.0;
+            let answered = reqs
+                .iter()
+                .filter(|r| r.class == Class::Server && r.latency_ms <= slack)
+                .count();
+            let timeouts = reqs.iter().filter(|r| r.class == Class::Timeout).count();
+            let late = reqs
+                .iter()
+                .filter(|r| r.class == Class::Server && r.latency_ms > slack)
+                .count();
+            let other = reqs
+                .iter()
+                .filter(|r| matches!(r.class, Class::Transport | Class::NotAccepted))
+                .count();
+            details["answered_within_deadline_plus_50ms"] = json!(answered);
+            details["client_deadline_timer_fired"] = json!(timeouts);
+            details["answered_later_than_deadline_plus_50ms"] = json!(late);
+            details["transport_failures"] = json!(other);
+            checks.push(Check {
+                what: format!(
+                    "every request answered by the server (OK or error status) within deadline + 50 ms ({answered}/{requests}; {timeouts} client deadline expiries, {late} late, {other} transport)"
+                ),
+                pass: answered == requests,
+                invariant: false,
+            });
+        }
+        6 => {
+            // Requests that could have been in flight at SIGTERM or arrived before the restart.
+            let window: Vec<_> = reqs
+                .iter()
+                .filter(|r| r.start_ms >= inject_off - deadline_ms && r.start_ms < lift_off)
+                .collect();
+            let not_accepted = window
+                .iter()
+                .filter(|r| r.class == Class::NotAccepted)
+                .count();
+            let accepted: Vec<_> = window
+                .iter()
+                .filter(|r| r.class != Class::NotAccepted)
+                .collect();
+            let completed = accepted.iter().filter(|r| r.code == 0).count();
+            let late = accepted
+                .iter()
+                .filter(|r| r.code == 0 && r.latency_ms > deadline_ms)
+                .count();
+            let mut violations: BTreeMap<String, usize> = BTreeMap::new();
+            for r in accepted.iter().filter(|r| r.code != 0) {
+                *violations
+                    .entry(format!(
+                        "{:?} ({:?}{}{})",
+                        tonic::Code::from_i32(r.code),
+                        r.class,
+                        if r.detail.is_empty() { "" } else { ": " },
+                        r.detail
+                    ))
+                    .or_default() += 1;
+            }
+            let violation_count: usize = violations.values().sum();
+            details["drain_window_requests"] = json!(window.len());
+            details["accepted"] = json!(accepted.len());
+            details["accepted_completed_ok"] = json!(completed);
+            details["accepted_completed_ok_but_late"] = json!(late);
+            details["not_accepted"] = json!(not_accepted);
+            details["violations"] = json!(violations);
+            notes.push(format!(
+                "from SIGTERM − deadline to the restart: {} requests; accepted {} (completed OK {completed}, of which {late} later than the deadline), not accepted (connection refused / refused by GOAWAY / never handed to the connection) {not_accepted}, accepted then failed {violation_count}{}",
+                window.len(),
+                accepted.len(),
+                if violations.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {violations:?}")
+                }
+            ));
+            checks.push(Check {
+                what: format!(
+                    "every accepted request completes ({violation_count} accepted then failed)"
+                ),
+                pass: violation_count == 0,
+                invariant: true,
+            });
+        }
+        7 => {
+            let mut s = survival.take().unwrap_or_default();
+            // And once more after the load stopped and the records landed.
+            let after = survival_check(mesh).await;
+            s.dead.extend(after.dead);
+            s.dead.sort();
+            s.dead.dedup();
+            s.not_serving.extend(after.not_serving);
+            s.not_serving.sort();
+            s.not_serving.dedup();
+            s.predicts_ok = s.predicts_ok.min(after.predicts_ok);
+            notes.push(format!(
+                "rows added also counts predictions made for bad requests that were still valid enough to be answered OK ({} such answers), for the barrage's PredictBatch items and for the {} survival-check Predicts: those were not served to the load, so rows added exceeds served here",
+                details["bad_request_outcomes"]["grpc Ok"].as_u64().unwrap_or(0),
+                s.predicts * 2
+            ));
+            details["crashes"] = json!(s.dead.len());
+            details["dead"] = json!(s.dead);
+            details["not_serving"] = json!(s.not_serving);
+            details["normal_predicts_ok"] = json!(format!("{}/{}", s.predicts_ok, s.predicts));
+            checks.push(Check {
+                what: format!("crashes: {} (every process alive: kill -0)", s.dead.len()),
+                pass: s.dead.is_empty(),
+                invariant: true,
+            });
+            checks.push(Check {
+                what: format!(
+                    "every service answers grpc.health.v1 SERVING{}",
+                    if s.not_serving.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (not: {})", s.not_serving.join(", "))
+                    }
+                ),
+                pass: s.not_serving.is_empty(),
+                invariant: true,
+            });
+            checks.push(Check {
+                what: format!("normal Predicts succeed ({}/{})", s.predicts_ok, s.predicts),
+                pass: s.predicts_ok == s.predicts,
+                invariant: true,
+            });
+        }
+        _ => {}
+    }
+    if !delivery.settled {
+        notes.push(format!(
+            "delivery did not settle within {} s",
+            opts.deliver_secs
+        ));
+    }
+    let outcome = Outcome {
+        scenario: n,
+        name: name.to_owned(),
+        requests,
+        ok_within_deadline: ok_within,
+        ok_within_deadline_pct: ok_pct,
+        p99_during_fault_ms: p99,
+        time_to_recover_s,
+        recovery,
+        served,
+        found: delivery.found,
+        rows_added: delivery.rows - rows_before,
+        duplicates,
+        served_duplicate_ids: served_dups,
+        delivery: delivery_text,
+        fault_s,
+        checks,
+        details,
+        notes,
+    };
+    Ok(outcome)
+}
+
+#[derive(Default)]
+struct Survival {
+    dead: Vec<String>,
+    not_serving: Vec<String>,
+    predicts: usize,
+    predicts_ok: usize,
+}
+
+/// Every process alive (`kill -0` on our PIDs), SERVING on grpc.health.v1, and normal Predicts
+/// still answered OK.
+async fn survival_check(mesh: &mut Mesh) -> Survival {
+    let mut s = Survival::default();
+    for service in mesh.services_mut() {
+        if !service.alive() {
+            s.dead
+                .push(format!("{} (pid {:?})", service.name, service.pid()));
+        }
+    }
+    for service in mesh.services() {
+        if !probe::grpc_serving(&service.url()).await {
+            s.not_serving.push(service.name.clone());
+        }
+    }
+    s.predicts = 20;
+    if let Ok(channel) = tonic::transport::Endpoint::from_shared(mesh.gateway.url()) {
+        let mut client =
+            mesh_proto::gateway::gateway_client::GatewayClient::new(channel.connect_lazy());
+        for i in 0..s.predicts {
+            let mut request = tonic::Request::new(mesh_proto::gateway::PredictRequest {
+                model: "churn".into(),
+                entity_id: format!("cust-{:05}", 100 + i),
+                features: [
+                    (
+                        "support_calls_30d",
+                        mesh_proto::types::feature_value::Kind::Number(2.0),
+                    ),
+                    (
+                        "channel",
+                        mesh_proto::types::feature_value::Kind::Category("web".into()),
+                    ),
+                ]
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_owned(),
+                        mesh_proto::types::FeatureValue { kind: Some(v) },
+                    )
+                })
+                .collect(),
+                model_version: String::new(),
+            });
+            request.set_timeout(Duration::from_secs(1));
+            if client.predict(request).await.is_ok() {
+                s.predicts_ok += 1;
+            }
+        }
+    }
+    s
+}
+
+fn fmt_opt(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(v) => format!("{v:.1}{unit}"),
+        None => "—".to_owned(),
+    }
+}
+
+fn print_row(o: &Outcome) {
+    say!(
+        "scenario {} {}: {} requests, {:.2} % within deadline, p99 in fault {}, recover {}, served {} found {} (rows added {}, duplicates {}) → {}",
+        o.scenario,
+        o.name,
+        o.requests,
+        o.ok_within_deadline_pct,
+        fmt_opt(o.p99_during_fault_ms, " ms"),
+        o.recovery,
+        o.served,
+        o.found,
+        o.rows_added,
+        o.duplicates,
+        if o.pass() { "PASS" } else { "FAIL" }
+    );
+    for c in o.checks.iter().filter(|c| !c.pass) {
+        say!("  FAIL: {}", c.what);
+    }
+}
+
+/// The Markdown summary, and the enforced checks that failed.
+fn summarise(
+    opts: &Opts,
+    profile: &str,
+    outcomes: &[Outcome],
+    total: Duration,
+) -> (String, Vec<String>) {
+    let mut s = String::new();
+    let mut failed = Vec::new();
+    let enforce = if opts.enforce {
+        "all targets"
+    } else if opts.enforce_invariants {
+        "invariants only (found == served, no duplicates, no crashes, scenario 6: accepted requests complete)"
+    } else {
+        "nothing (report only)"
+    };
+    s.push_str(&format!(
+        "# Chaos suite\n\n{profile} build; open-loop load {} req/s, deadline {} ms; faults {} s; baseline {} s; recovery bound {} s; delivery bound {} s; suite took {:.0} s. Enforced: {enforce}.\n\n",
+        opts.rate, opts.timeout_ms, opts.fault_secs, opts.baseline_secs, opts.recover_secs, opts.deliver_secs, total.as_secs_f64()
+    ));
+    s.push_str("| # | scenario | requests | succeeded within deadline | p99 during fault | time to recover | served | found | rows added | duplicates | result |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for o in outcomes {
+        let result = if o.pass() { "PASS" } else { "FAIL" };
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.2} % | {} | {} | {} | {} | {} | {} | {result} |\n",
+            o.scenario,
+            o.name,
+            o.requests,
+            o.ok_within_deadline_pct,
+            fmt_opt(o.p99_during_fault_ms, " ms"),
+            match o.time_to_recover_s {
+                Some(t) => format!("{t:.1} s"),
+                None if o.scenario == 7 => "n/a".to_owned(),
+                None => format!("> {} s", opts.recover_secs),
+            },
+            o.served,
+            o.found,
+            o.rows_added,
+            o.duplicates,
+        ));
+    }
+    s.push_str("\n## Targets\n\n");
+    for o in outcomes {
+        for c in &o.checks {
+            let enforced = opts.enforce || (opts.enforce_invariants && c.invariant);
+            s.push_str(&format!(
+                "- {} scenario {}: {}{}{}\n",
+                if c.pass { "PASS" } else { "FAIL" },
+                o.scenario,
+                c.what,
+                if c.invariant { " [invariant]" } else { "" },
+                if enforced { "" } else { " (not enforced)" },
+            ));
+            if !c.pass && enforced {
+                failed.push(format!("scenario {}: {}", o.scenario, c.what));
+            }
+        }
+    }
+    s.push_str("\n## Details\n\n");
+    for o in outcomes {
+        s.push_str(&format!(
+            "- **{} {}**: fault held {:.1} s; recovery: {}; delivery: {}; answers: {}\n",
+            o.scenario, o.name, o.fault_s, o.recovery, o.delivery, o.details["answers"]
+        ));
+        for note in &o.notes {
+            s.push_str(&format!("  - {note}\n"));
+        }
+        if o.scenario == 7 {
+            s.push_str(&format!(
+                "  - crashes: {}; bad requests sent: {}; not SERVING: {}; normal Predicts OK: {}\n  - answers to bad requests: {}\n",
+                o.details["crashes"],
+                o.details["bad_requests_sent"],
+                o.details["not_serving"],
+                o.details["normal_predicts_ok"],
+                o.details["bad_request_outcomes"]
+            ));
+        }
+    }
+    s.push_str(DEFINITIONS);
+    (s, failed)
+}
+
+const DEFINITIONS: &str = "
+## Definitions
+
+- **requests**: requests the load generator (`mesh-bench predict`, open loop, one request
+  every 1/rate s whatever the answers do) started during the scenario: baseline, fault and
+  recovery.
+- **succeeded within deadline**: the bench got OK within the request's deadline (sent as
+  `grpc-timeout`); latency is measured from the request's intended start, and an OK that took
+  longer than the deadline counts as a failure.
+- **p99 during the fault**: p99 latency of the requests (any outcome) started between injecting
+  and lifting the fault.
+- **time to recover**: from lifting the fault (scenario 6: from restarting the gateway) until
+  the gateway's `GET /health` reports `\"status\":\"healthy\"` and the load's success rate is back
+  to 100 % (the first 1 s window of request starts, on a 100 ms grid, in which every request
+  succeeded within its deadline), the later of the two, with 100 ms resolution; n/a for
+  scenario 7; `> N s` when not reached within the recovery bound.
+- **served / found**: served = prediction ids the bench received in OK answers during the
+  scenario; found = how many of those ids are in PostgreSQL's `predictions` table after
+  delivery (the gateway's `mesh_spool_pending_records` at 0, or absent, and the table settled).
+- **rows added**: rows the table gained during the scenario. It can exceed served: a prediction
+  the gateway made and logged after the client had given up (deadline passed) is logged but not
+  served.
+- **duplicates**: `count(*) - count(DISTINCT prediction_id)` over the rows logged since the
+  scenario started (the primary key makes it 0; checked anyway), plus ids the bench received
+  twice.
+- **scenario 3 answered**: the server's own status (OK or an error code), not a hang, arrived
+  within deadline + 50 ms. The client also enforces the deadline itself, so a request with no
+  answer by its deadline counts as not answered: the check is at least as strict as the target.
+- **scenario 6 accepted**: a request is not accepted when it never reached the gateway: its
+  connection was refused (port closed), HTTP/2 refused its stream (above the GOAWAY's last
+  stream id: not processed), or the client's HTTP/2 connection had closed before the request
+  was handed to it (hyper: \"operation was canceled\", never sent). Every other request started
+  from SIGTERM − deadline until the restart was accepted and must end OK; the client's error
+  text of any that did not is printed.
+- **scenario 7 crashes**: processes started by mesh-chaos that are no longer running
+  (`kill -0` on their PIDs) after the bad input; each must also answer grpc.health.v1 SERVING
+  and normal Predicts must still succeed.
+- The one injected fake is scenario 4's latency: a TCP proxy inside mesh-chaos
+  (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference-2. Every other fault is
+  real: processes killed (`kill -9`) or signalled (SIGTERM), Redis and PostgreSQL stopped.
+";

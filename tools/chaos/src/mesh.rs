@@ -1,0 +1,310 @@
+//! The real mesh as separate processes, configured like `scripts/up.sh` (MESH_* variables), on
+//! free loopback ports: PostgreSQL and Redis (mesh-testkit), features, two inference replicas,
+//! logger and gateway. Dropping it stops everything it started, services first (by PID: SIGTERM,
+//! then SIGKILL after a timeout), then Redis and PostgreSQL; temporary directories go with it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use mesh_testkit::proxy::DelayProxy;
+use mesh_testkit::{free_port, PostgresServer, RedisServer};
+
+use crate::procs::{wait_serving, Service};
+use crate::say;
+
+/// Where the binaries and data are.
+pub struct Paths {
+    /// The repository root.
+    pub repo: PathBuf,
+    /// `target/<profile>`.
+    pub bin: PathBuf,
+    /// `chaos-results/logs`.
+    pub logs: PathBuf,
+}
+
+/// The running mesh.
+pub struct Mesh {
+    /// Binaries and logs.
+    pub paths: Paths,
+    /// The gateway.
+    pub gateway: Service,
+    /// The prediction logger.
+    pub logger: Service,
+    /// The feature store.
+    pub features: Service,
+    /// Inference replica 1 (the gateway calls it directly).
+    pub inference1: Service,
+    /// Inference replica 2 (the gateway calls it through [`Mesh::proxy`]).
+    pub inference2: Service,
+    /// THE ONE INJECTED FAKE: a TCP proxy in this process between the gateway and inference
+    /// replica 2. A real replica cannot be told to be slow, so scenario 4 adds latency here.
+    /// Every other fault is real (processes killed, servers stopped).
+    pub proxy: DelayProxy,
+    /// Redis (`None` while stopped).
+    pub redis: Option<RedisServer>,
+    /// Redis's port, kept across restarts.
+    pub redis_port: u16,
+    /// PostgreSQL: the features' source of truth and the prediction log.
+    pub pg: PostgresServer,
+    /// Holds the gateway's spool (`MESH_SPOOL_DIR`).
+    _tmp: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// Starts everything and waits until every service reports SERVING.
+    pub async fn start(paths: Paths) -> anyhow::Result<Self> {
+        for binary in [
+            "mesh-gateway",
+            "mesh-features",
+            "mesh-inference",
+            "mesh-logger",
+            "meshctl",
+            "mesh-bench",
+        ] {
+            if !paths.bin.join(binary).exists() {
+                bail!(
+                    "{} is missing: build first (scripts/chaos.sh does)",
+                    paths.bin.join(binary).display()
+                );
+            }
+        }
+        if std::env::var_os("ORT_DYLIB_PATH").is_none() {
+            bail!("ORT_DYLIB_PATH is not set: `source .tools/env` first (scripts/chaos.sh does)");
+        }
+        std::fs::create_dir_all(&paths.logs)?;
+        let pg = tokio::task::block_in_place(PostgresServer::start)
+            .context("cannot start PostgreSQL")?;
+        let redis =
+            tokio::task::block_in_place(RedisServer::start).context("cannot start Redis")?;
+        let redis_port = redis.port();
+        say!(
+            "PostgreSQL on 127.0.0.1:{}, Redis on 127.0.0.1:{redis_port}",
+            pg.port()
+        );
+        let tmp = tempfile::Builder::new().prefix("mesh-chaos-").tempdir()?;
+        let spool = tmp.path().join("spool");
+        std::fs::create_dir_all(&spool)?;
+
+        let common = |extra: &[(&str, String)]| -> Vec<(String, String)> {
+            let mut env = vec![(
+                "MESH_MODELS_DIR".to_owned(),
+                paths.repo.join("models").display().to_string(),
+            )];
+            env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+            env
+        };
+        let ports = || -> anyhow::Result<(u16, u16)> { Ok((free_port()?, free_port()?)) };
+        let bin = |name: &str| paths.bin.join(name);
+        let (p, m) = ports()?;
+        let mut inference1 = Service::new(
+            "inference-1",
+            &bin("mesh-inference"),
+            p,
+            m,
+            common(&[("MESH_REPLICA_ID", "inference-1".into())]),
+            &paths.logs,
+        );
+        let (p, m) = ports()?;
+        let mut inference2 = Service::new(
+            "inference-2",
+            &bin("mesh-inference"),
+            p,
+            m,
+            common(&[("MESH_REPLICA_ID", "inference-2".into())]),
+            &paths.logs,
+        );
+        let (p, m) = ports()?;
+        let mut features = Service::new(
+            "features",
+            &bin("mesh-features"),
+            p,
+            m,
+            common(&[
+                ("MESH_DATABASE_URL", pg.url()),
+                ("MESH_REDIS_URL", redis.url()),
+            ]),
+            &paths.logs,
+        );
+        let (p, m) = ports()?;
+        let mut logger = Service::new(
+            "logger",
+            &bin("mesh-logger"),
+            p,
+            m,
+            common(&[("MESH_DATABASE_URL", pg.url())]),
+            &paths.logs,
+        );
+        inference1.start()?;
+        inference2.start()?;
+        features.start()?;
+        logger.start()?;
+        // The injected fake: replica 2 is reached through this proxy (see `Mesh::proxy`).
+        let proxy = DelayProxy::start(([127, 0, 0, 1], inference2.port).into()).await?;
+        say!(
+            "injected fake: DelayProxy {} -> inference-2 127.0.0.1:{} (adds latency in scenario 4; every other fault is real)",
+            proxy.addr(),
+            inference2.port
+        );
+        let (p, m) = ports()?;
+        let mut gateway = Service::new(
+            "gateway",
+            &bin("mesh-gateway"),
+            p,
+            m,
+            common(&[
+                ("MESH_FEATURES_URL", features.url()),
+                (
+                    "MESH_INFERENCE_URLS",
+                    format!("{},{}", inference1.url(), proxy.url()),
+                ),
+                ("MESH_LOGGER_URL", logger.url()),
+                ("MESH_SPOOL_DIR", spool.display().to_string()),
+            ]),
+            &paths.logs,
+        );
+        gateway.start()?;
+        let mesh = Self {
+            paths,
+            gateway,
+            logger,
+            features,
+            inference1,
+            inference2,
+            proxy,
+            redis: Some(redis),
+            redis_port,
+            pg,
+            _tmp: tmp,
+        };
+        for service in mesh.services() {
+            if !wait_serving(&mesh.meshctl(), &service.url(), 60).await {
+                bail!(
+                    "{} on port {} did not become SERVING within 60 s; see {}/{}.log",
+                    service.name,
+                    service.port,
+                    mesh.paths.logs.display(),
+                    service.name
+                );
+            }
+        }
+        say!(
+            "all services SERVING: gateway 127.0.0.1:{} (metrics {}), features {}, inference {} and {}, logger {}; logs in {}",
+            mesh.gateway.port,
+            mesh.gateway.metrics_port,
+            mesh.features.port,
+            mesh.inference1.port,
+            mesh.inference2.port,
+            mesh.logger.port,
+            mesh.paths.logs.display()
+        );
+        Ok(mesh)
+    }
+
+    /// `target/<profile>/meshctl`.
+    pub fn meshctl(&self) -> PathBuf {
+        self.paths.bin.join("meshctl")
+    }
+
+    /// `target/<profile>/mesh-bench`.
+    pub fn bench(&self) -> PathBuf {
+        self.paths.bin.join("mesh-bench")
+    }
+
+    /// The services, gateway first.
+    pub fn services(&self) -> [&Service; 5] {
+        [
+            &self.features,
+            &self.inference1,
+            &self.inference2,
+            &self.logger,
+            &self.gateway,
+        ]
+    }
+
+    /// The services, mutable.
+    pub fn services_mut(&mut self) -> [&mut Service; 5] {
+        [
+            &mut self.features,
+            &mut self.inference1,
+            &mut self.inference2,
+            &mut self.logger,
+            &mut self.gateway,
+        ]
+    }
+
+    /// Seeds the demo entities through `meshctl seed`.
+    pub async fn seed(&self, file: &Path) -> anyhow::Result<()> {
+        let out = tokio::process::Command::new(self.meshctl())
+            .args(["seed", "--features-url", &self.features.url(), "--file"])
+            .arg(file)
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "meshctl seed failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        say!("{}", String::from_utf8_lossy(&out.stdout).trim());
+        Ok(())
+    }
+
+    /// Stops Redis (its data goes: it has no persistence, like in `make up`).
+    pub fn stop_redis(&mut self) {
+        if let Some(mut redis) = self.redis.take() {
+            tokio::task::block_in_place(|| redis.stop());
+        }
+    }
+
+    /// Starts Redis again on the same port.
+    pub fn start_redis(&mut self) -> anyhow::Result<()> {
+        if self.redis.is_none() {
+            let port = self.redis_port;
+            self.redis = Some(tokio::task::block_in_place(|| RedisServer::start_on(port))?);
+        }
+        Ok(())
+    }
+
+    /// Stops PostgreSQL (fast shutdown), keeping its data.
+    pub fn stop_pg(&mut self) {
+        tokio::task::block_in_place(|| self.pg.stop());
+    }
+
+    /// Starts PostgreSQL again on the same port with the same data.
+    pub fn restart_pg(&mut self) -> anyhow::Result<()> {
+        tokio::task::block_in_place(|| self.pg.restart())?;
+        Ok(())
+    }
+
+    /// Restarts any service that is not running (e.g. after a failed scenario); returns names.
+    pub async fn revive(&mut self) -> anyhow::Result<Vec<String>> {
+        let meshctl = self.meshctl();
+        let mut revived = Vec::new();
+        for service in self.services_mut() {
+            if !service.alive() {
+                service.kill9();
+                service.start()?;
+                wait_serving(&meshctl, &service.url(), 60).await;
+                revived.push(service.name.clone());
+            }
+        }
+        Ok(revived)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        say!("stopping the mesh (only the processes mesh-chaos started)");
+        // Gateway first (it flushes records to the logger), then the logger, then the rest;
+        // Redis and PostgreSQL stop when their fields drop, after this.
+        let grace = Duration::from_secs(20);
+        self.gateway.terminate(grace);
+        self.logger.terminate(grace);
+        self.features.terminate(grace);
+        self.inference2.terminate(grace);
+        self.inference1.terminate(grace);
+        self.proxy.set_delay(Duration::ZERO);
+    }
+}

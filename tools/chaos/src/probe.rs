@@ -1,0 +1,154 @@
+//! Observing the mesh: the gateway's `/health` report and `/metrics`, `grpc.health.v1`, and the
+//! prediction log in PostgreSQL.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// `GET <path>` on 127.0.0.1:`port` (HTTP/1.1, `Connection: close`); the body. Bounded to 2 s.
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(2), fetch)
+        .await
+        .context("timed out")?
+}
+
+/// The gateway's `/health` verdict (`healthy`, `degraded`, `unhealthy`), or `None` if it cannot
+/// be read.
+pub async fn gateway_health(metrics_port: u16) -> Option<String> {
+    let (_, body) = http_get(metrics_port, "/health").await.ok()?;
+    // Chunked transfer encoding may wrap the JSON; find the object.
+    let start = body.find('{')?;
+    let end = body.rfind('}')?;
+    let value: serde_json::Value = serde_json::from_str(&body[start..=end]).ok()?;
+    value["status"].as_str().map(str::to_owned)
+}
+
+/// `mesh_spool_pending_records` from the gateway's `/metrics`: `Ok(None)` if the metric is not
+/// there (an older gateway), `Err` if the endpoint cannot be read.
+pub async fn spool_pending(metrics_port: u16) -> anyhow::Result<Option<f64>> {
+    let (status, body) = http_get(metrics_port, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    let mut total = None;
+    for line in body.lines() {
+        if line.starts_with("mesh_spool_pending_records")
+            && matches!(
+                line.as_bytes().get("mesh_spool_pending_records".len()),
+                Some(b' ') | Some(b'{')
+            )
+        {
+            if let Some(value) = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+            {
+                *total.get_or_insert(0.0) += value;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// `grpc.health.v1` Check (server as a whole) says SERVING, within 2 s.
+pub async fn grpc_serving(url: &str) -> bool {
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_secs(1));
+        let status = client.check(request).await?.into_inner().status();
+        anyhow::Ok(status == tonic_health::pb::health_check_response::ServingStatus::Serving)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), check).await,
+        Ok(Ok(true))
+    )
+}
+
+/// A fresh connection to PostgreSQL (one per question: the server restarts in scenario 3).
+async fn pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .context("PostgreSQL connect timed out")??;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// What the prediction log holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogCounts {
+    /// Rows in `predictions`.
+    pub rows: i64,
+    /// How many of the given ids are there.
+    pub found: i64,
+}
+
+/// Counts rows, and which of `ids` are in `predictions` (0 when the table does not exist yet).
+pub async fn log_counts(url: &str, ids: &[String]) -> anyhow::Result<LogCounts> {
+    let client = pg(url).await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('public.predictions') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(LogCounts::default());
+    }
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM predictions", &[])
+        .await?
+        .get(0);
+    let found: i64 = client
+        .query_one(
+            "SELECT count(*) FROM predictions WHERE prediction_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+        .get(0);
+    Ok(LogCounts { rows, found })
+}
+
+/// `count(*) - count(DISTINCT prediction_id)` over rows logged at or after `since_unix_ms`.
+pub async fn duplicates_since(url: &str, since_unix_ms: u64) -> anyhow::Result<i64> {
+    let client = pg(url).await?;
+    let since = since_unix_ms as f64 / 1000.0;
+    Ok(client
+        .query_one(
+            "SELECT count(*) - count(DISTINCT prediction_id) FROM predictions
+             WHERE logged_at >= to_timestamp($1::float8)",
+            &[&since],
+        )
+        .await?
+        .get(0))
+}
