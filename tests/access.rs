@@ -85,3 +85,93 @@ async fn api_keys_are_required_and_each_key_is_rate_limited() {
         .await
         .expect("token returned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_port_serves_tls_when_given_a_certificate() {
+    use mesh_gateway::TlsFiles;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    // A throw-away self-signed certificate for 127.0.0.1, made with the openssl CLI.
+    let dir = scratch_dir("tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (installed by scripts/bootstrap.sh)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    // Unusable files are refused at start, naming the variable.
+    let missing = TlsFiles {
+        cert: dir.join("absent.pem"),
+        key: key.clone(),
+    };
+    let error = missing.load().expect_err("missing certificate refused");
+    assert!(error.to_string().contains("MESH_TLS_CERT"), "{error}");
+    let swapped = TlsFiles {
+        cert: key.clone(),
+        key: cert.clone(),
+    };
+    let error = swapped.load().expect_err("a key is not a certificate");
+    assert!(error.to_string().contains("no PEM CERTIFICATE"), "{error}");
+
+    let mesh = Mesh::start(|c| {
+        c.tls = Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+    })
+    .await;
+    let pem = std::fs::read(&cert).expect("cert");
+    let secure = Endpoint::from_shared(format!("https://127.0.0.1:{}", mesh.gateway.addr.port()))
+        .expect("url")
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name("localhost"),
+        )
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("TLS handshake");
+    let answer = mesh_proto::gateway::gateway_client::GatewayClient::new(secure)
+        .predict(request(None))
+        .await
+        .expect("prediction over TLS")
+        .into_inner();
+    assert!(answer.score > 0.0 && answer.score < 1.0);
+
+    // Plaintext on the TLS port gets no answer: the server drops the
+    // connection during the handshake, which hyper reports as a closed
+    // connection (CANCELLED) or a refused stream (UNAVAILABLE), depending on
+    // timing.
+    let plain = mesh
+        .gateway_client()
+        .predict(request(None))
+        .await
+        .expect_err("plaintext refused");
+    assert!(
+        matches!(
+            plain.code(),
+            Code::Unavailable | Code::Cancelled | Code::Unknown | Code::Internal
+        ),
+        "{plain:?}"
+    );
+}

@@ -149,3 +149,58 @@ async fn spawn_placeholder() -> Running {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_behind_features_does_not_open_its_breaker() {
+    let mut mesh = Mesh::start(|_| {}).await;
+    mesh.seed(5).await;
+    let mut gateway = mesh.gateway_client();
+    let row = fixture()[0].clone();
+    let partial: HashMap<String, FeatureValue> = json_features(&row.features)
+        .into_iter()
+        .filter(|(k, _)| k == "support_calls_30d" || k == "channel")
+        .collect();
+    // cust-00001 is loaded (and cached); the others never were.
+    gateway
+        .predict(request("cust-00001", partial.clone()))
+        .await
+        .expect("cached entity");
+    mesh.pg.stop();
+    for i in 2..=5 {
+        for _ in 0..3 {
+            let error = gateway
+                .predict(request(&format!("cust-{i:05}"), partial.clone()))
+                .await
+                .expect_err("uncached entity while PostgreSQL is down");
+            assert_eq!(error.code(), Code::Unavailable, "{error:?}");
+            assert!(
+                error.message().contains("cannot reach its database"),
+                "{error:?}"
+            );
+        }
+    }
+    // Twelve failures in a row, but the features service answered every one: its breaker stays
+    // closed and what it has cached is still served.
+    assert_eq!(
+        metric(
+            mesh.gateway_http,
+            r#"mesh_breaker_state{downstream="features"}"#
+        )
+        .await,
+        0.0
+    );
+    let answer = gateway
+        .predict(request("cust-00001", partial.clone()))
+        .await
+        .expect("cached entity still served")
+        .into_inner();
+    assert!(
+        answer
+            .degraded
+            .iter()
+            .any(|d| d.starts_with("features: PostgreSQL unavailable")),
+        "{:?}",
+        answer.degraded
+    );
+    mesh.pg.restart().expect("restart postgres");
+}

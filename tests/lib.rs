@@ -66,6 +66,20 @@ impl Running {
         }
     }
 
+    /// Shuts down and waits (at most 20 s) until `serve` has returned, keeping the handle.
+    pub async fn stop(&mut self) {
+        self.begin_shutdown();
+        let started = std::time::Instant::now();
+        while !self.finished() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{} does not stop",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Shuts down and waits until `serve` has returned.
     pub async fn shutdown(mut self) {
         self.begin_shutdown();
@@ -173,7 +187,25 @@ pub fn logger_config(pg: &PostgresServer) -> mesh_logger::Config {
     }
 }
 
-/// Configuration of the gateway for tests, pointing at the given downstreams.
+/// A new empty directory under the system's temporary directory.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "mesh-test-{what}-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Configuration of the gateway for tests, pointing at the given downstreams (each with a
+/// spool directory of its own).
 pub fn gateway_config(
     features: String,
     inference: Vec<String>,
@@ -194,6 +226,11 @@ pub fn gateway_config(
         logger_concurrency: 4,
         max_batch_items: 1000,
         log_queue: 10_000,
+        spool_dir: scratch_dir("spool"),
+        spool_max_bytes: 64 << 20,
+        spool_segment_bytes: 1 << 20,
+        outlier: mesh_gateway::downstream::OutlierConfig::default(),
+        tls: None,
         log_batch_size: 100,
         log_flush: Duration::from_millis(10),
         api_keys: Vec::new(),
@@ -272,6 +309,11 @@ pub async fn start_logger(config: mesh_logger::Config) -> Running {
     spawn_service(|l, s| mesh_logger::serve(config, l, None, until(s))).await
 }
 
+/// Starts the logger on `addr` (e.g. again where a stopped one was).
+pub async fn start_logger_at(config: mesh_logger::Config, addr: SocketAddr) -> Running {
+    spawn_service_at(addr, |l, s| mesh_logger::serve(config, l, None, until(s))).await
+}
+
 /// Starts the gateway.
 pub async fn start_gateway(config: mesh_gateway::Config) -> Running {
     spawn_service(|l, s| mesh_gateway::serve(config, l, None, until(s))).await
@@ -335,6 +377,8 @@ pub struct Mesh {
     pub gateway: Running,
     /// The gateway's HTTP port: `/metrics`, `/health`, `/health/live`.
     pub gateway_http: SocketAddr,
+    /// The gateway's spool directory.
+    pub spool_dir: PathBuf,
     /// Proxy between the gateway and features (no delay unless a test sets one).
     pub features_proxy: DelayProxy,
     /// Proxies between the gateway and each inference replica.
@@ -365,9 +409,13 @@ impl Mesh {
             logger.url(),
         );
         tune(&mut config);
+        let spool_dir = config.spool_dir.clone();
+        let plaintext = config.tls.is_none();
         let (gateway, gateway_http) = start_gateway_with_http(config).await;
-        for addr in [features.addr, logger.addr, gateway.addr]
+        // (A TLS gateway's health is checked by the test that configured it.)
+        for addr in [features.addr, logger.addr]
             .into_iter()
+            .chain(plaintext.then_some(gateway.addr))
             .chain(inference.iter().map(|r| r.addr))
         {
             wait_serving(addr, Duration::from_secs(60)).await;
@@ -380,6 +428,7 @@ impl Mesh {
             logger,
             gateway,
             gateway_http,
+            spool_dir,
             features_proxy,
             inference_proxies,
         }

@@ -233,6 +233,33 @@ async fn invalid_requests_get_clear_errors_naming_the_culprit() {
         &["cust-99999"],
     );
 
+    // Control characters (PostgreSQL cannot store NUL) are refused before any lookup, so such
+    // requests never reach a store and never count against its circuit breaker.
+    for _ in 0..8 {
+        check(
+            gateway
+                .predict(predict("churn", "cust-\u{0}1", good.clone()))
+                .await,
+            Code::InvalidArgument,
+            &["entity_id", "control character", "U+0000"],
+        );
+    }
+    assert_eq!(
+        metric(
+            mesh.gateway_http,
+            r#"mesh_breaker_state{downstream="features"}"#
+        )
+        .await,
+        0.0
+    );
+    let mut nul = good.clone();
+    nul.insert("channel".into(), cat("we\0b"));
+    check(
+        gateway.predict(predict("churn", &row.entity_id, nul)).await,
+        Code::InvalidArgument,
+        &["channel", "control character"],
+    );
+
     let mut pinned = predict("churn", &row.entity_id, good.clone());
     pinned.model_version = "42".into();
     check(gateway.predict(pinned).await, Code::NotFound, &["42"]);

@@ -133,6 +133,7 @@ fn spawn(name: &'static str, bin: &str, port: u16, otlp: &str, env: &[(&str, Str
         .env("OTEL_TRACES_SAMPLER_ARG", "0")
         .env("RUST_LOG", "warn")
         .env("MESH_MODELS_DIR", repo().join("models"))
+        .env("MESH_SPOOL_DIR", mesh_tests::scratch_dir("spool"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in env {
