@@ -51,9 +51,8 @@ async fn predictions_survive_a_dead_replica_and_a_dead_features_service_trips_th
         hopeless.set_timeout(Duration::from_millis(1));
         let _ = gateway.predict(hopeless).await;
     }
-    let features_breaker = r#"mesh_breaker_state{downstream="features"}"#;
     assert_eq!(
-        metric(mesh.gateway_http, features_breaker).await,
+        metric(mesh.gateway_http, FEATURES_BREAKER).await,
         0.0,
         "breaker stays closed"
     );
@@ -181,14 +180,7 @@ async fn a_database_outage_behind_features_does_not_open_its_breaker() {
     }
     // Twelve failures in a row, but the features service answered every one: its breaker stays
     // closed and what it has cached is still served.
-    assert_eq!(
-        metric(
-            mesh.gateway_http,
-            r#"mesh_breaker_state{downstream="features"}"#
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(metric(mesh.gateway_http, FEATURES_BREAKER).await, 0.0);
     let answer = gateway
         .predict(request("cust-00001", partial.clone()))
         .await

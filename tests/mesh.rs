@@ -244,14 +244,7 @@ async fn invalid_requests_get_clear_errors_naming_the_culprit() {
             &["entity_id", "control character", "U+0000"],
         );
     }
-    assert_eq!(
-        metric(
-            mesh.gateway_http,
-            r#"mesh_breaker_state{downstream="features"}"#
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(metric(mesh.gateway_http, FEATURES_BREAKER).await, 0.0);
     let mut nul = good.clone();
     nul.insert("channel".into(), cat("we\0b"));
     check(
