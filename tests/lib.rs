@@ -288,10 +288,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of the Prometheus sample `name` (with labels, as printed) at `addr`/metrics.
 /// The gateway's breaker state for the features service (0 closed, 1 open, 2 half-open).
 pub const FEATURES_BREAKER: &str = r#"mesh_breaker_state{downstream="features"}"#;
 
+/// The value of the Prometheus sample `name` (with labels, as printed) at `addr`/metrics.
 pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
     let (_, body) = http_get(addr, "/metrics").await;
     body.lines()
