@@ -268,24 +268,9 @@ pub async fn start_features_with_metrics(config: mesh_features::Config) -> (Runn
 
 /// `GET path` on a service's HTTP (metrics) port: status code and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    mesh_testkit::http_get(addr, path, Duration::from_secs(10))
         .await
-        .expect("http endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .expect("http endpoint")
 }
 
 /// The gateway's breaker state for the features service (0 closed, 1 open, 2 half-open).

@@ -81,26 +81,9 @@ impl Guard {
         }
     }
 
-    /// Reports an attempt that had `budget` to the breaker. A deadline miss only counts
-    /// against the dependency if the attempt had a fair budget: a caller sending hopeless
-    /// deadlines must not open the breaker for everyone.
+    /// Reports an attempt that had `budget` to the breaker.
     fn record<T>(&self, result: &Result<T, tonic::Status>, budget: Duration) {
-        let failed = match result {
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-                ) =>
-            {
-                budget >= FAIR_BUDGET
-            }
-            // The service answered; the store behind it failed. Opening the breaker would
-            // also refuse everything it still serves from its caches.
-            Err(s) if is_store_unavailable(s) => false,
-            Err(s) => is_failure(s.code()),
-            Ok(_) => false,
-        };
-        self.breaker.record(!failed);
+        self.breaker.record(!counts_against(result, budget));
     }
 
     /// The pause before retry number `attempt`, if the budget and the deadline allow one.
@@ -108,6 +91,29 @@ impl Guard {
         let pause = retry_pause(attempt, deadline, RETRY_BASE, RETRY_CAP, RETRY_MIN_LEFT)?;
         self.budget.try_retry().then_some(pause)
     }
+}
+
+/// Whether an attempt that had `budget` counts against the dependency, for its breaker and
+/// for outlier detection. A deadline miss only counts if the attempt had a fair budget: a
+/// caller sending hopeless deadlines must not open the breaker (or eject a replica) for
+/// everyone.
+fn counts_against<T>(result: &Result<T, tonic::Status>, budget: Duration) -> bool {
+    match result {
+        Err(s) if is_timeout(s) => budget >= FAIR_BUDGET,
+        // The service answered; the store behind it failed. Opening the breaker would also
+        // refuse everything it still serves from its caches.
+        Err(s) if is_store_unavailable(s) => false,
+        Err(s) => is_failure(s.code()),
+        Ok(_) => false,
+    }
+}
+
+/// The attempt ran out of its time (or was cut off for it).
+fn is_timeout(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
 }
 
 /// Builds an outgoing request inside the current (client) span: remaining budget minus
@@ -543,17 +549,12 @@ impl InferenceDownstream {
             })
             .await;
             replica.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.guard.record(&result, per_try_budget);
-            let timed_out = matches!(&result, Err(s) if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded));
-            self.observe(
-                index,
-                match &result {
-                    Ok(_) => false,
-                    Err(_) if timed_out => per_try_budget >= FAIR_BUDGET,
-                    Err(s) => is_failure(s.code()),
-                },
-            );
-            let try_timed_out = timed_out && order.len() > 1 && !deadline.expired();
+            let failed = counts_against(&result, per_try_budget);
+            self.guard.breaker.record(!failed);
+            self.observe(index, failed);
+            let try_timed_out = matches!(&result, Err(s) if is_timeout(s))
+                && order.len() > 1
+                && !deadline.expired();
             let retryable = try_timed_out
                 || matches!(&result, Err(s) if is_unreachable(s)
                     || (s.code() == tonic::Code::ResourceExhausted && order.len() > 1));

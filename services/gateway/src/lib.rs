@@ -297,7 +297,7 @@ pub async fn serve(
         config.outlier,
         replica_metrics,
     )?;
-    let spool_status = log.status();
+    let spool_status = log.status().clone();
     let service = service::GatewayService {
         registry,
         features: downstream::FeaturesDownstream::new(

@@ -175,8 +175,7 @@ const MAX_CONTEXTS: usize = 100_000;
 #[derive(Clone)]
 pub struct LogShipper {
     sender: mpsc::Sender<Entry>,
-    metrics: ShipMetrics,
-    shared: Arc<Shared>,
+    status: SpoolStatus,
 }
 
 impl LogShipper {
@@ -189,7 +188,8 @@ impl LogShipper {
             done,
         };
         if self.sender.try_send(entry).is_err() {
-            self.metrics
+            self.status
+                .metrics
                 .dropped
                 .with_label_values(&["queue_full"])
                 .inc();
@@ -202,17 +202,9 @@ impl LogShipper {
         }
     }
 
-    /// Whether delivery to the logger is failing now (records wait in the spool).
-    pub fn delivery_failing(&self) -> bool {
-        self.shared.logger_failing.load(Ordering::Relaxed)
-    }
-
-    /// A view of the spool's state that does not keep the spool open (for the health report).
-    pub fn status(&self) -> SpoolStatus {
-        SpoolStatus {
-            shared: self.shared.clone(),
-            metrics: self.metrics.clone(),
-        }
+    /// The spool's state. A clone of it does not keep the spool open (for the health report).
+    pub fn status(&self) -> &SpoolStatus {
+        &self.status
     }
 }
 
@@ -224,7 +216,7 @@ pub struct SpoolStatus {
 }
 
 impl SpoolStatus {
-    /// Whether delivery to the logger is failing now.
+    /// Whether delivery to the logger is failing now (records wait in the spool).
     pub fn delivery_failing(&self) -> bool {
         self.shared.logger_failing.load(Ordering::Relaxed)
     }
@@ -289,8 +281,10 @@ pub fn spawn(
     }
     let shipper = LogShipper {
         sender,
-        metrics: metrics.clone(),
-        shared: shared.clone(),
+        status: SpoolStatus {
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+        },
     };
     let task = tokio::spawn(ship_loop(reader, logger, bulkhead, config, metrics, shared));
     Ok((shipper, task))
@@ -379,6 +373,8 @@ async fn ship_loop(
     shared: Arc<Shared>,
 ) {
     let mut last_was_full = false;
+    // Segments before this start have been released (deleted) already.
+    let mut released_before = reader.segment_start();
     loop {
         let end = shared.end.load(Ordering::Acquire);
         if reader.position() >= end {
@@ -451,9 +447,11 @@ async fn ship_loop(
         .await;
         shared.cursor.store(position, Ordering::Release);
         let dir = shared.dir.clone();
-        let keep_from = reader.segment_start();
-        match tokio::task::spawn_blocking(move || spool::commit(&dir, position, keep_from)).await {
-            Ok(Ok(())) => {}
+        // Listing the directory for segments to delete is only needed once the reader has
+        // moved on to a new segment.
+        let release = (reader.segment_start() > released_before).then_some(reader.segment_start());
+        match tokio::task::spawn_blocking(move || spool::commit(&dir, position, release)).await {
+            Ok(Ok(())) => released_before = release.unwrap_or(released_before),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "recording the spool cursor failed (records may be delivered twice; the logger stores them once)")
             }

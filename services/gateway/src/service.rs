@@ -195,7 +195,7 @@ impl GatewayService {
         let latency = started.elapsed().as_micros() as u64;
         let time = now_micros();
         let wait = SPOOL_WAIT.min(deadline.remaining().saturating_sub(SPOOL_WAIT_MARGIN));
-        let delivery_note = self.log.delivery_failing().then(|| {
+        let delivery_note = self.log.status().delivery_failing().then(|| {
             "prediction-log: delivery delayed (logger unavailable; record kept in the spool)"
                 .to_owned()
         });

@@ -63,12 +63,15 @@ fn read_cursor(dir: &Path) -> io::Result<u64> {
     }
 }
 
-/// Records `cursor` as acknowledged and deletes the segments wholly before `keep_from` (the
-/// segment the reader is in).
-pub fn commit(dir: &Path, cursor: u64, keep_from: u64) -> io::Result<()> {
+/// Records `cursor` as acknowledged and, given `release`, deletes the segments wholly before
+/// it (the segment the reader is in).
+pub fn commit(dir: &Path, cursor: u64, release: Option<u64>) -> io::Result<()> {
     let tmp = dir.join("cursor.tmp");
     fs::write(&tmp, cursor.to_string())?;
     fs::rename(&tmp, dir.join("cursor"))?;
+    let Some(keep_from) = release else {
+        return Ok(());
+    };
     for start in segments(dir)? {
         if start < keep_from {
             fs::remove_file(segment_path(dir, start))?;
@@ -383,7 +386,7 @@ mod tests {
         let mut reader = Reader::new(&dir, 0).expect("reader");
         let (first, _) = reader.read(end, 7).expect("read");
         assert_eq!(first.len(), 7);
-        commit(&dir, reader.position(), reader.segment_start()).expect("commit");
+        commit(&dir, reader.position(), Some(reader.segment_start())).expect("commit");
         drop(spool);
         let recovered = Spool::open(&dir, 64).expect("reopen");
         assert_eq!(recovered.pending_records, 13);

@@ -309,4 +309,38 @@ fn as_user(cmd: &mut Command, run_as: Option<(u32, u32)>) {
     }
 }
 
+/// `GET path` on an HTTP/1.1 endpoint at `addr` (a service's metrics port), with
+/// `Connection: close`: the status code and the body. Fails if no full answer comes `within`.
+pub async fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    within: Duration,
+) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        let response = String::from_utf8_lossy(&raw);
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(within, fetch).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("GET {path} on {addr}: no answer within {within:?}"),
+        )
+    })?
+}
+
 pub mod proxy;

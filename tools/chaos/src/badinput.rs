@@ -501,33 +501,35 @@ pub fn plan(t: &Targets, total: usize) -> Vec<Bad> {
             )
         }),
     );
+    let put_features = |entity_id: &str, features: Vec<(&str, FeatureValue)>| {
+        frame(
+            &mesh_proto::features::PutFeaturesRequest {
+                entities: vec![mesh_proto::features::EntityFeatures {
+                    entity_id: entity_id.into(),
+                    found: true,
+                    features: features
+                        .into_iter()
+                        .map(|(name, v)| (name.to_owned(), v))
+                        .collect(),
+                    tier: 0,
+                }],
+            }
+            .encode_to_vec(),
+        )
+    };
     add(
         1,
         grpc(
             "features: PutFeatures NaN/inf for a scratch entity",
             t.features,
             PUT_FEATURES,
-            {
-                frame(
-                    &mesh_proto::features::PutFeaturesRequest {
-                        entities: vec![mesh_proto::features::EntityFeatures {
-                            entity_id: "chaos-scratch-nan".into(),
-                            found: true,
-                            features: [
-                                ("tenure_months".to_owned(), value(Kind::Number(f64::NAN))),
-                                (
-                                    "monthly_charges".to_owned(),
-                                    value(Kind::Number(f64::INFINITY)),
-                                ),
-                            ]
-                            .into_iter()
-                            .collect(),
-                            tier: 0,
-                        }],
-                    }
-                    .encode_to_vec(),
-                )
-            },
+            put_features(
+                "chaos-scratch-nan",
+                vec![
+                    ("tenure_months", value(Kind::Number(f64::NAN))),
+                    ("monthly_charges", value(Kind::Number(f64::INFINITY))),
+                ],
+            ),
         ),
     );
     add(
@@ -536,19 +538,7 @@ pub fn plan(t: &Targets, total: usize) -> Vec<Bad> {
             "features: PutFeatures empty entity id",
             t.features,
             PUT_FEATURES,
-            {
-                frame(
-                    &mesh_proto::features::PutFeaturesRequest {
-                        entities: vec![mesh_proto::features::EntityFeatures {
-                            entity_id: String::new(),
-                            found: true,
-                            features: Default::default(),
-                            tier: 0,
-                        }],
-                    }
-                    .encode_to_vec(),
-                )
-            },
+            put_features("", Vec::new()),
         ),
     );
     add(

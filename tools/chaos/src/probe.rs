@@ -4,35 +4,11 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// `GET <path>` on 127.0.0.1:`port` (HTTP/1.1, `Connection: close`); the body. Bounded to 2 s.
+/// `GET <path>` on 127.0.0.1:`port`: status and body. Bounded to 2 s.
 pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        anyhow::Ok((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), fetch)
-        .await
-        .context("timed out")?
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    Ok(mesh_testkit::http_get(addr, path, Duration::from_secs(2)).await?)
 }
 
 /// The gateway's `/health` verdict (`healthy`, `degraded`, `unhealthy`), or `None` if it cannot
