@@ -50,38 +50,7 @@ pub fn environment(dylib: &Path) -> Result<Environment, InferenceError> {
     Ok(env)
 }
 
-/// One column of input, already converted to what the graph takes.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Column {
-    /// float32 values of a number feature.
-    Numbers(Vec<f32>),
-    /// Strings of a category feature.
-    Categories(Vec<String>),
-}
-
-impl Column {
-    /// Number of rows.
-    pub fn len(&self) -> usize {
-        match self {
-            Column::Numbers(v) => v.len(),
-            Column::Categories(v) => v.len(),
-        }
-    }
-
-    /// Whether it has no rows.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// What a model run returns: each output by name, flattened, with its shape.
-#[derive(Debug, Clone)]
-pub enum OutputData {
-    /// float32 output.
-    F32(Vec<f32>),
-    /// int64 output.
-    I64(Vec<i64>),
-}
+pub use mesh_tensor::{Column, OutputData};
 
 /// One output tensor.
 #[derive(Debug, Clone)]

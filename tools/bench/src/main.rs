@@ -26,8 +26,8 @@ use hdrhistogram::Histogram;
 use mesh_proto::gateway::gateway_client::GatewayClient;
 use mesh_proto::gateway::PredictRequest;
 use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use mesh_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
-use mesh_proto::inference::{InferTensorContents, ModelInferRequest};
+use mesh_proto::inference::model_infer_request::InferRequestedOutputTensor;
+use mesh_proto::inference::ModelInferRequest;
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
 use tonic::transport::Channel;
 
@@ -282,26 +282,10 @@ impl Caller {
 }
 
 fn infer_template(rows: usize) -> ModelInferRequest {
-    let num = |name: &str, v: f32| InferInputTensor {
-        name: name.into(),
-        datatype: "FP32".into(),
-        shape: vec![rows as i64, 1],
-        parameters: Default::default(),
-        contents: Some(InferTensorContents {
-            fp32_contents: vec![v; rows],
-            ..Default::default()
-        }),
-    };
-    let cat = |name: &str, v: &str| InferInputTensor {
-        name: name.into(),
-        datatype: "BYTES".into(),
-        shape: vec![rows as i64, 1],
-        parameters: Default::default(),
-        contents: Some(InferTensorContents {
-            bytes_contents: vec![v.as_bytes().to_vec(); rows],
-            ..Default::default()
-        }),
-    };
+    use mesh_tensor::{encode_input, Column};
+    let num = |name: &str, v: f32| encode_input(name, Column::Numbers(vec![v; rows]));
+    let cat =
+        |name: &str, v: &str| encode_input(name, Column::Categories(vec![v.to_owned(); rows]));
     ModelInferRequest {
         model_name: "churn".into(),
         model_version: String::new(),
