@@ -26,7 +26,7 @@ impl From<FeaturesError> for tonic::Status {
                 let mut status =
                     tonic::Status::unavailable("feature store unavailable: database unreachable");
                 status.metadata_mut().insert(
-                    mesh_runtime::retry::STORE_UNAVAILABLE,
+                    mesh_runtime::resilience::STORE_UNAVAILABLE,
                     tonic::metadata::MetadataValue::from_static("postgresql"),
                 );
                 status

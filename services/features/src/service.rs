@@ -38,20 +38,9 @@ fn check_ids<'a>(ids: impl Iterator<Item = &'a str>, count: usize) -> Result<(),
         )));
     }
     for (i, id) in ids.enumerate() {
-        if id.trim().is_empty() {
+        if let Some(problem) = mesh_runtime::text::entity_id_problem(id) {
             return Err(FeaturesError::InvalidArgument(format!(
-                "entity id #{i} is empty"
-            )));
-        }
-        if id.len() > 256 {
-            return Err(FeaturesError::InvalidArgument(format!(
-                "entity id #{i} is {} bytes long; the limit is 256",
-                id.len()
-            )));
-        }
-        if let Some(c) = mesh_runtime::text::control_character(id) {
-            return Err(FeaturesError::InvalidArgument(format!(
-                "entity id #{i} contains a control character ({c})"
+                "entity id #{i} {problem}"
             )));
         }
     }

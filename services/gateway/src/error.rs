@@ -53,6 +53,39 @@ impl GatewayError {
     }
 }
 
+impl GatewayError {
+    /// A downstream's failure as the gateway's error, naming the downstream.
+    pub fn from_downstream(downstream: &str, status: &tonic::Status) -> Self {
+        use crate::client::CIRCUIT_OPEN;
+        use tonic::Code::*;
+        match status.code() {
+            DeadlineExceeded | Cancelled => GatewayError::DeadlineExceeded,
+            ResourceExhausted => GatewayError::Overloaded(format!("{downstream} is overloaded")),
+            Unavailable if mesh_runtime::resilience::is_store_unavailable(status) => {
+                GatewayError::Unavailable(format!(
+                    "{downstream} cannot reach its database and has no cached features for the entity"
+                ))
+            }
+            Unavailable if status.message().ends_with(CIRCUIT_OPEN) => {
+                GatewayError::Unavailable(format!("{downstream} is unavailable ({CIRCUIT_OPEN})"))
+            }
+            Unavailable | Unknown => {
+                GatewayError::Unavailable(format!("{downstream} is unavailable"))
+            }
+            InvalidArgument => GatewayError::InvalidArgument(status.message().to_owned()),
+            NotFound => GatewayError::NotFound(status.message().to_owned()),
+            Ok | AlreadyExists | PermissionDenied | FailedPrecondition | Aborted | OutOfRange
+            | Unimplemented | Internal | DataLoss | Unauthenticated => {
+                GatewayError::Internal(format!(
+                    "{downstream} answered {:?}: {}",
+                    status.code(),
+                    status.message()
+                ))
+            }
+        }
+    }
+}
+
 impl From<GatewayError> for tonic::Status {
     fn from(e: GatewayError) -> Self {
         match &e {

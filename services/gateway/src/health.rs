@@ -18,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::downstream::InferenceDownstream;
+use crate::client::InferenceDownstream;
 use crate::logship::SpoolStatus;
 
 /// One dependency to check.
@@ -97,10 +97,10 @@ pub fn probe(
             let replica_states: serde_json::Map<String, serde_json::Value> = inference
                 .states()
                 .into_iter()
-                .map(|(url, serving, ejected)| {
+                .map(|r| {
                     (
-                        url,
-                        serde_json::json!({"watched_serving": serving, "ejected": ejected}),
+                        r.url,
+                        serde_json::json!({"watched_serving": r.serving, "ejected": r.ejected}),
                     )
                 })
                 .collect();

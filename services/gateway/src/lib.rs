@@ -9,10 +9,11 @@
 //! - [`service`]: the handlers; [`error`]: the one mapping to `tonic::Status`.
 
 pub mod auth;
-pub mod downstream;
+pub mod client;
 pub mod error;
 pub mod health;
 pub mod logship;
+pub mod pipeline;
 pub mod service;
 pub mod spool;
 pub mod validate;
@@ -25,7 +26,7 @@ use std::time::Duration;
 use mesh_proto::gateway::gateway_server::GatewayServer;
 use mesh_runtime::config::{env_list, env_millis, env_parse, env_positive, env_str, ServerConfig};
 use mesh_runtime::registry::ModelRegistry;
-use mesh_runtime::retry::{BreakerConfig, BreakerMetrics, CircuitBreaker, RetryBudget};
+use mesh_runtime::resilience::{BreakerConfig, BreakerMetrics, CircuitBreaker, RetryBudget};
 use mesh_runtime::{serve_grpc, Bulkhead, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
@@ -77,7 +78,7 @@ pub struct Config {
     /// TLS-terminating proxy).
     pub tls: Option<TlsFiles>,
     /// Outlier detection of inference replicas (`MESH_OUTLIER_*`).
-    pub outlier: downstream::OutlierConfig,
+    pub outlier: client::replicas::OutlierConfig,
     /// `MESH_LOG_BATCH_SIZE`, default 500 records per Record call.
     pub log_batch_size: usize,
     /// `MESH_LOG_FLUSH_MS`, default 50.
@@ -143,7 +144,7 @@ impl Config {
                 )),
             },
             outlier: {
-                let defaults = downstream::OutlierConfig::default();
+                let defaults = client::replicas::OutlierConfig::default();
                 let percent = env_positive(
                     "MESH_OUTLIER_MAX_EJECTED_PERCENT",
                     defaults.max_ejected_percent as usize,
@@ -154,7 +155,7 @@ impl Config {
                         "MESH_OUTLIER_MAX_EJECTED_PERCENT={percent}: must be at most 100"
                     )));
                 }
-                downstream::OutlierConfig {
+                client::replicas::OutlierConfig {
                     consecutive_failures: env_positive(
                         "MESH_OUTLIER_CONSECUTIVE_FAILURES",
                         defaults.consecutive_failures as usize,
@@ -248,31 +249,32 @@ pub async fn serve(
     let ship_metrics = logship::ShipMetrics::register(&metrics.registry)
         .map_err(|e| GatewayError::Config(e.to_string()))?;
     let bulkheads = &metrics.bulkheads;
-    let compartments = |prefix: &str, features: usize, inference: usize| downstream::Compartments {
+    let compartments = |prefix: &str, features: usize, inference: usize| client::Compartments {
         features: Bulkhead::new(&format!("{prefix}features"), features, bulkheads),
         inference: Bulkhead::new(&format!("{prefix}inference"), inference, bulkheads),
     };
     let margin = config.downstream_margin;
     let breakers = BreakerMetrics::register(&metrics.registry)
         .map_err(|e| GatewayError::Config(e.to_string()))?;
-    let guard = |name: &str| downstream::Guard {
-        breaker: CircuitBreaker::new(name, config.breaker, &breakers),
-        budget: RetryBudget::new(config.retry_ratio, config.retry_floor),
+    let guard = |name: &str| {
+        client::Downstream::new(
+            CircuitBreaker::new(name, config.breaker, &breakers),
+            RetryBudget::new(config.retry_ratio as f32, config.retry_floor as u32),
+        )
+    };
+    let channel = |url: &str, variable: &str| {
+        client::call::channel(url)
+            .map_err(|e| GatewayError::Config(format!("{variable}={url:?}: {e}")))
     };
     // One channel (connection) per dependency, shared by its client and the health report.
-    let features_channel = downstream::channel(&config.features_url, "MESH_FEATURES_URL")?;
-    let logger_channel = downstream::channel(&config.logger_url, "MESH_LOGGER_URL")?;
+    let features_channel = channel(&config.features_url, "MESH_FEATURES_URL")?;
+    let logger_channel = channel(&config.logger_url, "MESH_LOGGER_URL")?;
     let inference_channels = config
         .inference_urls
         .iter()
-        .map(|url| {
-            Ok((
-                url.clone(),
-                downstream::channel(url, "MESH_INFERENCE_URLS")?,
-            ))
-        })
+        .map(|url| Ok((url.clone(), channel(url, "MESH_INFERENCE_URLS")?)))
         .collect::<Result<Vec<_>, GatewayError>>()?;
-    let logger = downstream::LoggerDownstream::new(logger_channel.clone());
+    let logger = client::LoggerDownstream::new(logger_channel.clone());
     let (log, shipping) = logship::spawn(
         logger,
         Bulkhead::new("logger", config.logger_concurrency, bulkheads),
@@ -288,19 +290,20 @@ pub async fn serve(
         ship_metrics,
     )
     .map_err(|e| GatewayError::Config(e.to_string()))?;
-    let replica_metrics = downstream::ReplicaMetrics::register(&metrics.registry)
+    let replica_metrics = client::replicas::ReplicaMetrics::register(&metrics.registry)
         .map_err(|e| GatewayError::Config(e.to_string()))?;
-    let inference = downstream::InferenceDownstream::new(
-        &inference_channels,
-        margin,
-        guard("inference"),
-        config.outlier,
-        replica_metrics,
-    )?;
+    if inference_channels.is_empty() {
+        return Err(GatewayError::Config(
+            "MESH_INFERENCE_URLS lists no replica".into(),
+        ));
+    }
+    let replicas =
+        client::replicas::ReplicaSet::start(&inference_channels, config.outlier, replica_metrics);
+    let inference = client::InferenceDownstream::new(replicas, margin, guard("inference"));
     let spool_status = log.status().clone();
     let service = service::GatewayService {
         registry,
-        features: downstream::FeaturesDownstream::new(
+        features: client::FeaturesDownstream::new(
             features_channel.clone(),
             margin,
             guard("features"),

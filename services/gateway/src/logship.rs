@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::downstream::LoggerDownstream;
+use crate::client::LoggerDownstream;
 use crate::spool::{self, Reader, Spool};
 
 /// Shipping settings.

@@ -9,26 +9,16 @@ use mesh_runtime::text::control_character;
 
 use crate::error::GatewayError;
 
-/// Longest entity id or category value accepted.
-pub const MAX_STRING_BYTES: usize = 256;
+pub use mesh_runtime::text::MAX_STRING_BYTES;
 
 /// Checks an entity id.
 pub fn entity_id(id: &str) -> Result<(), GatewayError> {
-    if id.trim().is_empty() {
-        return Err(GatewayError::InvalidArgument("entity_id is empty".into()));
+    match mesh_runtime::text::entity_id_problem(id) {
+        Some(problem) => Err(GatewayError::InvalidArgument(format!(
+            "entity_id {problem}"
+        ))),
+        None => Ok(()),
     }
-    if id.len() > MAX_STRING_BYTES {
-        return Err(GatewayError::InvalidArgument(format!(
-            "entity_id is {} bytes long; the limit is {MAX_STRING_BYTES}",
-            id.len()
-        )));
-    }
-    if let Some(c) = control_character(id) {
-        return Err(GatewayError::InvalidArgument(format!(
-            "entity_id contains a control character ({c})"
-        )));
-    }
-    Ok(())
 }
 
 /// Checks request-time features: each must be a feature of the model, of the right type, with

@@ -4,9 +4,13 @@
 //! - [`config`]: environment variables with defaults and errors that name the variable.
 //! - [`deadline`]: the request's deadline budget, read from `grpc-timeout` and passed on.
 //! - [`bulkhead`]: concurrency limits that shed load with `RESOURCE_EXHAUSTED` instead of queueing.
+//! - [`resilience`]: the classifier (success / failure / ignore), circuit breakers with guard
+//!   permits, the retry budget and back-off.
 //! - [`server`]: the serving scaffold: tower stack, health, reflection, metrics, graceful drain.
+//! - [`batch`]: draining a queue in batches (the record shipper and the logger's writer).
 //! - [`postgres`]: connection pools and schema migrations.
-//! - [`text`]: what stored strings (ids, categories) may contain.
+//! - [`registry`]: the model registry on disk (manifests, versions, aliases).
+//! - [`text`]: what stored strings (entity ids, categories) may contain.
 
 pub mod batch;
 pub mod bulkhead;
@@ -14,7 +18,7 @@ pub mod config;
 pub mod deadline;
 pub mod postgres;
 pub mod registry;
-pub mod retry;
+pub mod resilience;
 pub mod server;
 pub mod text;
 

@@ -1,0 +1,116 @@
+//! Inference across replicas: `ModelInfer` is idempotent, so a replica that is unreachable,
+//! times out its share of the budget, or pushes back with `RESOURCE_EXHAUSTED` is followed by
+//! another replica (never one that already failed this request while another is available),
+//! while the retry budget and the deadline allow.
+
+use std::time::Duration;
+
+use mesh_proto::inference::{ModelInferRequest, ModelInferResponse};
+use mesh_runtime::resilience::{retry_kind, RetryKind};
+use mesh_runtime::{Bulkhead, Deadline};
+use mesh_telemetry::propagation::client_span;
+
+use super::call::traced;
+use super::replicas::{ReplicaHandle, ReplicaState};
+use super::{Attempt, Attempts, Downstream};
+
+/// The inference replicas behind one breaker and retry budget.
+#[derive(Clone)]
+pub struct InferenceDownstream {
+    replicas: ReplicaHandle,
+    margin: Duration,
+    downstream: Downstream,
+}
+
+impl InferenceDownstream {
+    /// Calls to `replicas`; `margin` is kept back from each budget for the way back.
+    pub fn new(replicas: ReplicaHandle, margin: Duration, downstream: Downstream) -> Self {
+        Self {
+            replicas,
+            margin,
+            downstream,
+        }
+    }
+
+    /// Each replica's URL, health and ejection, for the health report.
+    pub fn states(&self) -> Vec<ReplicaState> {
+        self.replicas.states()
+    }
+
+    /// `ModelInfer` within `deadline`, in `bulkhead`, and notes of what degraded (a replica
+    /// that failed before another answered).
+    pub async fn infer(
+        &self,
+        request: ModelInferRequest,
+        deadline: Deadline,
+        bulkhead: &Bulkhead,
+    ) -> Result<(ModelInferResponse, Vec<String>), tonic::Status> {
+        let _permit = bulkhead.try_enter()?;
+        let attempts = ReplicaAttempts {
+            replicas: &self.replicas,
+            request,
+            failed: Vec::new(),
+            margin: self.margin,
+        };
+        self.downstream.call(deadline, attempts).await
+    }
+}
+
+/// Balance and traced call for one request: remembers the replicas it failed on.
+struct ReplicaAttempts<'a> {
+    replicas: &'a ReplicaHandle,
+    request: ModelInferRequest,
+    failed: Vec<usize>,
+    margin: Duration,
+}
+
+impl Attempts for ReplicaAttempts<'_> {
+    type Response = ModelInferResponse;
+
+    fn has_alternative(&self) -> bool {
+        self.replicas.untried(&self.failed) > 1
+    }
+
+    async fn attempt(&mut self, _number: u32, deadline: Deadline) -> Attempt<Self::Response> {
+        let index = self.replicas.pick(&self.failed);
+        let replica = self.replicas.get(index);
+        let span = client_span(mesh_proto::service_names::INFERENCE, "ModelInfer");
+        span.record("server.address", replica.url());
+        let mut client = replica.client();
+        let _in_flight = replica.lease();
+        let judged = traced(
+            span,
+            self.request.clone(),
+            deadline,
+            self.margin,
+            |r| async move { client.model_infer(r).await },
+        )
+        .await;
+        self.replicas.observe(index, judged.verdict);
+        let Err(status) = &judged.result else {
+            return Attempt {
+                result: judged.result,
+                verdict: judged.verdict,
+                retry: false,
+                note: None,
+            };
+        };
+        self.failed.push(index);
+        let retry = match retry_kind(status) {
+            RetryKind::Never => false,
+            RetryKind::Anywhere => true,
+            RetryKind::Elsewhere => self.replicas.untried(&self.failed) > 0,
+        };
+        let note = format!(
+            "inference: replica {} failed ({:?}); retried on another",
+            replica.url(),
+            status.code()
+        );
+        Attempt {
+            result: judged.result,
+            verdict: judged.verdict,
+            retry,
+            note: Some(note),
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! One pipeline serves `Predict` and `PredictBatch`: a prediction is a batch of one. Its named
+//! steps, in order:
+//!
+//! 1. **resolve** the model version the request names (or the production alias);
+//! 2. **plan**: check each item (entity id, request features) and note which need stored
+//!    features;
+//! 3. **fetch** stored features for those entities in one `GetFeatures` call;
+//! 4. **assemble** each item's feature vector (request values win over stored ones);
+//! 5. **score** every assembled row in one `ModelInfer` call;
+//! 6. **record** each prediction in the durable spool (a bounded wait);
+//! 7. **answer**, each item with its own result and its own notes of what degraded.
+//!
+//! An item's problem (bad input, unknown entity, features it cannot get) is that item's error;
+//! only what makes every item fail (out of time, shed, inference down) fails the call.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mesh_proto::features::EntityFeatures;
+use mesh_proto::gateway::PredictResponse;
+use mesh_proto::inference::model_infer_request::InferRequestedOutputTensor;
+use mesh_proto::inference::ModelInferRequest;
+use mesh_proto::logger::PredictionRecord;
+use mesh_proto::types::{feature_value::Kind, FeatureTier, FeatureValue};
+use mesh_runtime::registry::{FeatureKind, ModelManifest};
+use mesh_runtime::Deadline;
+use mesh_telemetry::propagation::current_trace_id;
+use mesh_tensor::{decode_output_f32, encode_input, Column};
+
+use crate::client::Compartments;
+use crate::error::GatewayError;
+use crate::service::GatewayService;
+use crate::validate;
+
+/// Longest a prediction waits for its record to be on disk before it is answered anyway.
+pub const SPOOL_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// Kept back from the deadline when waiting for the spool, for the answer's way back.
+const SPOOL_WAIT_MARGIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// One item to score: an entity and the features the caller supplied.
+pub struct Item {
+    /// The entity.
+    pub entity_id: String,
+    /// Request-time features (they win over stored ones).
+    pub features: HashMap<String, FeatureValue>,
+}
+
+/// What one call of the pipeline is for.
+pub struct Call<'a> {
+    /// When the call arrived (for the recorded latency).
+    pub started: Instant,
+    /// The caller's deadline.
+    pub deadline: Deadline,
+    /// The traffic class's bulkheads (online or batch).
+    pub compartments: &'a Compartments,
+}
+
+/// Each item's answer or error, in the items' order, and the model version that scored them.
+pub struct Outcome {
+    /// The version resolved in step 1.
+    pub model_version: String,
+    /// One result per item.
+    pub results: Vec<Result<PredictResponse, GatewayError>>,
+}
+
+/// An item after planning: failed already, or waiting for its row.
+enum Slot {
+    Failed(GatewayError),
+    Complete(Item),
+    NeedsStore(Item),
+}
+
+/// Stored features of the entities that needed them, or why there are none.
+enum Stored {
+    Found(HashMap<String, EntityFeatures>, Vec<String>),
+    Unavailable(GatewayError),
+}
+
+/// One row to score.
+struct Row {
+    entity_id: String,
+    values: Vec<Kind>,
+    logged: BTreeMap<String, FeatureValue>,
+    tier: FeatureTier,
+    degraded: Vec<String>,
+}
+
+impl GatewayService {
+    /// Runs the pipeline for `items` of `model` (at `version`, or the production alias).
+    pub async fn run(
+        &self,
+        model: &str,
+        version: &str,
+        items: Vec<Item>,
+        call: Call<'_>,
+    ) -> Result<Outcome, GatewayError> {
+        let version = self.registry.resolve(model, version)?;
+        let manifest = &version.manifest;
+        let slots = plan(manifest, items);
+        let stored = self.fetch(&slots, &call).await?;
+        let mut rows = Vec::new();
+        let mut results: Vec<Option<Result<PredictResponse, GatewayError>>> = Vec::new();
+        let mut row_of = Vec::new();
+        for slot in slots {
+            match assemble(manifest, slot, &stored) {
+                Ok(row) => {
+                    row_of.push(results.len());
+                    rows.push(row);
+                    results.push(None);
+                }
+                Err(error) => results.push(Some(Err(error))),
+            }
+        }
+        if !rows.is_empty() {
+            let scored = self.score(manifest, &rows, &call).await?;
+            let answers = self.record_and_answer(manifest, rows, scored, &call).await;
+            for (i, answer) in row_of.into_iter().zip(answers) {
+                results[i] = Some(Ok(answer));
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(GatewayError::Internal("item not scored".into()))))
+            .collect();
+        Ok(Outcome {
+            model_version: manifest.version.clone(),
+            results,
+        })
+    }
+
+    /// Step 3: one `GetFeatures` for the entities that need stored features. Out of time or
+    /// shed fails the call (the caller should know to back off); any other failure becomes
+    /// each such item's error in step 4.
+    async fn fetch(&self, slots: &[Slot], call: &Call<'_>) -> Result<Stored, GatewayError> {
+        let mut ids: Vec<String> = Vec::new();
+        for slot in slots {
+            if let Slot::NeedsStore(item) = slot {
+                if !ids.contains(&item.entity_id) {
+                    ids.push(item.entity_id.clone());
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Stored::Found(HashMap::new(), Vec::new()));
+        }
+        let bulkhead = &call.compartments.features;
+        match self.features.get(ids, call.deadline, bulkhead).await {
+            Ok(response) => {
+                let found = response
+                    .entities
+                    .into_iter()
+                    .map(|e| (e.entity_id.clone(), e))
+                    .collect();
+                Ok(Stored::Found(found, response.degraded))
+            }
+            Err(status) => match GatewayError::from_downstream("features service", &status) {
+                error @ (GatewayError::DeadlineExceeded | GatewayError::Overloaded(_)) => {
+                    Err(error)
+                }
+                error => Ok(Stored::Unavailable(error)),
+            },
+        }
+    }
+
+    /// Step 5: one `ModelInfer` for all rows; their scores in order, and what degraded on the
+    /// way (a replica failed over).
+    async fn score(
+        &self,
+        manifest: &ModelManifest,
+        rows: &[Row],
+        call: &Call<'_>,
+    ) -> Result<(Vec<f64>, Vec<String>), GatewayError> {
+        let request = infer_request(manifest, rows);
+        let bulkhead = &call.compartments.inference;
+        let (response, degraded) = self
+            .inference
+            .infer(request, call.deadline, bulkhead)
+            .await
+            .map_err(|s| GatewayError::from_downstream("inference", &s))?;
+        let (values, width) = decode_output_f32(&response, &manifest.output.name)
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        if values.len() != rows.len() * width || manifest.output.index >= width {
+            return Err(GatewayError::Internal(format!(
+                "inference output {} has {} values for {} rows of width {width}",
+                manifest.output.name,
+                values.len(),
+                rows.len()
+            )));
+        }
+        let scores = (0..rows.len())
+            .map(|r| values[r * width + manifest.output.index] as f64)
+            .collect();
+        Ok((scores, degraded))
+    }
+
+    /// Steps 6 and 7: each scored row's record written to the spool, then its answer. The wait
+    /// for the disk is bounded by [`SPOOL_WAIT`] and the deadline; a record that could not be
+    /// kept is said in its answer's `degraded` list, the answer is not withheld.
+    async fn record_and_answer(
+        &self,
+        manifest: &ModelManifest,
+        rows: Vec<Row>,
+        (scores, inference_notes): (Vec<f64>, Vec<String>),
+        call: &Call<'_>,
+    ) -> Vec<PredictResponse> {
+        let trace_id = current_trace_id().unwrap_or_default();
+        let latency = call.started.elapsed().as_micros() as u64;
+        let time = now_micros();
+        let remaining = call.deadline.remaining();
+        let wait = SPOOL_WAIT.min(remaining.saturating_sub(SPOOL_WAIT_MARGIN));
+        let delivery_note = self.log.status().delivery_failing().then(|| {
+            "prediction-log: delivery delayed (logger unavailable; record kept in the spool)"
+                .to_owned()
+        });
+        let records: Vec<PredictionRecord> = rows
+            .iter()
+            .zip(&scores)
+            .map(|(row, score)| PredictionRecord {
+                prediction_id: uuid::Uuid::now_v7().to_string(),
+                time_unix_micros: time,
+                model: manifest.name.clone(),
+                model_version: manifest.version.clone(),
+                entity_id: row.entity_id.clone(),
+                features: row
+                    .logged
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                score: *score,
+                latency_micros: latency,
+                feature_tier: row.tier as i32,
+                trace_id: trace_id.clone(),
+            })
+            .collect();
+        let kept =
+            futures::future::join_all(records.iter().map(|r| self.log.record(r, wait))).await;
+        records
+            .into_iter()
+            .zip(rows)
+            .zip(kept)
+            .map(|((record, row), kept)| {
+                let mut degraded = row.degraded;
+                degraded.extend(inference_notes.iter().cloned());
+                match kept {
+                    Ok(()) => degraded.extend(delivery_note.clone()),
+                    Err(not_kept) => degraded.push(not_kept.note()),
+                }
+                PredictResponse {
+                    prediction_id: record.prediction_id,
+                    model: record.model,
+                    model_version: record.model_version,
+                    score: record.score,
+                    feature_tier: record.feature_tier,
+                    trace_id: record.trace_id,
+                    degraded,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Step 2: checks each item; those whose request lacks features wait for the store.
+fn plan(manifest: &ModelManifest, items: Vec<Item>) -> Vec<Slot> {
+    items
+        .into_iter()
+        .map(|item| {
+            let checked = validate::entity_id(&item.entity_id)
+                .and_then(|()| validate::request_features(manifest, &item.features));
+            match checked {
+                Err(error) => Slot::Failed(error),
+                Ok(()) if validate::request_is_complete(manifest, &item.features) => {
+                    Slot::Complete(item)
+                }
+                Ok(()) => Slot::NeedsStore(item),
+            }
+        })
+        .collect()
+}
+
+/// Step 4: an item's row from its request features and, if it needed them, its stored ones;
+/// or its error, naming the features a caller could supply to score it without the store.
+fn assemble(manifest: &ModelManifest, slot: Slot, stored: &Stored) -> Result<Row, GatewayError> {
+    let (item, entity, notes) = match slot {
+        Slot::Failed(error) => return Err(error),
+        Slot::Complete(item) => (item, None, Vec::new()),
+        Slot::NeedsStore(item) => {
+            let missing = || validate::missing_from_request(manifest, &item.features).join(", ");
+            let (found, notes) = match stored {
+                Stored::Unavailable(error) => {
+                    return Err(GatewayError::Unavailable(format!(
+                        "{error}; the request does not supply {} to score without it",
+                        missing()
+                    )))
+                }
+                Stored::Found(found, notes) => (found, notes),
+            };
+            match found.get(&item.entity_id) {
+                Some(entity) if entity.found => (item, Some(entity), notes.clone()),
+                Some(_) => {
+                    return Err(GatewayError::NotFound(format!(
+                        "entity {:?} is not in the feature store; supply {} in the request to score it anyway",
+                        item.entity_id,
+                        missing()
+                    )))
+                }
+                None => {
+                    return Err(GatewayError::Internal(
+                        "features service omitted an entity it was asked for".into(),
+                    ))
+                }
+            }
+        }
+    };
+    let stored_features = entity.map(|e| &e.features);
+    let values = validate::assemble(manifest, &item.entity_id, &item.features, stored_features)?;
+    let tier = match entity {
+        None => FeatureTier::Request,
+        Some(e) => FeatureTier::try_from(e.tier).unwrap_or(FeatureTier::Unspecified),
+    };
+    Ok(Row {
+        logged: validate::merged(&item.features, stored_features),
+        entity_id: item.entity_id,
+        values,
+        tier,
+        degraded: notes,
+    })
+}
+
+/// The KServe request for `rows`: one input per feature, `[N, 1]`, FP32 or BYTES.
+fn infer_request(manifest: &ModelManifest, rows: &[Row]) -> ModelInferRequest {
+    let inputs = manifest
+        .features
+        .iter()
+        .enumerate()
+        .map(|(col, spec)| {
+            let column = match spec.kind {
+                FeatureKind::Number => Column::Numbers(
+                    rows.iter()
+                        .map(|r| match &r.values[col] {
+                            Kind::Number(v) => *v as f32,
+                            Kind::Category(_) => f32::NAN,
+                        })
+                        .collect(),
+                ),
+                FeatureKind::Category => Column::Categories(
+                    rows.iter()
+                        .map(|r| match &r.values[col] {
+                            Kind::Category(c) => c.clone(),
+                            Kind::Number(_) => String::new(),
+                        })
+                        .collect(),
+                ),
+            };
+            encode_input(&spec.name, column)
+        })
+        .collect();
+    ModelInferRequest {
+        model_name: manifest.name.clone(),
+        model_version: manifest.version.clone(),
+        id: String::new(),
+        parameters: Default::default(),
+        inputs,
+        outputs: vec![InferRequestedOutputTensor {
+            name: manifest.output.name.clone(),
+            parameters: Default::default(),
+        }],
+        raw_input_contents: Vec::new(),
+    }
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
