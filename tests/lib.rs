@@ -229,13 +229,13 @@ pub fn gateway_config(
         spool_dir: scratch_dir("spool"),
         spool_max_bytes: 64 << 20,
         spool_segment_bytes: 1 << 20,
-        outlier: mesh_gateway::downstream::OutlierConfig::default(),
+        outlier: mesh_gateway::client::replicas::OutlierConfig::default(),
         tls: None,
         log_batch_size: 100,
         log_flush: Duration::from_millis(10),
         api_keys: Vec::new(),
         rate_limit: None,
-        breaker: mesh_runtime::retry::BreakerConfig {
+        breaker: mesh_runtime::resilience::BreakerConfig {
             failure_threshold: 5,
             open_for: Duration::from_secs(1),
             max_open_for: Duration::from_secs(30),
@@ -374,17 +374,22 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Starts everything and waits until every service is SERVING; `tune` adjusts the
-    /// gateway's configuration.
+    /// Starts everything (two inference replicas) and waits until every service is SERVING;
+    /// `tune` adjusts the gateway's configuration.
     pub async fn start(tune: impl FnOnce(&mut mesh_gateway::Config)) -> Self {
+        Self::start_with(2, tune).await
+    }
+
+    /// Like [`Mesh::start`], with `replicas` inference replicas.
+    pub async fn start_with(replicas: usize, tune: impl FnOnce(&mut mesh_gateway::Config)) -> Self {
         telemetry();
         let redis = RedisServer::start().expect("redis");
         let pg = PostgresServer::start().expect("postgres");
         let features = start_features(features_config(Some(&redis), &pg)).await;
-        let inference = vec![
-            start_inference(inference_config()).await,
-            start_inference(inference_config()).await,
-        ];
+        let mut inference = Vec::new();
+        for _ in 0..replicas {
+            inference.push(start_inference(inference_config()).await);
+        }
         let logger = start_logger(logger_config(&pg)).await;
         let features_proxy = DelayProxy::start(features.addr).await.expect("proxy");
         let mut inference_proxies = Vec::new();
@@ -425,6 +430,37 @@ impl Mesh {
     /// A client of the gateway.
     pub fn gateway_client(&self) -> GatewayClient<Channel> {
         GatewayClient::new(channel(self.gateway.addr))
+    }
+
+    /// Waits (at most 3 s) until the gateway holds nothing for calls that have ended: every
+    /// `mesh_replica_in_flight` and `mesh_bulkhead_in_flight` sample back at 0. Call it after
+    /// every load: a count left behind by a cancelled call skews the balancer (or sheds) for
+    /// the rest of the process's life.
+    pub async fn assert_idle(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let (_, body) = http_get(self.gateway_http, "/metrics").await;
+            let busy: Vec<&str> = body
+                .lines()
+                .filter(|l| {
+                    l.starts_with("mesh_replica_in_flight{")
+                        || l.starts_with("mesh_bulkhead_in_flight{")
+                })
+                .filter(|l| l.rsplit(' ').next() != Some("0"))
+                .collect();
+            if busy.is_empty() {
+                assert!(
+                    body.contains("mesh_replica_in_flight{"),
+                    "the gateway exports no mesh_replica_in_flight"
+                );
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "calls still counted in flight after the load ended: {busy:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A client of the features service (direct, not through the proxy).
