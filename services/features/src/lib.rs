@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::features::features_server::FeaturesServer;
-use mesh_runtime::config::{env_millis, env_positive, env_str, ServerConfig};
+use mesh_runtime::config::{server_settings, ServerConfig, Setting, Settings};
 use mesh_runtime::postgres::Migration;
 use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
@@ -68,28 +68,72 @@ pub struct Config {
     pub db_pool_size: usize,
 }
 
+/// Every variable the features service reads, with its default: the one place defaults are
+/// written.
+pub const SETTINGS: &[Setting] = &{
+    let server = server_settings("0.0.0.0:50052", "0.0.0.0:9102", "512");
+    [
+        server[0],
+        server[1],
+        server[2],
+        server[3],
+        server[4],
+        Setting::value(
+            "MESH_REDIS_URL",
+            "redis://127.0.0.1:6379",
+            "Redis; `off` disables the Redis tier",
+        ),
+        Setting::value(
+            "MESH_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            "PostgreSQL",
+        ),
+        Setting::value("MESH_CACHE_TTL_MS", "10000", "memory tier TTL"),
+        Setting::value(
+            "MESH_CACHE_CAPACITY",
+            "100000",
+            "entities in the memory tier",
+        ),
+        Setting::value("MESH_REDIS_TIMEOUT_MS", "20", "per Redis call"),
+        Setting::value(
+            "MESH_REDIS_COOLDOWN_MS",
+            "1000",
+            "Redis is skipped this long after a failure",
+        ),
+        Setting::value(
+            "MESH_REDIS_TTL_MS",
+            "300000",
+            "TTL of entries written back to Redis",
+        ),
+        Setting::value(
+            "MESH_DB_TIMEOUT_MS",
+            "1000",
+            "one PostgreSQL load or connection attempt",
+        ),
+        Setting::value("MESH_DB_POOL_SIZE", "16", "PostgreSQL connections"),
+    ]
+};
+
 impl Config {
-    /// Reads the environment; fails naming the variable that does not parse.
+    /// Reads the process environment; fails naming the variable that does not parse.
     pub fn from_env() -> Result<Self, FeaturesError> {
+        Self::read(&Settings::from_env(SETTINGS))
+    }
+
+    /// Reads the settings from `s`.
+    pub fn read(s: &Settings<'_>) -> Result<Self, FeaturesError> {
         let cfg = |e: mesh_runtime::config::ConfigError| FeaturesError::Config(e.to_string());
         Ok(Self {
-            server: ServerConfig::from_env("0.0.0.0:50052", "0.0.0.0:9102", 512).map_err(cfg)?,
-            redis_url: match env_str("MESH_REDIS_URL") {
-                Some(v) if v == "off" => None,
-                Some(v) => Some(v),
-                None => Some("redis://127.0.0.1:6379".into()),
-            },
-            database_url: env_str("MESH_DATABASE_URL")
-                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into()),
-            cache_ttl: env_millis("MESH_CACHE_TTL_MS", Duration::from_secs(10)).map_err(cfg)?,
-            cache_capacity: env_positive("MESH_CACHE_CAPACITY", 100_000).map_err(cfg)?,
-            redis_timeout: env_millis("MESH_REDIS_TIMEOUT_MS", Duration::from_millis(20))
-                .map_err(cfg)?,
-            redis_cooldown: env_millis("MESH_REDIS_COOLDOWN_MS", Duration::from_secs(1))
-                .map_err(cfg)?,
-            redis_ttl: env_millis("MESH_REDIS_TTL_MS", Duration::from_secs(300)).map_err(cfg)?,
-            db_timeout: env_millis("MESH_DB_TIMEOUT_MS", Duration::from_secs(1)).map_err(cfg)?,
-            db_pool_size: env_positive("MESH_DB_POOL_SIZE", 16).map_err(cfg)?,
+            server: ServerConfig::read(s).map_err(cfg)?,
+            redis_url: s.optional("MESH_REDIS_URL"),
+            database_url: s.string("MESH_DATABASE_URL"),
+            cache_ttl: s.millis("MESH_CACHE_TTL_MS").map_err(cfg)?,
+            cache_capacity: s.positive("MESH_CACHE_CAPACITY").map_err(cfg)?,
+            redis_timeout: s.millis("MESH_REDIS_TIMEOUT_MS").map_err(cfg)?,
+            redis_cooldown: s.millis("MESH_REDIS_COOLDOWN_MS").map_err(cfg)?,
+            redis_ttl: s.millis("MESH_REDIS_TTL_MS").map_err(cfg)?,
+            db_timeout: s.millis("MESH_DB_TIMEOUT_MS").map_err(cfg)?,
+            db_pool_size: s.positive("MESH_DB_POOL_SIZE").map_err(cfg)?,
         })
     }
 }
@@ -154,4 +198,15 @@ pub async fn serve(
     )
     .await
     .map_err(|e| FeaturesError::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn the_readme_documents_every_setting_with_its_default() {
+        let readme = include_str!("../../../README.md");
+        let problems =
+            mesh_runtime::config::check_readme_table(readme, "features", super::SETTINGS);
+        assert!(problems.is_empty(), "README vs code: {problems:#?}");
+    }
 }

@@ -25,9 +25,31 @@ pub enum GatewayError {
     /// A bug or an unexpected answer from a dependency (details logged).
     #[error("{0}")]
     Internal(String),
-    /// The configuration cannot be used.
+}
+
+/// Why the gateway cannot start. Kept apart from [`GatewayError`], which is what a caller can
+/// be told: a startup problem never reaches an API caller, and a request error never names a
+/// setting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A setting cannot be used (the message names the variable).
     #[error("configuration: {0}")]
     Config(String),
+    /// A setting does not parse.
+    #[error("configuration: {0}")]
+    Setting(#[from] mesh_runtime::config::ConfigError),
+    /// The model registry cannot be read.
+    #[error("model registry: {0}")]
+    Registry(#[from] mesh_runtime::registry::RegistryError),
+    /// A metric could not be registered (a bug: two with one name).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The spool directory cannot be opened or locked.
+    #[error("prediction spool: {0}")]
+    Spool(std::io::Error),
+    /// The server failed while serving.
+    #[error("server: {0}")]
+    Serve(#[from] mesh_runtime::server::ServeError),
 }
 
 impl GatewayError {
@@ -40,14 +62,14 @@ impl GatewayError {
             GatewayError::Unavailable(_) => tonic::Code::Unavailable,
             GatewayError::DeadlineExceeded => tonic::Code::DeadlineExceeded,
             GatewayError::Overloaded(_) => tonic::Code::ResourceExhausted,
-            GatewayError::Internal(_) | GatewayError::Config(_) => tonic::Code::Internal,
+            GatewayError::Internal(_) => tonic::Code::Internal,
         }
     }
 
     /// The message callers see.
     pub fn public_message(&self) -> String {
         match self {
-            GatewayError::Internal(_) | GatewayError::Config(_) => "internal error".to_owned(),
+            GatewayError::Internal(_) => "internal error".to_owned(),
             other => other.to_string(),
         }
     }
@@ -96,7 +118,7 @@ impl From<GatewayError> for tonic::Status {
             GatewayError::Unavailable(_) | GatewayError::Overloaded(_) => {
                 tracing::warn!(error = %e, "prediction failed")
             }
-            GatewayError::Internal(_) | GatewayError::Config(_) => {
+            GatewayError::Internal(_) => {
                 tracing::error!(error = %e, "prediction failed")
             }
         }
@@ -109,7 +131,8 @@ impl From<mesh_runtime::registry::RegistryError> for GatewayError {
         use mesh_runtime::registry::RegistryError as R;
         match e {
             R::UnknownModel(_) | R::UnknownVersion { .. } => GatewayError::NotFound(e.to_string()),
-            R::Io { .. } | R::Json { .. } | R::Invalid(_) => GatewayError::Config(e.to_string()),
+            // Only loading reads files; a request that meets these found a bug.
+            R::Io { .. } | R::Json { .. } | R::Invalid(_) => GatewayError::Internal(e.to_string()),
         }
     }
 }

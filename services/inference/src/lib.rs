@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use mesh_runtime::config::{env_parse, env_positive, env_str, ServerConfig};
+use mesh_runtime::config::{server_settings, ServerConfig, Setting, Settings};
 use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
@@ -48,26 +48,67 @@ pub struct Config {
     pub replica_id: String,
 }
 
+/// Every variable inference reads, with its default: the one place defaults are written.
+pub const SETTINGS: &[Setting] = &{
+    let server = server_settings("0.0.0.0:50053", "0.0.0.0:9103", "256");
+    [
+        server[0],
+        server[1],
+        server[2],
+        server[3],
+        server[4],
+        Setting::value("MESH_MODELS_DIR", "models", "model registry"),
+        Setting::unset(
+            "ORT_DYLIB_PATH",
+            "none (required)",
+            "path to `libonnxruntime.so`",
+        ),
+        Setting::derived(
+            "MESH_SESSIONS_PER_MODEL",
+            "number of cores",
+            "ONNX Runtime sessions per model version",
+        ),
+        Setting::value(
+            "MESH_WARMUP_ITERATIONS",
+            "20",
+            "warm-up runs per session before `SERVING`",
+        ),
+        Setting::value("MESH_MAX_BATCH_ROWS", "4096", "rows per `ModelInfer`"),
+        Setting::derived(
+            "MESH_REPLICA_ID",
+            "the listen address",
+            "reported in `ServerMetadata`",
+        ),
+    ]
+};
+
 impl Config {
-    /// Reads the environment; fails naming the variable that does not parse.
+    /// Reads the process environment; fails naming the variable that does not parse.
     pub fn from_env() -> Result<Self, InferenceError> {
+        Self::read(&Settings::from_env(SETTINGS))
+    }
+
+    /// Reads the settings from `s`.
+    pub fn read(s: &Settings<'_>) -> Result<Self, InferenceError> {
         let cfg = |e: mesh_runtime::config::ConfigError| InferenceError::Config(e.to_string());
-        let server = ServerConfig::from_env("0.0.0.0:50053", "0.0.0.0:9103", 256).map_err(cfg)?;
-        let ort_dylib = env_str("ORT_DYLIB_PATH").map(PathBuf::from).ok_or_else(|| {
+        let server = ServerConfig::read(s).map_err(cfg)?;
+        let ort_dylib = s.raw("ORT_DYLIB_PATH").map(PathBuf::from).ok_or_else(|| {
             InferenceError::Config(
                 "ORT_DYLIB_PATH is not set: point it at libonnxruntime.so (scripts/bootstrap.sh installs one)".into(),
             )
         })?;
         Ok(Self {
-            models_dir: env_str("MESH_MODELS_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("models")),
+            models_dir: PathBuf::from(s.string("MESH_MODELS_DIR")),
             ort_dylib,
-            sessions_per_model: env_positive("MESH_SESSIONS_PER_MODEL", default_parallelism())
-                .map_err(cfg)?,
-            warmup_iterations: env_parse("MESH_WARMUP_ITERATIONS", 20).map_err(cfg)?,
-            max_batch_rows: env_positive("MESH_MAX_BATCH_ROWS", 4096).map_err(cfg)?,
-            replica_id: env_str("MESH_REPLICA_ID").unwrap_or_else(|| server.listen_addr.clone()),
+            sessions_per_model: s
+                .positive_optional("MESH_SESSIONS_PER_MODEL")
+                .map_err(cfg)?
+                .unwrap_or_else(default_parallelism),
+            warmup_iterations: s.parse("MESH_WARMUP_ITERATIONS").map_err(cfg)?,
+            max_batch_rows: s.positive("MESH_MAX_BATCH_ROWS").map_err(cfg)?,
+            replica_id: s
+                .raw("MESH_REPLICA_ID")
+                .unwrap_or_else(|| server.listen_addr.clone()),
             server,
         })
     }
@@ -123,4 +164,15 @@ pub async fn serve(
     )
     .await
     .map_err(|e| InferenceError::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn the_readme_documents_every_setting_with_its_default() {
+        let readme = include_str!("../../../README.md");
+        let problems =
+            mesh_runtime::config::check_readme_table(readme, "inference", super::SETTINGS);
+        assert!(problems.is_empty(), "README vs code: {problems:#?}");
+    }
 }

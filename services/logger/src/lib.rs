@@ -19,7 +19,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use mesh_proto::logger::prediction_log_server::PredictionLogServer;
-use mesh_runtime::config::{env_millis, env_positive, env_str, ServerConfig};
+use mesh_runtime::config::{server_settings, ServerConfig, Setting, Settings};
 use mesh_runtime::postgres::Migration;
 use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
@@ -64,19 +64,55 @@ pub struct Config {
     pub db_timeout: Duration,
 }
 
+/// Every variable the logger reads, with its default: the one place defaults are written.
+pub const SETTINGS: &[Setting] = &{
+    let server = server_settings("0.0.0.0:50055", "0.0.0.0:9105", "256");
+    [
+        server[0],
+        server[1],
+        server[2],
+        server[3],
+        server[4],
+        Setting::value(
+            "MESH_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            "PostgreSQL",
+        ),
+        Setting::value("MESH_LOG_BATCH_SIZE", "500", "records per `INSERT`"),
+        Setting::value(
+            "MESH_LOG_FLUSH_MS",
+            "100",
+            "longest wait before a partial batch is written",
+        ),
+        Setting::value(
+            "MESH_LOG_QUEUE",
+            "100000",
+            "records held in memory before shedding with `RESOURCE_EXHAUSTED`",
+        ),
+        Setting::value(
+            "MESH_DB_TIMEOUT_MS",
+            "2000",
+            "one PostgreSQL write or connection attempt",
+        ),
+    ]
+};
+
 impl Config {
-    /// Reads the environment; fails naming the variable that does not parse.
+    /// Reads the process environment; fails naming the variable that does not parse.
     pub fn from_env() -> Result<Self, LoggerError> {
+        Self::read(&Settings::from_env(SETTINGS))
+    }
+
+    /// Reads the settings from `s`.
+    pub fn read(s: &Settings<'_>) -> Result<Self, LoggerError> {
         let cfg = |e: mesh_runtime::config::ConfigError| LoggerError::Config(e.to_string());
         Ok(Self {
-            server: ServerConfig::from_env("0.0.0.0:50055", "0.0.0.0:9105", 256).map_err(cfg)?,
-            database_url: env_str("MESH_DATABASE_URL")
-                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into()),
-            batch_size: env_positive("MESH_LOG_BATCH_SIZE", 500).map_err(cfg)?,
-            flush_interval: env_millis("MESH_LOG_FLUSH_MS", Duration::from_millis(100))
-                .map_err(cfg)?,
-            queue_capacity: env_positive("MESH_LOG_QUEUE", 100_000).map_err(cfg)?,
-            db_timeout: env_millis("MESH_DB_TIMEOUT_MS", Duration::from_secs(2)).map_err(cfg)?,
+            server: ServerConfig::read(s).map_err(cfg)?,
+            database_url: s.string("MESH_DATABASE_URL"),
+            batch_size: s.positive("MESH_LOG_BATCH_SIZE").map_err(cfg)?,
+            flush_interval: s.millis("MESH_LOG_FLUSH_MS").map_err(cfg)?,
+            queue_capacity: s.positive("MESH_LOG_QUEUE").map_err(cfg)?,
+            db_timeout: s.millis("MESH_DB_TIMEOUT_MS").map_err(cfg)?,
         })
     }
 }
@@ -129,4 +165,14 @@ pub async fn serve(
         }
     }
     served.map_err(|e| LoggerError::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn the_readme_documents_every_setting_with_its_default() {
+        let readme = include_str!("../../../README.md");
+        let problems = mesh_runtime::config::check_readme_table(readme, "logger", super::SETTINGS);
+        assert!(problems.is_empty(), "README vs code: {problems:#?}");
+    }
 }

@@ -1,5 +1,8 @@
-//! Configuration from environment variables. Every setting has a documented default; a value
-//! that does not parse is an error naming the variable and the value, raised before binding.
+//! Configuration from environment variables, with every default in one place: each service
+//! declares a table of [`Setting`]s (variable, default, meaning), reads its sections through
+//! [`Settings`], and a test checks the README's configuration table against those tables. A
+//! value that does not parse is a [`ConfigError`] naming the variable and the value, raised
+//! before anything binds.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,64 +19,207 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-/// Reads an environment variable; unset or empty means `None`.
-pub fn env_str(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+/// The default of a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Default {
+    /// This value, parsed like one from the environment.
+    Value(&'static str),
+    /// Worked out at start (the text says from what, as the README says it).
+    Derived(&'static str),
+    /// No value (the text says what that means).
+    Unset(&'static str),
 }
 
-/// Parses `name` as `T`, or returns `default` when it is unset.
-pub fn env_parse<T>(name: &str, default: T) -> Result<T, ConfigError>
-where
-    T: FromStr,
-    T::Err: std::fmt::Display,
-{
-    match env_str(name) {
-        None => Ok(default),
-        Some(raw) => raw.trim().parse::<T>().map_err(|e| ConfigError {
-            variable: name.to_owned(),
-            value: raw,
-            problem: e.to_string(),
-        }),
+/// One environment variable a service reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The variable, e.g. `MESH_LISTEN_ADDR`.
+    pub variable: &'static str,
+    /// Its default.
+    pub default: Default,
+    /// What it sets.
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// A setting with a literal default.
+    pub const fn value(variable: &'static str, default: &'static str, help: &'static str) -> Self {
+        Self {
+            variable,
+            default: Default::Value(default),
+            help,
+        }
+    }
+
+    /// A setting whose default is worked out at start.
+    pub const fn derived(variable: &'static str, from: &'static str, help: &'static str) -> Self {
+        Self {
+            variable,
+            default: Default::Derived(from),
+            help,
+        }
+    }
+
+    /// A setting that is off unless set.
+    pub const fn unset(variable: &'static str, meaning: &'static str, help: &'static str) -> Self {
+        Self {
+            variable,
+            default: Default::Unset(meaning),
+            help,
+        }
     }
 }
 
-/// Parses `name` as a whole number of milliseconds.
-pub fn env_millis(name: &str, default: Duration) -> Result<Duration, ConfigError> {
-    let ms = env_parse::<u64>(name, default.as_millis() as u64)?;
-    Ok(Duration::from_millis(ms))
+/// The settings every service has, with the service's own defaults.
+pub const fn server_settings(
+    listen: &'static str,
+    metrics: &'static str,
+    concurrency: &'static str,
+) -> [Setting; 5] {
+    [
+        Setting::value("MESH_LISTEN_ADDR", listen, "gRPC listen address"),
+        Setting::value(
+            "MESH_METRICS_ADDR",
+            metrics,
+            "`/metrics` address; `off` disables it",
+        ),
+        Setting::value(
+            "MESH_MAX_CONCURRENCY",
+            concurrency,
+            "concurrent RPCs before shedding with `RESOURCE_EXHAUSTED`",
+        ),
+        Setting::value(
+            "MESH_DRAIN_DELAY_MS",
+            "1000",
+            "keep answering this long after health turns `NOT_SERVING`",
+        ),
+        Setting::value(
+            "MESH_GRACE_MS",
+            "10000",
+            "longest wait for in-flight calls (and for flushing queued records)",
+        ),
+    ]
 }
 
-/// Parses `name` as a positive count (a limit of zero would refuse all work).
-pub fn env_positive(name: &str, default: usize) -> Result<usize, ConfigError> {
-    let value = env_parse::<usize>(name, default)?;
-    if value == 0 {
-        return Err(ConfigError {
-            variable: name.to_owned(),
-            value: "0".to_owned(),
-            problem: "must be at least 1".to_owned(),
-        });
+/// Where setting values come from: a variable's name to its value, if set.
+type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
+/// Values of a service's settings: from a lookup (the environment, or a test's map), else the
+/// table's defaults.
+pub struct Settings<'a> {
+    table: &'a [Setting],
+    lookup: Lookup<'a>,
+}
+
+impl<'a> Settings<'a> {
+    /// `table`'s settings from the process environment.
+    pub fn from_env(table: &'a [Setting]) -> Self {
+        Self::with(table, |name| std::env::var(name).ok())
     }
-    Ok(value)
-}
 
-/// Parses a comma-separated list; unset means `default`.
-pub fn env_list(name: &str, default: &[&str]) -> Vec<String> {
-    match env_str(name) {
-        None => default.iter().map(|s| (*s).to_owned()).collect(),
-        Some(raw) => raw
+    /// `table`'s defaults only (tests start from these).
+    pub fn defaults(table: &'a [Setting]) -> Self {
+        Self::with(table, |_| None)
+    }
+
+    /// `table`'s settings from `lookup`.
+    pub fn with(table: &'a [Setting], lookup: impl Fn(&str) -> Option<String> + 'a) -> Self {
+        Self {
+            table,
+            lookup: Box::new(lookup),
+        }
+    }
+
+    /// The raw value: set and not blank, else the literal default; `None` for a derived or
+    /// unset default.
+    pub fn raw(&self, variable: &str) -> Option<String> {
+        let set = (self.lookup)(variable).filter(|v| !v.trim().is_empty());
+        if set.is_some() {
+            return set;
+        }
+        let setting = self.table.iter().find(|s| s.variable == variable);
+        debug_assert!(setting.is_some(), "{variable} is not in the settings table");
+        match setting.map(|s| s.default) {
+            Some(Default::Value(v)) => Some(v.to_owned()),
+            _ => None,
+        }
+    }
+
+    /// The value as a string (empty if unset without a default).
+    pub fn string(&self, variable: &str) -> String {
+        self.raw(variable).unwrap_or_default()
+    }
+
+    /// The value, or `None` if unset or `off`.
+    pub fn optional(&self, variable: &str) -> Option<String> {
+        self.raw(variable).filter(|v| v.trim() != "off")
+    }
+
+    /// The value parsed as `T`; `None` if unset without a default.
+    pub fn parse_optional<T>(&self, variable: &str) -> Result<Option<T>, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        self.raw(variable)
+            .map(|raw| {
+                raw.trim().parse::<T>().map_err(|e| ConfigError {
+                    variable: variable.to_owned(),
+                    value: raw.clone(),
+                    problem: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// The value parsed as `T`.
+    pub fn parse<T>(&self, variable: &str) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        self.parse_optional(variable)?.ok_or_else(|| ConfigError {
+            variable: variable.to_owned(),
+            value: String::new(),
+            problem: "must be set".to_owned(),
+        })
+    }
+
+    /// A whole number of milliseconds.
+    pub fn millis(&self, variable: &str) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(self.parse::<u64>(variable)?))
+    }
+
+    /// A positive count (a limit of zero would refuse all work); `None` if unset without a
+    /// default.
+    pub fn positive_optional(&self, variable: &str) -> Result<Option<usize>, ConfigError> {
+        match self.parse_optional::<usize>(variable)? {
+            Some(0) => Err(ConfigError {
+                variable: variable.to_owned(),
+                value: "0".to_owned(),
+                problem: "must be at least 1".to_owned(),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// A positive count.
+    pub fn positive(&self, variable: &str) -> Result<usize, ConfigError> {
+        self.positive_optional(variable)?
+            .ok_or_else(|| ConfigError {
+                variable: variable.to_owned(),
+                value: String::new(),
+                problem: "must be set".to_owned(),
+            })
+    }
+
+    /// A comma-separated list.
+    pub fn list(&self, variable: &str) -> Vec<String> {
+        self.string(variable)
             .split(',')
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
-            .collect(),
-    }
-}
-
-/// `MESH_METRICS_ADDR` with a per-service default; `off` disables the endpoint.
-pub fn metrics_addr(default: &str) -> Option<String> {
-    match env_str("MESH_METRICS_ADDR") {
-        Some(v) if v == "off" => None,
-        Some(v) => Some(v),
-        None => Some(default.to_owned()),
+            .collect()
     }
 }
 
@@ -86,25 +232,21 @@ pub struct ServerConfig {
     pub metrics_addr: Option<String>,
     /// `MESH_MAX_CONCURRENCY`: concurrent RPCs before the server sheds.
     pub max_concurrency: usize,
-    /// `MESH_DRAIN_DELAY_MS`, default 1000: answering on after health turned NOT_SERVING.
+    /// `MESH_DRAIN_DELAY_MS`: answering on after health turned NOT_SERVING.
     pub drain_delay: Duration,
-    /// `MESH_GRACE_MS`, default 10000: the wait for in-flight calls at shutdown.
+    /// `MESH_GRACE_MS`: the wait for in-flight calls at shutdown.
     pub grace: Duration,
 }
 
 impl ServerConfig {
-    /// Reads the common variables with this service's defaults.
-    pub fn from_env(
-        default_listen: &str,
-        default_metrics: &str,
-        default_concurrency: usize,
-    ) -> Result<Self, ConfigError> {
+    /// Reads the common settings (see [`server_settings`]).
+    pub fn read(settings: &Settings<'_>) -> Result<Self, ConfigError> {
         Ok(Self {
-            listen_addr: env_str("MESH_LISTEN_ADDR").unwrap_or_else(|| default_listen.to_owned()),
-            metrics_addr: metrics_addr(default_metrics),
-            max_concurrency: env_positive("MESH_MAX_CONCURRENCY", default_concurrency)?,
-            drain_delay: env_millis("MESH_DRAIN_DELAY_MS", Duration::from_secs(1))?,
-            grace: env_millis("MESH_GRACE_MS", Duration::from_secs(10))?,
+            listen_addr: settings.string("MESH_LISTEN_ADDR"),
+            metrics_addr: settings.optional("MESH_METRICS_ADDR"),
+            max_concurrency: settings.positive("MESH_MAX_CONCURRENCY")?,
+            drain_delay: settings.millis("MESH_DRAIN_DELAY_MS")?,
+            grace: settings.millis("MESH_GRACE_MS")?,
         })
     }
 
@@ -115,5 +257,95 @@ impl ServerConfig {
         options.drain_delay = self.drain_delay;
         options.grace = self.grace;
         options
+    }
+}
+
+/// Checks a README configuration table (rows `` | `VAR` | services | default | meaning | ``)
+/// against `service`'s settings table: every setting has a row naming the service whose
+/// default cell says the table's default. Returns each disagreement. The README tests of the
+/// services call this, so the documentation cannot drift from the code.
+pub fn check_readme_table(readme: &str, service: &str, table: &[Setting]) -> Vec<String> {
+    let rows: Vec<Vec<String>> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for setting in table {
+        let quoted = format!("`{}`", setting.variable);
+        let expected = match setting.default {
+            Default::Value(v) | Default::Derived(v) | Default::Unset(v) => v,
+        };
+        let matching = rows.iter().filter(|r| {
+            r.len() >= 4
+                && r[0].split(", ").any(|v| v == quoted)
+                && r[1].split([',', '/']).any(|s| {
+                    let s = s.trim();
+                    s == service || s == "all"
+                })
+        });
+        let defaults: Vec<&str> = matching.map(|r| r[2].trim_matches('`')).collect();
+        if defaults.is_empty() {
+            problems.push(format!("{}: no README row for {service}", setting.variable));
+        } else if !defaults.contains(&expected) {
+            problems.push(format!(
+                "{}: README says default {defaults:?} for {service}, the code {expected:?}",
+                setting.variable
+            ));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &[Setting] = &[
+        Setting::value("MESH_A_MS", "250", "a"),
+        Setting::unset("MESH_B", "unset (off)", "b"),
+        Setting::value("MESH_C", "4", "c"),
+    ];
+
+    #[test]
+    fn values_come_from_the_lookup_else_the_table() {
+        let settings = Settings::with(TABLE, |v| (v == "MESH_C").then(|| "8".to_owned()));
+        assert_eq!(
+            settings.millis("MESH_A_MS").expect("default"),
+            Duration::from_millis(250)
+        );
+        assert_eq!(settings.positive("MESH_C").expect("set"), 8);
+        assert_eq!(settings.optional("MESH_B"), None);
+        let bad = Settings::with(TABLE, |_| Some("0".to_owned()));
+        let error = bad.positive("MESH_C").expect_err("zero");
+        assert_eq!(error.to_string(), "MESH_C: must be at least 1 (got \"0\")");
+        let bad = Settings::with(TABLE, |_| Some("soon".to_owned()));
+        assert!(bad
+            .millis("MESH_A_MS")
+            .expect_err("not a number")
+            .to_string()
+            .starts_with("MESH_A_MS:"));
+    }
+
+    #[test]
+    fn the_readme_check_finds_missing_rows_and_wrong_defaults() {
+        let readme = "| `MESH_A_MS` | all | 250 | a |\n| `MESH_C` | gateway, logger | 4 | c |\n";
+        let problems = check_readme_table(readme, "gateway", TABLE);
+        assert_eq!(
+            problems,
+            vec!["MESH_B: no README row for gateway".to_owned()]
+        );
+        let problems = check_readme_table(readme, "features", &TABLE[2..]);
+        assert_eq!(
+            problems,
+            vec!["MESH_C: no README row for features".to_owned()]
+        );
+        let wrong = "| `MESH_C` | gateway | 5 | c |\n";
+        assert_eq!(check_readme_table(wrong, "gateway", &TABLE[2..]).len(), 1);
     }
 }
