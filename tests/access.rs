@@ -29,8 +29,9 @@ fn request(key: Option<&str>) -> tonic::Request<PredictRequest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_are_required_and_each_key_is_rate_limited() {
     let mesh = Mesh::start(|config| {
-        config.api_keys = parse_keys("team-a:secret-team-a,team-b:secret-team-b").expect("keys");
-        config.rate_limit = Some(RateLimit {
+        config.access.api_keys =
+            parse_keys("team-a:secret-team-a,team-b:secret-team-b").expect("keys");
+        config.access.rate_limit = Some(RateLimit {
             per_second: 1.0,
             burst: 3.0,
         });
@@ -84,6 +85,7 @@ async fn api_keys_are_required_and_each_key_is_rate_limited() {
         .predict(request(Some("secret-team-a")))
         .await
         .expect("token returned");
+    mesh.assert_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,7 +135,7 @@ async fn the_public_port_serves_tls_when_given_a_certificate() {
     assert!(error.to_string().contains("no PEM CERTIFICATE"), "{error}");
 
     let mesh = Mesh::start(|c| {
-        c.tls = Some(TlsFiles {
+        c.access.tls = Some(TlsFiles {
             cert: cert.clone(),
             key: key.clone(),
         })

@@ -121,24 +121,47 @@ async fn recovers(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_open_probe_cancelled_by_its_client_or_judged_hopeless_does_not_decide_the_breaker()
-{
+/// A mesh with seeded features whose features breaker is open and whose cool-down has ended
+/// (the next call is the half-open probe); features is still held.
+async fn half_open_mesh() -> (Mesh, String, HashMap<String, FeatureValue>) {
     let mesh = Mesh::start(|_| {}).await;
     mesh.seed(5).await;
     let (entity, _, partial) = features();
-    let mut gateway = mesh.gateway_client();
-    gateway
+    mesh.gateway_client()
         .predict(request(&entity, &partial, Duration::from_secs(2)))
         .await
         .expect("healthy mesh");
-
     open_features_breaker(&mesh, &entity, &partial).await;
     tokio::time::sleep(COOL_DOWN + Duration::from_millis(100)).await;
+    (mesh, entity, partial)
+}
 
-    // A hopeless request becomes the probe: its timeout says nothing about features, so the
-    // breaker must not close (nor reopen) on it.
-    let status = gateway
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_probe_cancelled_by_its_client_does_not_wedge_the_breaker() {
+    let (mesh, entity, partial) = half_open_mesh().await;
+    // The probe's client gives up while features still holds it.
+    cancel_after(
+        &mut mesh.gateway_client(),
+        request(&entity, &partial, Duration::from_secs(10)),
+        Duration::from_millis(300),
+    )
+    .await;
+    assert_eq!(
+        metric(mesh.gateway_http, FEATURES_BREAKER).await,
+        2.0,
+        "half-open"
+    );
+    mesh.features_proxy.set_fault(Fault::None);
+    recovers(&mesh, &entity, &partial, Instant::now()).await;
+    mesh.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hopeless_probe_neither_closes_nor_reopens_the_breaker() {
+    let (mesh, entity, partial) = half_open_mesh().await;
+    // A hopeless request becomes the probe: its timeout says nothing about features.
+    let status = mesh
+        .gateway_client()
         .predict(request(&entity, &partial, Duration::from_millis(8)))
         .await
         .expect_err("hopeless budget");
@@ -154,14 +177,6 @@ async fn a_half_open_probe_cancelled_by_its_client_or_judged_hopeless_does_not_d
         2.0,
         "an ignored probe leaves the breaker half-open"
     );
-
-    // The next probe's client gives up while features still holds it.
-    cancel_after(
-        &mut gateway,
-        request(&entity, &partial, Duration::from_secs(10)),
-        Duration::from_millis(300),
-    )
-    .await;
     mesh.features_proxy.set_fault(Fault::None);
     recovers(&mesh, &entity, &partial, Instant::now()).await;
     mesh.assert_idle().await;

@@ -67,7 +67,7 @@ async fn wait_stored(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_predictions_survive_logger_and_database_outages_and_a_gateway_restart() {
     // Tiny segments, so delivery crosses (and deletes) several spool files.
-    let mut mesh = Mesh::start(|c| c.spool_segment_bytes = 4096).await;
+    let mut mesh = Mesh::start(|c| c.spool.segment_bytes = 4096).await;
     let mut gateway = mesh.gateway_client();
     let mut ids: Vec<String> = Vec::new();
     for i in 0..5 {
@@ -122,8 +122,8 @@ async fn answered_predictions_survive_logger_and_database_outages_and_a_gateway_
         mesh.inference_proxies.iter().map(|p| p.url()).collect(),
         logger.url(),
     );
-    config.spool_dir = dir.clone();
-    config.spool_segment_bytes = 4096;
+    config.spool.dir = dir.clone();
+    config.spool.segment_bytes = 4096;
     let (gateway2, http2) = start_gateway_with_http(config).await;
     let (distinct, rows) = wait_stored(&mesh.pg, &ids, Duration::from_secs(20)).await;
     assert_eq!(
@@ -194,7 +194,7 @@ async fn answered_predictions_survive_logger_and_database_outages_and_a_gateway_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_keeps_answering_and_says_which_records_were_not_kept() {
     // Room for a few records only.
-    let mut mesh = Mesh::start(|c| c.spool_max_bytes = 2_000).await;
+    let mut mesh = Mesh::start(|c| c.spool.max_bytes = 2_000).await;
     let mut gateway = mesh.gateway_client();
     mesh.logger.stop().await;
     let mut not_kept = 0;
@@ -215,4 +215,5 @@ async fn a_full_spool_keeps_answering_and_says_which_records_were_not_kept() {
     assert_eq!(dropped, not_kept as f64, "each refusal is counted");
     let bytes = metric(mesh.gateway_http, "mesh_spool_pending_bytes").await;
     assert!(bytes <= 2_000.0, "the bound holds: {bytes}");
+    mesh.assert_idle().await;
 }

@@ -39,7 +39,7 @@ async fn wait_metric(mesh: &Mesh, name: &str, value: f64, within: Duration) -> b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replica_is_ejected_for_a_growing_time_and_a_draining_one_is_avoided() {
     let base = Duration::from_secs(2);
-    let mesh = Mesh::start(|c| c.outlier.base_ejection = base).await;
+    let mesh = Mesh::start(|c| c.resilience.outlier.base_ejection = base).await;
     let slow = mesh.inference_proxies[0].url();
     let ejected = format!(r#"mesh_replica_ejected{{replica="{slow}"}}"#);
     let ejections = format!(r#"mesh_replica_ejections_total{{replica="{slow}"}}"#);
@@ -109,4 +109,5 @@ async fn a_slow_replica_is_ejected_for_a_growing_time_and_a_draining_one_is_avoi
         wait_metric(&mesh, &serving, 0.0, Duration::from_secs(3)).await,
         "the health watch sees replica 1 go NOT_SERVING"
     );
+    mesh.assert_idle().await;
 }

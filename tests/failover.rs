@@ -137,6 +137,7 @@ async fn predictions_survive_a_dead_replica_and_a_dead_features_service_trips_th
         (503, Some("unhealthy")),
         "{body}"
     );
+    mesh.assert_idle().await;
 }
 
 /// A stand-in `Running` (an idle listener) so the mesh struct stays whole while a service is down.
@@ -195,4 +196,5 @@ async fn a_database_outage_behind_features_does_not_open_its_breaker() {
         answer.degraded
     );
     mesh.pg.restart().expect("restart postgres");
+    mesh.assert_idle().await;
 }

@@ -211,38 +211,23 @@ pub fn gateway_config(
     inference: Vec<String>,
     logger: String,
 ) -> mesh_gateway::Config {
-    mesh_gateway::Config {
-        server: test_server(1024),
+    let mut config = mesh_gateway::Config::defaults();
+    config.server = test_server(1024);
+    config.downstreams = mesh_gateway::config::Downstreams {
         features_url: features,
         inference_urls: inference,
         logger_url: logger,
-        models_dir: repo().join("models"),
-        default_budget: Duration::from_millis(1000),
-        max_budget: Duration::from_secs(30),
-        downstream_margin: Duration::from_millis(2),
-        features_concurrency: 256,
-        inference_concurrency: 256,
-        batch_concurrency: 8,
-        logger_concurrency: 4,
-        max_batch_items: 1000,
-        log_queue: 10_000,
-        spool_dir: scratch_dir("spool"),
-        spool_max_bytes: 64 << 20,
-        spool_segment_bytes: 1 << 20,
-        outlier: mesh_gateway::client::replicas::OutlierConfig::default(),
-        tls: None,
-        log_batch_size: 100,
-        log_flush: Duration::from_millis(10),
-        api_keys: Vec::new(),
-        rate_limit: None,
-        breaker: mesh_runtime::resilience::BreakerConfig {
-            failure_threshold: 5,
-            open_for: Duration::from_secs(1),
-            max_open_for: Duration::from_secs(30),
-        },
-        retry_ratio: 0.2,
-        retry_floor: 10.0,
-    }
+    };
+    config.models_dir = repo().join("models");
+    config.budgets.default = Duration::from_millis(1000);
+    config.spool.dir = scratch_dir("spool");
+    config.spool.max_bytes = 64 << 20;
+    config.spool.segment_bytes = 1 << 20;
+    config.spool.queue = 10_000;
+    config.spool.batch_size = 100;
+    config.spool.flush = Duration::from_millis(10);
+    config.access.rate_limit = None;
+    config
 }
 
 /// Starts the features service.
@@ -402,8 +387,8 @@ impl Mesh {
             logger.url(),
         );
         tune(&mut config);
-        let spool_dir = config.spool_dir.clone();
-        let plaintext = config.tls.is_none();
+        let spool_dir = config.spool.dir.clone();
+        let plaintext = config.access.tls.is_none();
         let (gateway, gateway_http) = start_gateway_with_http(config).await;
         // (A TLS gateway's health is checked by the test that configured it.)
         for addr in [features.addr, logger.addr]

@@ -92,6 +92,7 @@ async fn predict_matches_the_python_pipeline_and_is_logged_with_its_trace_id() {
         assert_eq!(row.get::<_, f64>(1), response.score);
         assert!(row.get::<_, Option<String>>(3).is_some(), "features logged");
     }
+    mesh.assert_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,6 +152,7 @@ async fn predict_batch_scores_good_items_and_reports_bad_ones() {
     assert!(error(4).message.contains("support_calls_30d"));
     assert_eq!(error(5).code, Code::InvalidArgument as i32);
     assert!(error(5).message.contains("entity_id"));
+    mesh.assert_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -233,13 +233,14 @@ async fn deadlines_are_kept_even_when_a_dependency_is_slow() {
         response.into_inner().feature_tier,
         FeatureTier::Request as i32
     );
+    mesh.assert_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_inference_bulkhead_sheds_excess_and_health_still_answers() {
     let mesh = Mesh::start(|config| {
-        config.inference_concurrency = 2;
-        config.features_concurrency = 2;
+        config.bulkheads.inference = 2;
+        config.bulkheads.features = 2;
     })
     .await;
     // Fault injection via the test proxy: inference takes 300 ms, so calls pile up.
@@ -326,6 +327,7 @@ async fn a_saturated_inference_bulkhead_sheds_excess_and_health_still_answers() 
             .all(|r| r.is_ok() || *r == Err(Code::ResourceExhausted)),
         "{results:?}"
     );
+    mesh.assert_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
