@@ -301,7 +301,7 @@ pub fn decode_output_f32(
         _ => Vec::new(),
     };
     let width = output.shape.get(1).copied().unwrap_or(1).max(1) as usize;
-    if values.len() % width != 0 {
+    if !values.len().is_multiple_of(width) {
         return Err(TensorError(format!(
             "output {name} has {} values, not rows of width {width}",
             values.len()
