@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::features::features_server::FeaturesServer;
-use mesh_runtime::config::{server_settings, ServerConfig, Setting, Settings};
+use mesh_runtime::config::{ServerConfig, Setting, Settings};
 use mesh_runtime::postgres::Migration;
 use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
@@ -70,14 +70,8 @@ pub struct Config {
 
 /// Every variable the features service reads, with its default: the one place defaults are
 /// written.
-pub const SETTINGS: &[Setting] = &{
-    let server = server_settings("0.0.0.0:50052", "0.0.0.0:9102", "512");
-    [
-        server[0],
-        server[1],
-        server[2],
-        server[3],
-        server[4],
+pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
+    "0.0.0.0:50052", "0.0.0.0:9102", "512";
         Setting::value(
             "MESH_REDIS_URL",
             "redis://127.0.0.1:6379",
@@ -111,8 +105,7 @@ pub const SETTINGS: &[Setting] = &{
             "one PostgreSQL load or connection attempt",
         ),
         Setting::value("MESH_DB_POOL_SIZE", "16", "PostgreSQL connections"),
-    ]
-};
+);
 
 impl Config {
     /// Reads the process environment; fails naming the variable that does not parse.
@@ -198,15 +191,4 @@ pub async fn serve(
     )
     .await
     .map_err(|e| FeaturesError::Config(e.to_string()))
-}
-
-#[cfg(test)]
-mod config_tests {
-    #[test]
-    fn the_readme_documents_every_setting_with_its_default() {
-        let readme = include_str!("../../../README.md");
-        let problems =
-            mesh_runtime::config::check_readme_table(readme, "features", super::SETTINGS);
-        assert!(problems.is_empty(), "README vs code: {problems:#?}");
-    }
 }

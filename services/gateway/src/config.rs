@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_runtime::config::{server_settings, ConfigError, ServerConfig, Setting, Settings};
+use mesh_runtime::config::{ConfigError, ServerConfig, Setting, Settings};
 use mesh_runtime::resilience::BreakerConfig;
 
 use crate::auth::{self, ApiKey, RateLimit};
@@ -13,14 +13,8 @@ use crate::client::replicas::OutlierConfig;
 use crate::error::StartupError;
 
 /// Every variable the gateway reads, with its default.
-pub const SETTINGS: &[Setting] = &{
-    let server = server_settings("0.0.0.0:50051", "0.0.0.0:9101", "1024");
-    [
-        server[0],
-        server[1],
-        server[2],
-        server[3],
-        server[4],
+pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
+    "0.0.0.0:50051", "0.0.0.0:9101", "1024";
         Setting::value(
             "MESH_FEATURES_URL",
             "http://127.0.0.1:50052",
@@ -152,8 +146,7 @@ pub const SETTINGS: &[Setting] = &{
             "2 × the rate",
             "per-key bucket depth",
         ),
-    ]
-};
+);
 
 /// Longest cool-down of an open breaker (it doubles per failed probe up to this).
 const MAX_BREAKER_OPEN: Duration = Duration::from_secs(30);
@@ -423,13 +416,6 @@ impl TlsFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_readme_documents_every_setting_with_its_default() {
-        let readme = include_str!("../../../README.md");
-        let problems = mesh_runtime::config::check_readme_table(readme, "gateway", SETTINGS);
-        assert!(problems.is_empty(), "README vs code: {problems:#?}");
-    }
 
     #[test]
     fn settings_are_read_into_their_sections_and_bad_values_are_named() {

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use mesh_runtime::config::{server_settings, ServerConfig, Setting, Settings};
+use mesh_runtime::config::{ServerConfig, Setting, Settings};
 use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
 
@@ -49,14 +49,8 @@ pub struct Config {
 }
 
 /// Every variable inference reads, with its default: the one place defaults are written.
-pub const SETTINGS: &[Setting] = &{
-    let server = server_settings("0.0.0.0:50053", "0.0.0.0:9103", "256");
-    [
-        server[0],
-        server[1],
-        server[2],
-        server[3],
-        server[4],
+pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
+    "0.0.0.0:50053", "0.0.0.0:9103", "256";
         Setting::value("MESH_MODELS_DIR", "models", "model registry"),
         Setting::unset(
             "ORT_DYLIB_PATH",
@@ -79,8 +73,7 @@ pub const SETTINGS: &[Setting] = &{
             "the listen address",
             "reported in `ServerMetadata`",
         ),
-    ]
-};
+);
 
 impl Config {
     /// Reads the process environment; fails naming the variable that does not parse.
@@ -164,15 +157,4 @@ pub async fn serve(
     )
     .await
     .map_err(|e| InferenceError::Config(e.to_string()))
-}
-
-#[cfg(test)]
-mod config_tests {
-    #[test]
-    fn the_readme_documents_every_setting_with_its_default() {
-        let readme = include_str!("../../../README.md");
-        let problems =
-            mesh_runtime::config::check_readme_table(readme, "inference", super::SETTINGS);
-        assert!(problems.is_empty(), "README vs code: {problems:#?}");
-    }
 }

@@ -19,7 +19,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use mesh_proto::logger::prediction_log_server::PredictionLogServer;
-use mesh_runtime::config::{server_settings, ServerConfig, Setting, Settings};
+use mesh_runtime::config::{ServerConfig, Setting, Settings};
 use mesh_runtime::postgres::Migration;
 use mesh_runtime::{serve_grpc, Health, ServiceMetrics};
 use tokio::net::TcpListener;
@@ -65,14 +65,8 @@ pub struct Config {
 }
 
 /// Every variable the logger reads, with its default: the one place defaults are written.
-pub const SETTINGS: &[Setting] = &{
-    let server = server_settings("0.0.0.0:50055", "0.0.0.0:9105", "256");
-    [
-        server[0],
-        server[1],
-        server[2],
-        server[3],
-        server[4],
+pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
+    "0.0.0.0:50055", "0.0.0.0:9105", "256";
         Setting::value(
             "MESH_DATABASE_URL",
             "postgres://postgres@127.0.0.1:5432/postgres",
@@ -94,8 +88,7 @@ pub const SETTINGS: &[Setting] = &{
             "2000",
             "one PostgreSQL write or connection attempt",
         ),
-    ]
-};
+);
 
 impl Config {
     /// Reads the process environment; fails naming the variable that does not parse.
@@ -165,14 +158,4 @@ pub async fn serve(
         }
     }
     served.map_err(|e| LoggerError::Config(e.to_string()))
-}
-
-#[cfg(test)]
-mod config_tests {
-    #[test]
-    fn the_readme_documents_every_setting_with_its_default() {
-        let readme = include_str!("../../../README.md");
-        let problems = mesh_runtime::config::check_readme_table(readme, "logger", super::SETTINGS);
-        assert!(problems.is_empty(), "README vs code: {problems:#?}");
-    }
 }

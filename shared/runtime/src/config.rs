@@ -104,6 +104,18 @@ pub const fn server_settings(
 /// Where setting values come from: a variable's name to its value, if set.
 type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
 
+/// A service's settings table: the five [`server_settings`] with its own listen address,
+/// metrics address and concurrency limit, then its own settings.
+#[macro_export]
+macro_rules! settings_table {
+    ($listen:expr, $metrics:expr, $concurrency:expr; $($setting:expr),* $(,)?) => {
+        &{
+            let server = $crate::config::server_settings($listen, $metrics, $concurrency);
+            [server[0], server[1], server[2], server[3], server[4], $($setting),*]
+        }
+    };
+}
+
 /// Values of a service's settings: from a lookup (the environment, or a test's map), else the
 /// table's defaults.
 pub struct Settings<'a> {
