@@ -51,6 +51,27 @@ fn features() -> (
     (row.entity_id, complete, partial)
 }
 
+/// The call ran out of time: the gateway's DEADLINE_EXCEEDED, or CANCELLED when the client's
+/// own timer wins the 2 ms race with the gateway's deadline layer on a loaded machine.
+fn assert_timed_out(status: &tonic::Status) {
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+}
+
+/// Ends the features fault, then checks that predictions recover within the cool-down + 1 s
+/// and that nothing is left counted in flight.
+async fn heal_features(mesh: &Mesh, entity: &str, partial: &HashMap<String, FeatureValue>) {
+    let since = Instant::now();
+    mesh.features_proxy.set_fault(Fault::None);
+    recovers(mesh, entity, partial, since).await;
+    mesh.assert_idle().await;
+}
+
 /// Sends `request` and cancels it from the client side after `after` (the future is dropped,
 /// so the client resets the HTTP/2 stream). Panics if it was answered before that.
 async fn cancel_after(
@@ -63,6 +84,32 @@ async fn cancel_after(
         answered.is_err(),
         "answered before the cancel: {answered:?}"
     );
+}
+
+/// The outcome of one of [`fan_out`]'s predictions: its answer, or `None` if the client gave up
+/// first (dropping the call, so the client reset the stream).
+type Sent = Option<Result<tonic::Response<mesh_proto::gateway::PredictResponse>, tonic::Status>>;
+
+/// Sends `count` predictions for `entity` with `features` at once; call `i` carries
+/// `plan(i).0` as its `grpc-timeout` and its client gives up after `plan(i).1`.
+async fn fan_out(
+    mesh: &Mesh,
+    entity: &str,
+    features: &HashMap<String, FeatureValue>,
+    count: u64,
+    plan: impl Fn(u64) -> (Duration, Duration),
+) -> Vec<Sent> {
+    let calls = (0..count).map(|i| {
+        let mut gateway = mesh.gateway_client();
+        let (timeout, give_up) = plan(i);
+        let request = request(entity, features, timeout);
+        async move {
+            tokio::time::timeout(give_up, gateway.predict(request))
+                .await
+                .ok()
+        }
+    });
+    futures::future::join_all(calls).await
 }
 
 /// Opens the features breaker by holding features: predictions that need stored features time
@@ -78,14 +125,7 @@ async fn open_features_breaker(mesh: &Mesh, entity: &str, partial: &HashMap<Stri
             .predict(request(entity, partial, Duration::from_millis(150)))
             .await
             .expect_err("features is held");
-        // (CANCELLED when the client's own timer wins the 2 ms race with the gateway's.)
-        assert!(
-            matches!(
-                status.code(),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ),
-            "{status:?}"
-        );
+        assert_timed_out(&status);
     }
     panic!("the features breaker did not open while features was held");
 }
@@ -151,9 +191,7 @@ async fn a_half_open_probe_cancelled_by_its_client_does_not_wedge_the_breaker() 
         2.0,
         "half-open"
     );
-    mesh.features_proxy.set_fault(Fault::None);
-    recovers(&mesh, &entity, &partial, Instant::now()).await;
-    mesh.assert_idle().await;
+    heal_features(&mesh, &entity, &partial).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,21 +203,13 @@ async fn a_hopeless_probe_neither_closes_nor_reopens_the_breaker() {
         .predict(request(&entity, &partial, Duration::from_millis(8)))
         .await
         .expect_err("hopeless budget");
-    assert!(
-        matches!(
-            status.code(),
-            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-        ),
-        "{status:?}"
-    );
+    assert_timed_out(&status);
     assert_eq!(
         metric(mesh.gateway_http, FEATURES_BREAKER).await,
         2.0,
         "an ignored probe leaves the breaker half-open"
     );
-    mesh.features_proxy.set_fault(Fault::None);
-    recovers(&mesh, &entity, &partial, Instant::now()).await;
-    mesh.assert_idle().await;
+    heal_features(&mesh, &entity, &partial).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,41 +218,28 @@ async fn calls_cancelled_or_cut_off_during_the_features_call_leave_nothing_behin
     mesh.seed(5).await;
     let (entity, _, partial) = features();
     mesh.features_proxy.set_fault(Fault::Hold);
-    let calls = (0..16).map(|i| {
-        let mut gateway = mesh.gateway_client();
-        let partial = partial.clone();
-        let entity = entity.clone();
-        async move {
-            if i % 2 == 0 {
-                // Cut off by the gateway's deadline layer (2 ms before the client's own timer,
-                // which may still win on a loaded machine: then tonic says CANCELLED).
-                let status = gateway
-                    .predict(request(&entity, &partial, Duration::from_millis(100)))
-                    .await
-                    .expect_err("features is held");
-                assert!(
-                    matches!(
-                        status.code(),
-                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-                    ),
-                    "{status:?}"
-                );
-            } else {
-                // Cancelled by the client.
-                cancel_after(
-                    &mut gateway,
-                    request(&entity, &partial, Duration::from_secs(10)),
-                    Duration::from_millis(100),
-                )
-                .await;
-            }
+    // Even calls are cut off by the gateway's deadline layer (2 ms before the client's own
+    // timer, which may still win on a loaded machine: then tonic says CANCELLED); odd ones
+    // are cancelled by their client.
+    let sent = fan_out(&mesh, &entity, &partial, 16, |i| {
+        if i % 2 == 0 {
+            (Duration::from_millis(100), Duration::from_secs(10))
+        } else {
+            (Duration::from_secs(10), Duration::from_millis(100))
         }
-    });
-    futures::future::join_all(calls).await;
-    let since = Instant::now();
-    mesh.features_proxy.set_fault(Fault::None);
-    recovers(&mesh, &entity, &partial, since).await;
-    mesh.assert_idle().await;
+    })
+    .await;
+    for (i, outcome) in sent.into_iter().enumerate() {
+        if i % 2 == 0 {
+            let status = outcome
+                .expect("the deadline layer answers")
+                .expect_err("features is held");
+            assert_timed_out(&status);
+        } else {
+            assert!(outcome.is_none(), "answered before the cancel: {outcome:?}");
+        }
+    }
+    heal_features(&mesh, &entity, &partial).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,24 +251,11 @@ async fn calls_cancelled_during_retry_back_off_leave_nothing_behind() {
     // retried after a jittered pause, so the cancels below land in back-off pauses as well as
     // in connection attempts.
     mesh.features_proxy.set_fault(Fault::Refuse);
-    let calls = (0..24u64).map(|i| {
-        let mut gateway = mesh.gateway_client();
-        let partial = partial.clone();
-        let entity = entity.clone();
-        async move {
-            let cancel = Duration::from_millis(5 + 7 * i);
-            let _ = tokio::time::timeout(
-                cancel,
-                gateway.predict(request(&entity, &partial, Duration::from_secs(10))),
-            )
-            .await;
-        }
-    });
-    futures::future::join_all(calls).await;
-    let since = Instant::now();
-    mesh.features_proxy.set_fault(Fault::None);
-    recovers(&mesh, &entity, &partial, since).await;
-    mesh.assert_idle().await;
+    fan_out(&mesh, &entity, &partial, 24, |i| {
+        (Duration::from_secs(10), Duration::from_millis(5 + 7 * i))
+    })
+    .await;
+    heal_features(&mesh, &entity, &partial).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,25 +271,19 @@ async fn calls_cancelled_during_a_replica_call_release_its_in_flight_count() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
-    let held = (0..8).map(|_| {
-        let mut gateway = mesh.gateway_client();
-        let complete = complete.clone();
-        let entity = entity.clone();
-        async move {
-            cancel_after(
-                &mut gateway,
-                request(&entity, &complete, Duration::from_secs(10)),
-                Duration::from_millis(400),
-            )
-            .await;
-        }
+    let held = fan_out(&mesh, &entity, &complete, 8, |_| {
+        (Duration::from_secs(10), Duration::from_millis(400))
     });
     let watch = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (_, body) = http_get(mesh.gateway_http, "/metrics").await;
         in_flight(&body)
     };
-    let (_, during) = tokio::join!(futures::future::join_all(held), watch);
+    let (sent, during) = tokio::join!(held, watch);
+    assert!(
+        sent.iter().all(Option::is_none),
+        "answered before the cancel: {sent:?}"
+    );
     assert!(
         during >= 1.0,
         "calls were in flight to the held replicas: {during}"

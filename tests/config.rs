@@ -2,7 +2,7 @@
 //! has a row naming the service, with the default its settings table (the one place defaults
 //! are written) gives.
 
-use mesh_runtime::config::check_readme_table;
+use mesh_testkit::readme::check_readme_table;
 
 #[test]
 fn the_readme_documents_every_setting_of_every_service_with_its_default() {

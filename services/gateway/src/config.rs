@@ -271,7 +271,6 @@ impl Config {
 
     /// The defaults (tests start from these and change what they need).
     pub fn defaults() -> Self {
-        #[allow(clippy::expect_used)]
         Self::read(&Settings::defaults(SETTINGS)).expect("the settings table's defaults parse")
     }
 

@@ -70,51 +70,41 @@ impl Setting {
     }
 }
 
-/// The settings every service has, with the service's own defaults.
-pub const fn server_settings(
-    listen: &'static str,
-    metrics: &'static str,
-    concurrency: &'static str,
-) -> [Setting; 5] {
-    [
-        Setting::value("MESH_LISTEN_ADDR", listen, "gRPC listen address"),
-        Setting::value(
-            "MESH_METRICS_ADDR",
-            metrics,
-            "`/metrics` address; `off` disables it",
-        ),
-        Setting::value(
-            "MESH_MAX_CONCURRENCY",
-            concurrency,
-            "concurrent RPCs before shedding with `RESOURCE_EXHAUSTED`",
-        ),
-        Setting::value(
-            "MESH_DRAIN_DELAY_MS",
-            "1000",
-            "keep answering this long after health turns `NOT_SERVING`",
-        ),
-        Setting::value(
-            "MESH_GRACE_MS",
-            "10000",
-            "longest wait for in-flight calls (and for flushing queued records)",
-        ),
-    ]
+/// A service's settings table: the settings every service has (read by
+/// [`ServerConfig::read`]), with this service's listen address, metrics address and concurrency
+/// limit, then its own settings.
+#[macro_export]
+macro_rules! settings_table {
+    ($listen:expr, $metrics:expr, $concurrency:expr; $($setting:expr),* $(,)?) => {
+        &[
+            $crate::config::Setting::value("MESH_LISTEN_ADDR", $listen, "gRPC listen address"),
+            $crate::config::Setting::value(
+                "MESH_METRICS_ADDR",
+                $metrics,
+                "`/metrics` address; `off` disables it",
+            ),
+            $crate::config::Setting::value(
+                "MESH_MAX_CONCURRENCY",
+                $concurrency,
+                "concurrent RPCs before shedding with `RESOURCE_EXHAUSTED`",
+            ),
+            $crate::config::Setting::value(
+                "MESH_DRAIN_DELAY_MS",
+                "1000",
+                "keep answering this long after health turns `NOT_SERVING`",
+            ),
+            $crate::config::Setting::value(
+                "MESH_GRACE_MS",
+                "10000",
+                "longest wait for in-flight calls (and for flushing queued records)",
+            ),
+            $($setting),*
+        ]
+    };
 }
 
 /// Where setting values come from: a variable's name to its value, if set.
 type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
-
-/// A service's settings table: the five [`server_settings`] with its own listen address,
-/// metrics address and concurrency limit, then its own settings.
-#[macro_export]
-macro_rules! settings_table {
-    ($listen:expr, $metrics:expr, $concurrency:expr; $($setting:expr),* $(,)?) => {
-        &{
-            let server = $crate::config::server_settings($listen, $metrics, $concurrency);
-            [server[0], server[1], server[2], server[3], server[4], $($setting),*]
-        }
-    };
-}
 
 /// Values of a service's settings: from a lookup (the environment, or a test's map), else the
 /// table's defaults.
@@ -251,7 +241,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Reads the common settings (see [`server_settings`]).
+    /// Reads the settings every service has (see [`settings_table!`](crate::settings_table)).
     pub fn read(settings: &Settings<'_>) -> Result<Self, ConfigError> {
         Ok(Self {
             listen_addr: settings.string("MESH_LISTEN_ADDR"),
@@ -270,48 +260,6 @@ impl ServerConfig {
         options.grace = self.grace;
         options
     }
-}
-
-/// Checks a README configuration table (rows `` | `VAR` | services | default | meaning | ``)
-/// against `service`'s settings table: every setting has a row naming the service whose
-/// default cell says the table's default. Returns each disagreement. The README tests of the
-/// services call this, so the documentation cannot drift from the code.
-pub fn check_readme_table(readme: &str, service: &str, table: &[Setting]) -> Vec<String> {
-    let rows: Vec<Vec<String>> = readme
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .map(|l| {
-            l.trim_matches('|')
-                .split(" | ")
-                .map(|c| c.trim().to_owned())
-                .collect()
-        })
-        .collect();
-    let mut problems = Vec::new();
-    for setting in table {
-        let quoted = format!("`{}`", setting.variable);
-        let expected = match setting.default {
-            Default::Value(v) | Default::Derived(v) | Default::Unset(v) => v,
-        };
-        let matching = rows.iter().filter(|r| {
-            r.len() >= 4
-                && r[0].split(", ").any(|v| v == quoted)
-                && r[1].split([',', '/']).any(|s| {
-                    let s = s.trim();
-                    s == service || s == "all"
-                })
-        });
-        let defaults: Vec<&str> = matching.map(|r| r[2].trim_matches('`')).collect();
-        if defaults.is_empty() {
-            problems.push(format!("{}: no README row for {service}", setting.variable));
-        } else if !defaults.contains(&expected) {
-            problems.push(format!(
-                "{}: README says default {defaults:?} for {service}, the code {expected:?}",
-                setting.variable
-            ));
-        }
-    }
-    problems
 }
 
 #[cfg(test)]
@@ -342,22 +290,5 @@ mod tests {
             .expect_err("not a number")
             .to_string()
             .starts_with("MESH_A_MS:"));
-    }
-
-    #[test]
-    fn the_readme_check_finds_missing_rows_and_wrong_defaults() {
-        let readme = "| `MESH_A_MS` | all | 250 | a |\n| `MESH_C` | gateway, logger | 4 | c |\n";
-        let problems = check_readme_table(readme, "gateway", TABLE);
-        assert_eq!(
-            problems,
-            vec!["MESH_B: no README row for gateway".to_owned()]
-        );
-        let problems = check_readme_table(readme, "features", &TABLE[2..]);
-        assert_eq!(
-            problems,
-            vec!["MESH_C: no README row for features".to_owned()]
-        );
-        let wrong = "| `MESH_C` | gateway | 5 | c |\n";
-        assert_eq!(check_readme_table(wrong, "gateway", &TABLE[2..]).len(), 1);
     }
 }

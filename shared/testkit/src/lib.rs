@@ -344,3 +344,78 @@ pub async fn http_get(
 }
 
 pub mod proxy;
+
+/// The README's configuration table and the services' settings tables.
+pub mod readme {
+    use mesh_runtime::config::{Default, Setting};
+
+    /// Checks a README configuration table (rows `` | `VAR` | services | default | meaning | ``)
+    /// against `service`'s settings table: every setting has a row naming the service whose
+    /// default cell says the table's default. Returns each disagreement. tests/config.rs calls this for every service, so the documentation cannot drift from the code.
+    pub fn check_readme_table(readme: &str, service: &str, table: &[Setting]) -> Vec<String> {
+        let rows: Vec<Vec<String>> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                l.trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim().to_owned())
+                    .collect()
+            })
+            .collect();
+        let mut problems = Vec::new();
+        for setting in table {
+            let quoted = format!("`{}`", setting.variable);
+            let expected = match setting.default {
+                Default::Value(v) | Default::Derived(v) | Default::Unset(v) => v,
+            };
+            let matching = rows.iter().filter(|r| {
+                r.len() >= 4
+                    && r[0].split(", ").any(|v| v == quoted)
+                    && r[1].split([',', '/']).any(|s| {
+                        let s = s.trim();
+                        s == service || s == "all"
+                    })
+            });
+            let defaults: Vec<&str> = matching.map(|r| r[2].trim_matches('`')).collect();
+            if defaults.is_empty() {
+                problems.push(format!("{}: no README row for {service}", setting.variable));
+            } else if !defaults.contains(&expected) {
+                problems.push(format!(
+                    "{}: README says default {defaults:?} for {service}, the code {expected:?}",
+                    setting.variable
+                ));
+            }
+        }
+        problems
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const TABLE: &[Setting] = &[
+            Setting::value("MESH_A_MS", "250", "a"),
+            Setting::unset("MESH_B", "unset (off)", "b"),
+            Setting::value("MESH_C", "4", "c"),
+        ];
+
+        #[test]
+        fn the_readme_check_finds_missing_rows_and_wrong_defaults() {
+            let readme =
+                "| `MESH_A_MS` | all | 250 | a |\n| `MESH_C` | gateway, logger | 4 | c |\n";
+            let problems = check_readme_table(readme, "gateway", TABLE);
+            assert_eq!(
+                problems,
+                vec!["MESH_B: no README row for gateway".to_owned()]
+            );
+            let problems = check_readme_table(readme, "features", &TABLE[2..]);
+            assert_eq!(
+                problems,
+                vec!["MESH_C: no README row for features".to_owned()]
+            );
+            let wrong = "| `MESH_C` | gateway | 5 | c |\n";
+            assert_eq!(check_readme_table(wrong, "gateway", &TABLE[2..]).len(), 1);
+        }
+    }
+}

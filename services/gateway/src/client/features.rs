@@ -63,7 +63,7 @@ impl Attempts for FeatureAttempts<'_> {
         false
     }
 
-    async fn attempt(&mut self, _number: u32, deadline: Deadline) -> Attempt<Self::Response> {
+    async fn attempt(&mut self, deadline: Deadline) -> Attempt<Self::Response> {
         let span = client_span(mesh_proto::service_names::FEATURES, "GetFeatures");
         let mut client = self.client.clone();
         let message = GetFeaturesRequest {

@@ -71,7 +71,7 @@ impl Attempts for ReplicaAttempts<'_> {
         self.replicas.untried(&self.failed) > 1
     }
 
-    async fn attempt(&mut self, _number: u32, deadline: Deadline) -> Attempt<Self::Response> {
+    async fn attempt(&mut self, deadline: Deadline) -> Attempt<Self::Response> {
         let index = self.replicas.pick(&self.failed);
         let replica = self.replicas.get(index);
         let span = client_span(mesh_proto::service_names::INFERENCE, "ModelInfer");

@@ -86,10 +86,9 @@ pub trait Attempts {
     /// half of what remains).
     fn has_alternative(&self) -> bool;
 
-    /// Attempt number `number` (0 first) within `deadline`.
+    /// One attempt within `deadline`.
     fn attempt(
         &mut self,
-        number: u32,
         deadline: Deadline,
     ) -> impl Future<Output = Attempt<Self::Response>> + Send;
 }
@@ -111,11 +110,6 @@ impl Downstream {
             budget,
             timing: RetryTiming::default(),
         }
-    }
-
-    /// The breaker (for tests and the health report).
-    pub fn breaker(&self) -> &CircuitBreaker {
-        &self.breaker
     }
 
     /// Deadline share → retry → breaker, around `attempts` (balance and traced call). Returns
@@ -142,14 +136,16 @@ impl Downstream {
                 verdict,
                 retry,
                 note,
-            } = attempts.attempt(number, share).await;
+            } = attempts.attempt(share).await;
             permit.record(verdict);
             let status = match result {
                 Ok(response) => return Ok((response, notes)),
                 Err(status) => status,
             };
-            let pause = retry_pause(number, deadline, self.timing)
-                .filter(|_| retry && !deadline.expired() && self.budget.try_retry());
+            let pause = (retry && !deadline.expired())
+                .then(|| retry_pause(number, deadline, self.timing))
+                .flatten()
+                .filter(|_| self.budget.try_retry());
             let Some(pause) = pause else {
                 return Err(status);
             };

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use mesh_runtime::resilience::Verdict;
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rand::Rng as _;
 use tonic::transport::Channel;
 
@@ -117,6 +117,8 @@ pub struct Replica {
     client: GrpcInferenceServiceClient<Channel>,
     /// Calls in flight: the load the choice compares, exported as `mesh_replica_in_flight`.
     in_flight: IntGauge,
+    /// `mesh_replica_calls_total` by verdict (success, failure, ignore), resolved once.
+    calls: [IntCounter; 3],
     /// Its `grpc.health.v1` status (optimistic until the first answer).
     serving: AtomicBool,
     outlier: Mutex<Outlier>,
@@ -207,6 +209,8 @@ impl ReplicaSet {
                 client: GrpcInferenceServiceClient::new(channel.clone())
                     .max_decoding_message_size(64 * 1024 * 1024),
                 in_flight: metrics.in_flight.with_label_values(&[url.as_str()]),
+                calls: ["success", "failure", "ignore"]
+                    .map(|verdict| metrics.calls.with_label_values(&[url.as_str(), verdict])),
                 serving: AtomicBool::new(true),
                 outlier: Mutex::new(Outlier::default()),
             })
@@ -233,17 +237,13 @@ impl ReplicaSet {
         &self.replicas[index]
     }
 
-    fn available(&self) -> Vec<usize> {
-        let now = Instant::now();
-        (0..self.replicas.len())
-            .filter(|&i| self.replicas[i].available(now))
-            .collect()
+    fn available(&self, now: Instant) -> impl Iterator<Item = usize> + '_ {
+        (0..self.replicas.len()).filter(move |&i| self.replicas[i].available(now))
     }
 
     /// How many available replicas a request that failed on `failed` has not tried yet.
     pub fn untried(&self, failed: &[usize]) -> usize {
-        self.available()
-            .iter()
+        self.available(Instant::now())
             .filter(|i| !failed.contains(i))
             .count()
     }
@@ -253,18 +253,13 @@ impl ReplicaSet {
     /// them, among the available ones; if none is available (all ejected or not serving), among
     /// all of them the same way: trying is better than refusing (Envoy's panic mode).
     pub fn pick(&self, failed: &[usize]) -> usize {
-        let available = self.available();
-        let pool = if available.is_empty() {
-            (0..self.replicas.len()).collect()
-        } else {
-            available
-        };
-        let fresh: Vec<usize> = pool
-            .iter()
-            .copied()
-            .filter(|i| !failed.contains(i))
-            .collect();
-        let pool = if fresh.is_empty() { pool } else { fresh };
+        let mut pool: Vec<usize> = self.available(Instant::now()).collect();
+        if pool.is_empty() {
+            pool.extend(0..self.replicas.len());
+        }
+        if pool.iter().any(|i| !failed.contains(i)) {
+            pool.retain(|i| !failed.contains(i));
+        }
         self.less_busy_of_two(&pool)
     }
 
@@ -304,15 +299,12 @@ impl ReplicaSet {
     /// (within the cap on the share ejected), an ignored outcome does neither.
     pub fn observe(&self, index: usize, verdict: Verdict) {
         let replica = &self.replicas[index];
-        let label = match verdict {
-            Verdict::Success => "success",
-            Verdict::Failure => "failure",
-            Verdict::Ignore => "ignore",
+        let slot = match verdict {
+            Verdict::Success => 0,
+            Verdict::Failure => 1,
+            Verdict::Ignore => 2,
         };
-        self.metrics
-            .calls
-            .with_label_values(&[replica.url.as_str(), label])
-            .inc();
+        replica.calls[slot].inc();
         match verdict {
             Verdict::Ignore => {}
             Verdict::Success => replica.outlier().consecutive_failures = 0,

@@ -38,6 +38,41 @@ pub fn is_store_unavailable(status: &tonic::Status) -> bool {
     status.metadata().contains_key(STORE_UNAVAILABLE)
 }
 
+/// What a status code says happened, the one exhaustive grouping both [`classify`] and
+/// [`retry_kind`] read (a new code in tonic breaks the build here until it is placed).
+enum Outcome {
+    /// The downstream answered (a caller's mistake is an answer too).
+    Answered,
+    /// It could not be reached or the connection broke (tonic reports a reset connection as
+    /// `UNKNOWN`).
+    Unreachable,
+    /// The attempt ran out of its time, or was cut off for it.
+    TimedOut,
+    /// The downstream protected itself from overload.
+    PushedBack,
+    /// The downstream failed while answering.
+    Broken,
+}
+
+fn outcome(code: Code) -> Outcome {
+    match code {
+        Code::Unavailable | Code::Unknown => Outcome::Unreachable,
+        Code::DeadlineExceeded | Code::Cancelled => Outcome::TimedOut,
+        Code::ResourceExhausted => Outcome::PushedBack,
+        Code::Internal | Code::DataLoss => Outcome::Broken,
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::Unauthenticated => Outcome::Answered,
+    }
+}
+
 /// Judges the result of one attempt that had `budget` to run.
 pub fn classify<T>(result: &Result<T, tonic::Status>, budget: Duration) -> Verdict {
     let status = match result {
@@ -49,26 +84,12 @@ pub fn classify<T>(result: &Result<T, tonic::Status>, budget: Duration) -> Verdi
         // refuse everything the service still serves from its caches.
         return Verdict::Ignore;
     }
-    match status.code() {
-        Code::DeadlineExceeded | Code::Cancelled if budget < FAIR_BUDGET => Verdict::Ignore,
-        Code::DeadlineExceeded
-        | Code::Cancelled
-        | Code::Unavailable
-        | Code::Unknown
-        | Code::Internal
-        | Code::DataLoss => Verdict::Failure,
+    match outcome(status.code()) {
+        Outcome::Answered => Verdict::Success,
+        Outcome::TimedOut if budget < FAIR_BUDGET => Verdict::Ignore,
+        Outcome::TimedOut | Outcome::Unreachable | Outcome::Broken => Verdict::Failure,
         // Push-back from a live service: it protects itself, which is what it should do.
-        Code::ResourceExhausted => Verdict::Ignore,
-        Code::Ok
-        | Code::InvalidArgument
-        | Code::NotFound
-        | Code::AlreadyExists
-        | Code::PermissionDenied
-        | Code::FailedPrecondition
-        | Code::Aborted
-        | Code::OutOfRange
-        | Code::Unimplemented
-        | Code::Unauthenticated => Verdict::Success,
+        Outcome::PushedBack => Verdict::Ignore,
     }
 }
 
@@ -77,8 +98,8 @@ pub fn classify<T>(result: &Result<T, tonic::Status>, budget: Duration) -> Verdi
 pub enum RetryKind {
     /// Not at all: the answer would be the same, or nothing is left to try with.
     Never,
-    /// Anywhere, the same endpoint included: it could not be reached or the connection broke
-    /// (tonic reports a reset connection as `UNKNOWN`); a new connection may succeed.
+    /// Anywhere, the same endpoint included: it could not be reached or the connection broke;
+    /// a new connection may succeed.
     Anywhere,
     /// Only on another replica: this one timed out its share of the budget or pushed back
     /// with `RESOURCE_EXHAUSTED`; sending it the same work again would only add to its load.
@@ -90,21 +111,10 @@ pub fn retry_kind(status: &tonic::Status) -> RetryKind {
     if is_store_unavailable(status) {
         return RetryKind::Never;
     }
-    match status.code() {
-        Code::Unavailable | Code::Unknown => RetryKind::Anywhere,
-        Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted => RetryKind::Elsewhere,
-        Code::Ok
-        | Code::InvalidArgument
-        | Code::NotFound
-        | Code::AlreadyExists
-        | Code::PermissionDenied
-        | Code::FailedPrecondition
-        | Code::Aborted
-        | Code::OutOfRange
-        | Code::Unimplemented
-        | Code::Internal
-        | Code::DataLoss
-        | Code::Unauthenticated => RetryKind::Never,
+    match outcome(status.code()) {
+        Outcome::Unreachable => RetryKind::Anywhere,
+        Outcome::TimedOut | Outcome::PushedBack => RetryKind::Elsewhere,
+        Outcome::Answered | Outcome::Broken => RetryKind::Never,
     }
 }
 
