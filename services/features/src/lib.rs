@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`memory`]: the in-process TTL cache.
-//! - [`store`]: the tiers, request coalescing and write-back.
+//! - [`store`]: the tiers, request coalescing and write-back (the Redis tier in its own module).
 //! - [`service`]: the gRPC handlers; [`metrics`]: tier counters; [`error`]: status mapping.
 //!
 //! Start-up: the schema is migrated (retrying while PostgreSQL is unreachable); health says

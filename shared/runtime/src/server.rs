@@ -147,30 +147,7 @@ pub async fn serve_grpc(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let reflection = || {
-        let mut builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("grpc.health.v1.Health");
-        for service in &options.services {
-            builder = builder.with_service_name(*service);
-        }
-        builder
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    // grpcurl 1.8 and Python's grpcio-reflection only speak v1alpha.
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let health_service = tonic_health::pb::health_server::HealthServer::new(
-        HealthService::from_health_reporter(health.reporter.clone()),
-    );
-    let routes = routes
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+    let routes = with_health_and_reflection(routes, &options.services, &health)?;
 
     let bulkhead = Bulkhead::new("server", options.max_concurrency, &metrics.bulkheads);
     let stack = tower::ServiceBuilder::new()
@@ -207,7 +184,6 @@ pub async fn serve_grpc(
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_signal.await;
         });
-    tokio::pin!(server);
 
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics_listener) = metrics_listener {
@@ -222,40 +198,76 @@ pub async fn serve_grpc(
     }
     tracing::info!(addr = ?local, services = ?options.services, "serving");
 
-    tokio::pin!(shutdown);
-    // Serve until told to stop (or the transport fails by itself).
-    let result = tokio::select! {
-        result = &mut server => Some(result),
-        _ = &mut shutdown => None,
-    };
-    let result = match result {
-        Some(result) => result,
-        None => {
-            tracing::info!(drain_delay = ?options.drain_delay, "shutdown requested: NOT_SERVING, draining");
-            health.set_not_serving().await;
-            // Keep answering while probes and balancers notice NOT_SERVING.
-            let early = tokio::select! {
-                result = &mut server => Some(result),
-                _ = tokio::time::sleep(options.drain_delay) => None,
-            };
-            match early {
-                Some(result) => result,
-                None => {
-                    let _ = stop_accepting.send(());
-                    match tokio::time::timeout(options.grace, &mut server).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            tracing::warn!(grace = ?options.grace, "grace period over; abandoning in-flight calls");
-                            Ok(())
-                        }
-                    }
-                }
-            }
-        }
-    };
+    let result = drain(server, shutdown, &health, &options, stop_accepting).await;
     let _ = metrics_stop.send(());
     tracing::info!("stopped");
     result.map_err(ServeError::from)
+}
+
+/// `routes` with `grpc.health.v1.Health` and server reflection (v1 and v1alpha) added.
+fn with_health_and_reflection(
+    routes: Routes,
+    services: &[&'static str],
+    health: &Health,
+) -> Result<Routes, ServeError> {
+    let reflection = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    // grpcurl 1.8 and Python's grpcio-reflection only speak v1alpha.
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let health_service = tonic_health::pb::health_server::HealthServer::new(
+        HealthService::from_health_reporter(health.reporter.clone()),
+    );
+    Ok(routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
+}
+
+/// Runs `server` until `shutdown` resolves (or the transport fails by itself), then drains:
+/// NOT_SERVING, answering on for the drain delay, no new connections, in-flight calls given
+/// the grace period.
+async fn drain(
+    server: impl Future<Output = Result<(), tonic::transport::Error>>,
+    shutdown: impl Future<Output = ()>,
+    health: &Health,
+    options: &ServeOptions,
+    stop_accepting: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), tonic::transport::Error> {
+    tokio::pin!(server);
+    tokio::pin!(shutdown);
+    // Serve until told to stop (or the transport fails by itself).
+    tokio::select! {
+        result = &mut server => return result,
+        _ = &mut shutdown => {}
+    }
+    tracing::info!(drain_delay = ?options.drain_delay, "shutdown requested: NOT_SERVING, draining");
+    health.set_not_serving().await;
+    // Keep answering while probes and balancers notice NOT_SERVING.
+    tokio::select! {
+        result = &mut server => return result,
+        _ = tokio::time::sleep(options.drain_delay) => {}
+    }
+    let _ = stop_accepting.send(());
+    match tokio::time::timeout(options.grace, &mut server).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(grace = ?options.grace, "grace period over; abandoning in-flight calls");
+            Ok(())
+        }
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (Kubernetes, docker stop): the start of a drain.

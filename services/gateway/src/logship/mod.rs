@@ -25,17 +25,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh_proto::logger::{PredictionRecord, RecordRequest};
+use mesh_proto::logger::PredictionRecord;
 use mesh_runtime::Bulkhead;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
-use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::client::LoggerDownstream;
-use crate::spool::{self, Reader, Spool};
+use crate::spool::{Reader, Spool};
+
+mod ship;
+mod write;
 
 /// Shipping settings.
 #[derive(Debug, Clone)]
@@ -277,7 +279,7 @@ pub fn spawn(
         let spool = recovered.spool;
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || write_loop(spool, receiver, &shared, &metrics, max_bytes))?;
+            .spawn(move || write::write_loop(spool, receiver, &shared, &metrics, max_bytes))?;
     }
     let shipper = LogShipper {
         sender,
@@ -286,264 +288,8 @@ pub fn spawn(
             metrics: metrics.clone(),
         },
     };
-    let task = tokio::spawn(ship_loop(reader, logger, bulkhead, config, metrics, shared));
+    let task = tokio::spawn(ship::ship_loop(
+        reader, logger, bulkhead, config, metrics, shared,
+    ));
     Ok((shipper, task))
-}
-
-/// The writer thread: group commit until every sender is gone.
-fn write_loop(
-    mut spool: Spool,
-    mut receiver: mpsc::Receiver<Entry>,
-    shared: &Shared,
-    metrics: &ShipMetrics,
-    max_bytes: u64,
-) {
-    while let Some(first) = receiver.blocking_recv() {
-        let mut group = vec![first];
-        while group.len() < 4096 {
-            match receiver.try_recv() {
-                Ok(entry) => group.push(entry),
-                Err(_) => break,
-            }
-        }
-        let mut pending = spool.end() - shared.cursor.load(Ordering::Acquire);
-        let mut kept = Vec::with_capacity(group.len());
-        for entry in group {
-            let size = Spool::frame_len(entry.payload.len());
-            if pending + size > max_bytes {
-                metrics.dropped.with_label_values(&["full"]).inc();
-                let _ = entry.done.send(Err(NotKept::Full));
-            } else {
-                pending += size;
-                kept.push(entry);
-            }
-        }
-        if kept.is_empty() {
-            continue;
-        }
-        let timer = metrics.sync_seconds.start_timer();
-        let payloads: Vec<&[u8]> = kept.iter().map(|e| e.payload.as_slice()).collect();
-        match spool.append(&payloads) {
-            Ok(offsets) => {
-                timer.observe_duration();
-                let count = kept.len() as u64;
-                if let Ok(mut contexts) = shared.contexts.lock() {
-                    for (offset, entry) in offsets.iter().zip(&kept) {
-                        contexts.push_back((*offset, entry.context.clone()));
-                    }
-                    while contexts.len() > MAX_CONTEXTS {
-                        contexts.pop_front();
-                    }
-                }
-                shared.end.store(spool.end(), Ordering::Release);
-                metrics.appended.inc_by(count);
-                metrics.pending_records.add(count as i64);
-                metrics
-                    .pending_bytes
-                    .set((spool.end() - shared.cursor.load(Ordering::Acquire)) as i64);
-                shared.wake.notify_one();
-                for entry in kept {
-                    let _ = entry.done.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                timer.stop_and_discard();
-                tracing::error!(error = %e, records = kept.len(), "spool write failed; records not kept");
-                metrics
-                    .dropped
-                    .with_label_values(&["io_error"])
-                    .inc_by(kept.len() as u64);
-                for entry in kept {
-                    let _ = entry.done.send(Err(NotKept::Io(e.to_string())));
-                }
-            }
-        }
-    }
-    shared.closed.store(true, Ordering::Release);
-    shared.wake.notify_one();
-}
-
-/// The shipping task: in order, one batch at a time, each retried until the logger commits it.
-async fn ship_loop(
-    mut reader: Reader,
-    logger: LoggerDownstream,
-    bulkhead: Bulkhead,
-    config: ShipConfig,
-    metrics: ShipMetrics,
-    shared: Arc<Shared>,
-) {
-    let mut last_was_full = false;
-    // Segments before this start have been released (deleted) already.
-    let mut released_before = reader.segment_start();
-    loop {
-        let end = shared.end.load(Ordering::Acquire);
-        if reader.position() >= end {
-            if shared.closed.load(Ordering::Acquire)
-                && reader.position() >= shared.end.load(Ordering::Acquire)
-            {
-                return;
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), shared.wake.notified()).await;
-            continue;
-        }
-        if !last_was_full && !shared.closed.load(Ordering::Acquire) {
-            // Let a partial batch fill a little.
-            tokio::time::sleep(config.flush_interval).await;
-        }
-        let end = shared.end.load(Ordering::Acquire);
-        let max = config.batch_size;
-        let read = tokio::task::spawn_blocking(move || {
-            let result = reader.read(end, max);
-            (reader, result)
-        })
-        .await;
-        let (returned, result) = match read {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::error!(error = %e, "spool reader panicked; shipping stops");
-                return;
-            }
-        };
-        reader = returned;
-        let (frames, skipped) = match result {
-            Ok(read) => read,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the spool failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if skipped > 0 {
-            tracing::error!(bytes = skipped, "corrupt data in the spool skipped");
-        }
-        if frames.is_empty() {
-            if reader.position() < end {
-                tracing::error!(
-                    position = reader.position(),
-                    end,
-                    "unreadable record in the spool; waiting"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            continue;
-        }
-        last_was_full = frames.len() == config.batch_size;
-        let mut records = Vec::with_capacity(frames.len());
-        for frame in &frames {
-            match PredictionRecord::decode(frame.payload.as_slice()) {
-                Ok(record) => records.push(record),
-                Err(e) => {
-                    tracing::error!(offset = frame.offset, error = %e, "undecodable spool record dropped");
-                    metrics.dropped.with_label_values(&["corrupt"]).inc();
-                }
-            }
-        }
-        let position = reader.position();
-        let contexts = take_contexts(&shared, position);
-        let count = frames.len() as u64;
-        deliver(
-            &logger, &bulkhead, &config, &metrics, &shared, records, contexts,
-        )
-        .await;
-        shared.cursor.store(position, Ordering::Release);
-        let dir = shared.dir.clone();
-        // Listing the directory for segments to delete is only needed once the reader has
-        // moved on to a new segment.
-        let release = (reader.segment_start() > released_before).then_some(reader.segment_start());
-        match tokio::task::spawn_blocking(move || spool::commit(&dir, position, release)).await {
-            Ok(Ok(())) => released_before = release.unwrap_or(released_before),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "recording the spool cursor failed (records may be delivered twice; the logger stores them once)")
-            }
-            Err(e) => tracing::error!(error = %e, "recording the spool cursor panicked"),
-        }
-        metrics.delivered.inc_by(count);
-        metrics.pending_records.sub(count as i64);
-        metrics
-            .pending_bytes
-            .set((shared.end.load(Ordering::Acquire) - position) as i64);
-    }
-}
-
-/// Trace contexts of the records before `position`.
-fn take_contexts(shared: &Shared, position: u64) -> Vec<opentelemetry::Context> {
-    let Ok(mut contexts) = shared.contexts.lock() else {
-        return Vec::new();
-    };
-    let mut taken = Vec::new();
-    while contexts
-        .front()
-        .is_some_and(|(offset, _)| *offset < position)
-    {
-        if let Some((_, context)) = contexts.pop_front() {
-            taken.push(context);
-        }
-    }
-    taken
-}
-
-/// Sends `records` until the logger commits them (or refuses them as invalid).
-async fn deliver(
-    logger: &LoggerDownstream,
-    bulkhead: &Bulkhead,
-    config: &ShipConfig,
-    metrics: &ShipMetrics,
-    shared: &Shared,
-    records: Vec<PredictionRecord>,
-    contexts: Vec<opentelemetry::Context>,
-) {
-    use opentelemetry::trace::TraceContextExt as _;
-    if records.is_empty() {
-        return;
-    }
-    let count = records.len();
-    let span = tracing::info_span!(
-        "log.ship",
-        otel.name = "ship prediction records",
-        records = count
-    );
-    let mut contexts = contexts.iter();
-    if let Some(first) = contexts.next() {
-        let _ = span.set_parent(first.clone());
-    }
-    for cx in contexts {
-        span.add_link(cx.span().span_context().clone());
-    }
-    let request = RecordRequest { records };
-    let mut backoff = Duration::from_millis(50);
-    let mut attempt = 0u32;
-    async {
-        loop {
-            attempt += 1;
-            match logger
-                .record(request.clone(), config.call_timeout, bulkhead)
-                .await
-            {
-                Ok(_) => {
-                    if shared.logger_failing.swap(false, Ordering::Relaxed) {
-                        tracing::info!(attempt, "prediction log reachable again; delivering the spool");
-                    }
-                    return;
-                }
-                Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                    tracing::error!(error = %status.message(), records = count, "the logger refused a batch as invalid; dropped");
-                    metrics
-                        .dropped
-                        .with_label_values(&["rejected"])
-                        .inc_by(count as u64);
-                    return;
-                }
-                Err(status) => {
-                    if !shared.logger_failing.swap(true, Ordering::Relaxed) || attempt.is_multiple_of(20) {
-                        tracing::warn!(code = ?status.code(), error = %status.message(), attempt, records = count, "delivering prediction records failed; they stay in the spool");
-                    }
-                    let pause = rand::random_range(backoff / 2..=backoff);
-                    tokio::time::sleep(pause).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    }
-    .instrument(span)
-    .await
 }
