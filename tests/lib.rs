@@ -148,28 +148,26 @@ pub fn test_server(max_concurrency: usize) -> mesh_runtime::config::ServerConfig
 
 /// Configuration of the features service for tests.
 pub fn features_config(redis: Option<&RedisServer>, pg: &PostgresServer) -> mesh_features::Config {
-    mesh_features::Config {
-        server: test_server(512),
-        redis_url: redis.map(RedisServer::url),
-        database_url: pg.url(),
-        cache_ttl: Duration::from_secs(10),
-        cache_capacity: 10_000,
-        redis_timeout: Duration::from_millis(20),
-        redis_cooldown: Duration::from_millis(500),
-        redis_ttl: Duration::from_secs(300),
-        db_timeout: Duration::from_secs(1),
-        db_pool_size: 8,
-    }
+    let mut config = mesh_features::Config::defaults();
+    config.server = test_server(512);
+    config.redis.url = redis.map(RedisServer::url);
+    config.redis.cooldown = Duration::from_millis(500);
+    config.database.url = pg.url();
+    config.database.pool_size = 8;
+    config.cache.capacity = 10_000;
+    config
 }
 
 /// Configuration of an inference replica for tests.
 pub fn inference_config() -> mesh_inference::Config {
     mesh_inference::Config {
         server: test_server(256),
-        models_dir: repo().join("models"),
-        ort_dylib: ort_dylib(),
-        sessions_per_model: 2,
-        warmup_iterations: 5,
+        models: mesh_inference::config::ModelSettings {
+            dir: repo().join("models"),
+            ort_dylib: ort_dylib(),
+            sessions_per_model: 2,
+            warmup_iterations: 5,
+        },
         max_batch_rows: 4096,
         replica_id: "test".into(),
     }
@@ -177,14 +175,13 @@ pub fn inference_config() -> mesh_inference::Config {
 
 /// Configuration of the logger for tests (short flush so records appear quickly).
 pub fn logger_config(pg: &PostgresServer) -> mesh_logger::Config {
-    mesh_logger::Config {
-        server: test_server(256),
-        database_url: pg.url(),
-        batch_size: 100,
-        flush_interval: Duration::from_millis(20),
-        queue_capacity: 10_000,
-        db_timeout: Duration::from_secs(2),
-    }
+    let mut config = mesh_logger::Config::defaults();
+    config.server = test_server(256);
+    config.database.url = pg.url();
+    config.batching.batch_size = 100;
+    config.batching.flush_interval = Duration::from_millis(20);
+    config.batching.queue_capacity = 10_000;
+    config
 }
 
 /// A new empty directory under the system's temporary directory.

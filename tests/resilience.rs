@@ -69,7 +69,7 @@ async fn features_come_from_postgres_then_memory_then_redis_and_survive_redis_st
     let mut redis = RedisServer::start().expect("redis");
     let pg = PostgresServer::start().expect("postgres");
     let mut config = features_config(Some(&redis), &pg);
-    config.cache_ttl = Duration::from_millis(300);
+    config.cache.ttl = Duration::from_millis(300);
     let (features, metrics) = start_features_with_metrics(config).await;
     wait_serving(features.addr, Duration::from_secs(30)).await;
     seed(
@@ -373,7 +373,7 @@ async fn health_is_not_serving_before_warm_up_and_while_draining() {
     telemetry();
     // Many warm-up rounds make warm-up last long enough to observe from outside.
     let mut config = inference_config();
-    config.warmup_iterations = 30_000;
+    config.models.warmup_iterations = 30_000;
     config.server.drain_delay = Duration::from_millis(800);
     let mut replica = start_inference(config).await;
     assert_eq!(

@@ -9,9 +9,9 @@ pub enum FeaturesError {
     /// Neither cache had the entity and PostgreSQL could not be reached.
     #[error("feature store unavailable: {0}")]
     Unavailable(String),
-    /// The configuration cannot be used.
-    #[error("configuration: {0}")]
-    Config(String),
+    /// A bug (details logged, not returned).
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl From<FeaturesError> for tonic::Status {
@@ -31,9 +31,9 @@ impl From<FeaturesError> for tonic::Status {
                 );
                 status
             }
-            FeaturesError::Config(msg) => {
-                tracing::error!(error = %msg, "features misconfigured");
-                tonic::Status::internal("features service misconfigured")
+            FeaturesError::Internal(msg) => {
+                tracing::error!(error = %msg, "features failed");
+                tonic::Status::internal("internal error")
             }
         }
     }

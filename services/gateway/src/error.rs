@@ -27,30 +27,7 @@ pub enum GatewayError {
     Internal(String),
 }
 
-/// Why the gateway cannot start. Kept apart from [`GatewayError`], which is what a caller can
-/// be told: a startup problem never reaches an API caller, and a request error never names a
-/// setting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// A setting cannot be used (the message names the variable).
-    #[error("configuration: {0}")]
-    Config(String),
-    /// A setting does not parse.
-    #[error("configuration: {0}")]
-    Setting(#[from] mesh_runtime::config::ConfigError),
-    /// The model registry cannot be read.
-    #[error("model registry: {0}")]
-    Registry(#[from] mesh_runtime::registry::RegistryError),
-    /// A metric could not be registered (a bug: two with one name).
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    /// The spool directory cannot be opened or locked.
-    #[error("prediction spool: {0}")]
-    Spool(std::io::Error),
-    /// The server failed while serving.
-    #[error("server: {0}")]
-    Serve(#[from] mesh_runtime::server::ServeError),
-}
+pub use mesh_runtime::StartupError;
 
 impl GatewayError {
     /// The gRPC code this error maps to.

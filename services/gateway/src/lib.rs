@@ -133,7 +133,10 @@ fn wire(
         },
         logship::ShipMetrics::register(&metrics.registry)?,
     )
-    .map_err(StartupError::Spool)?;
+    .map_err(|source| StartupError::Io {
+        what: format!("spool {} (MESH_SPOOL_DIR)", spool.dir.display()),
+        source,
+    })?;
     let replica_metrics = client::replicas::ReplicaMetrics::register(&metrics.registry)?;
     let replicas = client::replicas::ReplicaSet::start(
         &channels.inference,

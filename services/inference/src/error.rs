@@ -15,9 +15,6 @@ pub enum InferenceError {
     /// ONNX Runtime failed (details are logged, not returned).
     #[error("onnx runtime: {0}")]
     Runtime(String),
-    /// The configuration cannot be used.
-    #[error("configuration: {0}")]
-    Config(String),
 }
 
 impl From<InferenceError> for tonic::Status {
@@ -32,7 +29,7 @@ impl From<InferenceError> for tonic::Status {
                 tonic::Status::not_found(msg)
             }
             InferenceError::NotReady => tonic::Status::unavailable(e.to_string()),
-            InferenceError::Runtime(msg) | InferenceError::Config(msg) => {
+            InferenceError::Runtime(msg) => {
                 tracing::error!(error = %msg, "inference failed");
                 tonic::Status::internal("inference failed")
             }
@@ -47,7 +44,8 @@ impl From<mesh_runtime::registry::RegistryError> for InferenceError {
             R::UnknownModel(_) | R::UnknownVersion { .. } => {
                 InferenceError::NotFound(e.to_string())
             }
-            R::Io { .. } | R::Json { .. } | R::Invalid(_) => InferenceError::Config(e.to_string()),
+            // The registry is read while loading; these say it cannot be used.
+            R::Io { .. } | R::Json { .. } | R::Invalid(_) => InferenceError::Runtime(e.to_string()),
         }
     }
 }

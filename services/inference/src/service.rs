@@ -37,14 +37,14 @@ impl InferenceService {
 
     /// Loads every model version of the registry and warms each session up. Blocking.
     pub fn load_and_warm(&self) -> Result<(), InferenceError> {
-        let registry = ModelRegistry::load(&self.config.models_dir)?;
-        let env = environment(&self.config.ort_dylib)?;
+        let registry = ModelRegistry::load(&self.config.models.dir)?;
+        let env = environment(&self.config.models.ort_dylib)?;
         let mut models = HashMap::new();
         for model in registry.models.values() {
             for (version, entry) in &model.versions {
-                let loaded = LoadedModel::load(&env, entry, self.config.sessions_per_model)?;
-                loaded.warm_up(self.config.warmup_iterations)?;
-                tracing::info!(model = %model.name, %version, sessions = self.config.sessions_per_model, "model loaded");
+                let loaded = LoadedModel::load(&env, entry, self.config.models.sessions_per_model)?;
+                loaded.warm_up(self.config.models.warmup_iterations)?;
+                tracing::info!(model = %model.name, %version, sessions = self.config.models.sessions_per_model, "model loaded");
                 models.insert((model.name.clone(), version.clone()), Arc::new(loaded));
             }
         }

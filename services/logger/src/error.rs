@@ -15,9 +15,6 @@ pub enum LoggerError {
     /// PostgreSQL is unreachable.
     #[error("database: {0}")]
     Unavailable(String),
-    /// The configuration cannot be used.
-    #[error("configuration: {0}")]
-    Config(String),
 }
 
 impl From<LoggerError> for tonic::Status {
@@ -35,10 +32,6 @@ impl From<LoggerError> for tonic::Status {
             LoggerError::Unavailable(msg) => {
                 tracing::error!(error = %msg, "database unavailable");
                 tonic::Status::unavailable("prediction log database unavailable")
-            }
-            LoggerError::Config(msg) => {
-                tracing::error!(error = %msg, "logger misconfigured");
-                tonic::Status::internal("logger misconfigured")
             }
         }
     }

@@ -11,6 +11,7 @@
 //! - [`postgres`]: connection pools and schema migrations.
 //! - [`registry`]: the model registry on disk (manifests, versions, aliases).
 //! - [`text`]: what stored strings (entity ids, categories) may contain.
+//! - [`startup`]: why a service cannot start, apart from request errors.
 
 pub mod batch;
 pub mod bulkhead;
@@ -20,8 +21,10 @@ pub mod postgres;
 pub mod registry;
 pub mod resilience;
 pub mod server;
+pub mod startup;
 pub mod text;
 
 pub use bulkhead::{Bulkhead, BulkheadLayer};
 pub use deadline::{Deadline, DeadlineLayer};
 pub use server::{serve_grpc, Health, ServeOptions, ServiceMetrics};
+pub use startup::StartupError;

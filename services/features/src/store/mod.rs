@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use crate::config::RedisSettings;
 use crate::error::FeaturesError;
 use crate::memory::FeatureCache;
 use crate::metrics::FeatureMetrics;
@@ -45,25 +46,13 @@ pub struct Served {
     pub tier: FeatureTier,
 }
 
-/// Tuning of the store.
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// How long Redis may take per call.
-    pub redis_timeout: Duration,
-    /// How long Redis is skipped after it failed.
-    pub redis_cooldown: Duration,
-    /// TTL of entries written back to Redis.
-    pub redis_ttl: Duration,
-    /// How long one PostgreSQL load may take.
-    pub db_timeout: Duration,
-}
-
 type LoadResult = Result<Served, FeaturesError>;
 type Slot = watch::Receiver<Option<LoadResult>>;
 
 /// The store itself; cheap to share behind an `Arc`.
 pub struct FeatureStore {
-    config: StoreConfig,
+    redis_settings: RedisSettings,
+    db_timeout: Duration,
     memory: FeatureCache,
     redis: Option<ConnectionManager>,
     redis_skip_until: Mutex<Option<Instant>>,
@@ -83,16 +72,19 @@ pub fn redis_key(entity_id: &str) -> String {
 }
 
 impl FeatureStore {
-    /// A store over `memory`, `redis` (None disables the tier) and `db`.
+    /// A store over `memory`, `redis` (None disables the tier; `redis_settings` bound its
+    /// calls) and `db` (each load bounded by `db_timeout`).
     pub fn new(
-        config: StoreConfig,
+        redis_settings: RedisSettings,
+        db_timeout: Duration,
         memory: FeatureCache,
         redis: Option<ConnectionManager>,
         db: Pool,
         metrics: FeatureMetrics,
     ) -> Self {
         Self {
-            config,
+            redis_settings,
+            db_timeout,
             memory,
             redis,
             redis_skip_until: Mutex::new(None),
@@ -136,7 +128,7 @@ impl FeatureStore {
             let mut inflight = self
                 .inflight
                 .lock()
-                .map_err(|_| FeaturesError::Config("inflight lock poisoned".into()))?;
+                .map_err(|_| FeaturesError::Internal("inflight lock poisoned".into()))?;
             for (i, id) in ids.iter().enumerate() {
                 if let Some(entity) = self.memory.get(id) {
                     self.metrics.hit(FeatureTier::Memory);
@@ -196,7 +188,7 @@ impl FeatureStore {
             .collect();
         let mut db_error = None;
         if !missing.is_empty() {
-            match tokio::time::timeout(self.config.db_timeout, self.read_db(&missing)).await {
+            match tokio::time::timeout(self.db_timeout, self.read_db(&missing)).await {
                 Ok(Ok(loaded)) => {
                     if let Ok(mut g) = self.db_failed_at.lock() {
                         *g = None;
@@ -216,7 +208,7 @@ impl FeatureStore {
                 Err(_) => {
                     db_error = Some(FeaturesError::Unavailable(format!(
                         "PostgreSQL did not answer within {:?}",
-                        self.config.db_timeout
+                        self.db_timeout
                     )))
                 }
             }
@@ -353,7 +345,7 @@ impl FeatureStore {
             cmd.arg(&keys);
             let del = cmd.query_async::<i64>(&mut redis);
             // A stale Redis entry would expire with its TTL; the write itself succeeded.
-            match tokio::time::timeout(self.config.redis_timeout * 4, del).await {
+            match tokio::time::timeout(self.redis_settings.timeout * 4, del).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => self.redis_failed(&e.to_string()),
                 Err(_) => self.redis_failed("timeout"),

@@ -26,9 +26,9 @@ impl FeatureStore {
 
     pub(super) fn redis_failed(&self, error: &str) {
         self.metrics.redis_errors.inc();
-        tracing::warn!(error, cooldown = ?self.config.redis_cooldown, "redis failed; skipping it for a while");
+        tracing::warn!(error, cooldown = ?self.redis_settings.cooldown, "redis failed; skipping it for a while");
         if let Ok(mut g) = self.redis_skip_until.lock() {
-            *g = Some(Instant::now() + self.config.redis_cooldown);
+            *g = Some(Instant::now() + self.redis_settings.cooldown);
         }
     }
 
@@ -46,7 +46,7 @@ impl FeatureStore {
                 .await
         }
         .instrument(span);
-        match tokio::time::timeout(self.config.redis_timeout, call).await {
+        match tokio::time::timeout(self.redis_settings.timeout, call).await {
             Ok(Ok(values)) => {
                 for (id, value) in ids.iter().zip(values) {
                     let Some(bytes) = value else { continue };
@@ -88,8 +88,8 @@ impl FeatureStore {
             return;
         }
         let set_span = mesh_telemetry::propagation::store_span("redis", "redis SET", found.len());
-        let ttl = self.config.redis_ttl.as_secs().max(1);
-        let timeout = self.config.redis_timeout;
+        let ttl = self.redis_settings.ttl.as_secs().max(1);
+        let timeout = self.redis_settings.timeout;
         let errors = self.metrics.redis_errors.clone();
         // Best effort, off the answer's path: a slow or absent Redis delays nothing.
         tokio::spawn(

@@ -241,12 +241,7 @@ pub fn spawn(
     config: ShipConfig,
     metrics: ShipMetrics,
 ) -> std::io::Result<(LogShipper, JoinHandle<()>)> {
-    let recovered = Spool::open(&config.dir, config.segment_bytes).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("spool {} (MESH_SPOOL_DIR): {e}", config.dir.display()),
-        )
-    })?;
+    let recovered = Spool::open(&config.dir, config.segment_bytes)?;
     if recovered.pending_records > 0 || recovered.dropped_bytes > 0 {
         tracing::info!(
             pending = recovered.pending_records,

@@ -1,0 +1,101 @@
+//! The features service's configuration: sections read from `MESH_*` variables through one
+//! settings table ([`SETTINGS`]), the only place a default is written.
+
+use std::time::Duration;
+
+use mesh_runtime::config::{ServerConfig, Setting, Settings};
+use mesh_runtime::StartupError;
+
+/// Every variable the features service reads, with its default.
+pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
+    "0.0.0.0:50052", "0.0.0.0:9102", "512";
+    Setting::value("MESH_REDIS_URL", "redis://127.0.0.1:6379", "Redis; `off` disables the Redis tier"),
+    Setting::value("MESH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres", "PostgreSQL"),
+    Setting::value("MESH_CACHE_TTL_MS", "10000", "memory tier TTL"),
+    Setting::value("MESH_CACHE_CAPACITY", "100000", "entities in the memory tier"),
+    Setting::value("MESH_REDIS_TIMEOUT_MS", "20", "per Redis call"),
+    Setting::value("MESH_REDIS_COOLDOWN_MS", "1000", "Redis is skipped this long after a failure"),
+    Setting::value("MESH_REDIS_TTL_MS", "300000", "TTL of entries written back to Redis"),
+    Setting::value("MESH_DB_TIMEOUT_MS", "1000", "one PostgreSQL load or connection attempt"),
+    Setting::value("MESH_DB_POOL_SIZE", "16", "PostgreSQL connections"),
+);
+
+/// The features service's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address, metrics, concurrency limit and shutdown timing.
+    pub server: ServerConfig,
+    /// The in-process memory tier.
+    pub cache: CacheSettings,
+    /// The Redis tier.
+    pub redis: RedisSettings,
+    /// PostgreSQL, the source of truth.
+    pub database: DatabaseSettings,
+}
+
+/// The in-process memory tier.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// `MESH_CACHE_TTL_MS`: how long an entity stays.
+    pub ttl: Duration,
+    /// `MESH_CACHE_CAPACITY`: entities held.
+    pub capacity: usize,
+}
+
+/// The Redis tier.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `MESH_REDIS_URL`; `None` (`off`) disables the tier.
+    pub url: Option<String>,
+    /// `MESH_REDIS_TIMEOUT_MS`: per Redis call.
+    pub timeout: Duration,
+    /// `MESH_REDIS_COOLDOWN_MS`: Redis is skipped this long after a failure.
+    pub cooldown: Duration,
+    /// `MESH_REDIS_TTL_MS`: TTL of entries written back.
+    pub ttl: Duration,
+}
+
+/// PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `MESH_DATABASE_URL`.
+    pub url: String,
+    /// `MESH_DB_TIMEOUT_MS`: one load or connection attempt.
+    pub timeout: Duration,
+    /// `MESH_DB_POOL_SIZE`: connections.
+    pub pool_size: usize,
+}
+
+impl Config {
+    /// Reads the process environment; fails naming the variable that does not parse.
+    pub fn from_env() -> Result<Self, StartupError> {
+        Self::read(&Settings::from_env(SETTINGS))
+    }
+
+    /// The defaults (tests start from these and change what they need).
+    pub fn defaults() -> Self {
+        Self::read(&Settings::defaults(SETTINGS)).expect("the settings table's defaults parse")
+    }
+
+    /// Reads every section from `s`.
+    pub fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
+        Ok(Self {
+            server: ServerConfig::read(s)?,
+            cache: CacheSettings {
+                ttl: s.millis("MESH_CACHE_TTL_MS")?,
+                capacity: s.positive("MESH_CACHE_CAPACITY")?,
+            },
+            redis: RedisSettings {
+                url: s.optional("MESH_REDIS_URL"),
+                timeout: s.millis("MESH_REDIS_TIMEOUT_MS")?,
+                cooldown: s.millis("MESH_REDIS_COOLDOWN_MS")?,
+                ttl: s.millis("MESH_REDIS_TTL_MS")?,
+            },
+            database: DatabaseSettings {
+                url: s.string("MESH_DATABASE_URL"),
+                timeout: s.millis("MESH_DB_TIMEOUT_MS")?,
+                pool_size: s.positive("MESH_DB_POOL_SIZE")?,
+            },
+        })
+    }
+}
