@@ -133,9 +133,9 @@ fn wire(
         },
         logship::ShipMetrics::register(&metrics.registry)?,
     )
-    .map_err(|source| StartupError::Io {
+    .map_err(|error| StartupError::Io {
         what: format!("spool {} (MESH_SPOOL_DIR)", spool.dir.display()),
-        source,
+        error,
     })?;
     let replica_metrics = client::replicas::ReplicaMetrics::register(&metrics.registry)?;
     let replicas = client::replicas::ReplicaSet::start(

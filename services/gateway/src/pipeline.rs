@@ -132,14 +132,16 @@ impl GatewayService {
     /// shed fails the call (the caller should know to back off); any other failure becomes
     /// each such item's error in step 4.
     async fn fetch(&self, slots: &[Slot], call: &Call<'_>) -> Result<Stored, GatewayError> {
-        let mut ids: Vec<String> = Vec::new();
-        for slot in slots {
-            if let Slot::NeedsStore(item) = slot {
-                if !ids.contains(&item.entity_id) {
-                    ids.push(item.entity_id.clone());
+        let mut seen = std::collections::HashSet::new();
+        let ids: Vec<String> = slots
+            .iter()
+            .filter_map(|slot| match slot {
+                Slot::NeedsStore(item) if seen.insert(item.entity_id.as_str()) => {
+                    Some(item.entity_id.clone())
                 }
-            }
-        }
+                _ => None,
+            })
+            .collect();
         if ids.is_empty() {
             return Ok(Stored::Found(HashMap::new(), Vec::new()));
         }
