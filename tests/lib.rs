@@ -11,6 +11,7 @@ use mesh_proto::features::{EntityFeatures, PutFeaturesRequest};
 use mesh_proto::gateway::gateway_client::GatewayClient;
 use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
+use mesh_runtime::config::FromSettings as _;
 use mesh_testkit::proxy::DelayProxy;
 use mesh_testkit::{PostgresServer, RedisServer};
 use tokio::net::TcpListener;

@@ -1,5 +1,7 @@
 //! `mesh-features`: the binary. Configuration: see the README's table.
 
+use mesh_runtime::config::FromSettings;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = mesh_features::Config::from_env()?;

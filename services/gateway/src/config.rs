@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_runtime::config::{ConfigError, ServerConfig, Setting, Settings};
+use mesh_runtime::config::{ConfigError, FromSettings, ServerConfig, Setting, Settings};
 use mesh_runtime::resilience::BreakerConfig;
 
 use crate::auth::{self, ApiKey, RateLimit};
@@ -263,19 +263,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-impl Config {
-    /// Reads the process environment; fails naming the variable that cannot be used.
-    pub fn from_env() -> Result<Self, StartupError> {
-        Self::read(&Settings::from_env(SETTINGS))
-    }
+impl FromSettings for Config {
+    const SETTINGS: &'static [Setting] = SETTINGS;
 
-    /// The defaults (tests start from these and change what they need).
-    pub fn defaults() -> Self {
-        Self::read(&Settings::defaults(SETTINGS)).expect("the settings table's defaults parse")
-    }
-
-    /// Reads every section from `s`.
-    pub fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
+    fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
         Ok(Self {
             server: ServerConfig::read(s)?,
             models_dir: PathBuf::from(s.string("MESH_MODELS_DIR")),

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use mesh_runtime::config::{ServerConfig, Setting, Settings};
+use mesh_runtime::config::{FromSettings, ServerConfig, Setting, Settings};
 use mesh_runtime::StartupError;
 
 /// Every variable inference reads, with its default.
@@ -44,14 +44,10 @@ pub struct ModelSettings {
     pub warmup_iterations: usize,
 }
 
-impl Config {
-    /// Reads the process environment; fails naming the variable that cannot be used.
-    pub fn from_env() -> Result<Self, StartupError> {
-        Self::read(&Settings::from_env(SETTINGS))
-    }
+impl FromSettings for Config {
+    const SETTINGS: &'static [Setting] = SETTINGS;
 
-    /// Reads every section from `s`.
-    pub fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
+    fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
         let server = ServerConfig::read(s)?;
         let ort_dylib = s.raw("ORT_DYLIB_PATH").map(PathBuf::from).ok_or_else(|| {
             StartupError::Config(

@@ -1,5 +1,7 @@
 //! `mesh-inference`: the binary. Configuration: see the README's table.
 
+use mesh_runtime::config::FromSettings;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = mesh_inference::Config::from_env()?;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mesh_runtime::config::{ServerConfig, Setting, Settings};
+use mesh_runtime::config::{FromSettings, ServerConfig, Setting, Settings};
 use mesh_runtime::StartupError;
 
 /// Every variable the logger reads, with its default.
@@ -50,19 +50,10 @@ pub struct Batching {
     pub queue_capacity: usize,
 }
 
-impl Config {
-    /// Reads the process environment; fails naming the variable that does not parse.
-    pub fn from_env() -> Result<Self, StartupError> {
-        Self::read(&Settings::from_env(SETTINGS))
-    }
+impl FromSettings for Config {
+    const SETTINGS: &'static [Setting] = SETTINGS;
 
-    /// The defaults (tests start from these and change what they need).
-    pub fn defaults() -> Self {
-        Self::read(&Settings::defaults(SETTINGS)).expect("the settings table's defaults parse")
-    }
-
-    /// Reads every section from `s`.
-    pub fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
+    fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
         Ok(Self {
             server: ServerConfig::read(s)?,
             database: DatabaseSettings {

@@ -1,5 +1,7 @@
 //! `mesh-logger`: the binary. Configuration: see the README's table.
 
+use mesh_runtime::config::FromSettings;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = mesh_logger::Config::from_env()?;

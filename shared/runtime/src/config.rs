@@ -225,6 +225,29 @@ impl<'a> Settings<'a> {
     }
 }
 
+/// A service's configuration, read from its settings table.
+pub trait FromSettings: Sized {
+    /// Every variable the service reads, with its default.
+    const SETTINGS: &'static [Setting];
+
+    /// Reads every section from `settings`; fails naming the variable that cannot be used.
+    fn read(settings: &Settings<'_>) -> Result<Self, crate::StartupError>;
+
+    /// Reads the process environment.
+    fn from_env() -> Result<Self, crate::StartupError> {
+        Self::read(&Settings::from_env(Self::SETTINGS))
+    }
+
+    /// The table's defaults (tests start from these and change what they need). Panics only
+    /// if a default in the table does not parse, which the services' tests would show.
+    fn defaults() -> Self {
+        match Self::read(&Settings::defaults(Self::SETTINGS)) {
+            Ok(config) => config,
+            Err(e) => panic!("a default in the settings table does not parse: {e}"),
+        }
+    }
+}
+
 /// The settings every service has, from the same variables everywhere.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
