@@ -5,6 +5,11 @@
 //! PostgreSQL refuses to run as root; when the tests run as root the server runs as the
 //! unprivileged `postgres` user (override with `MESH_PG_USER`). Binaries are found through
 //! `MESH_PG_BIN` (the directory holding `initdb`/`postgres`) and `PATH` for `redis-server`.
+//!
+//! # Layout
+//! - this module: [`RedisServer`], [`PostgresServer`], [`http_get`].
+//! - [`proxy`]: the fault-injecting TCP proxy (delay, hold, refuse).
+//! - [`readme`]: the README's configuration table checked against the services' settings.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! The tiered feature store: memory → Redis → PostgreSQL (the source of truth).
 //!
-//! - Redis calls are bounded by a short timeout, and after a failure Redis is skipped for a
+//! - Redis calls (module `redis_tier`) are bounded by a short timeout, and after a failure Redis is skipped for a
 //!   cool-down, so a Redis outage costs at most one timeout rather than one per request.
 //! - Concurrent misses for the same entity are coalesced: the first caller starts one load
 //!   (on its own task, so it finishes even if that caller gives up) and every caller waits on

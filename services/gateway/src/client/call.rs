@@ -30,7 +30,7 @@ pub struct Judged<R> {
 
 /// Sends `message` through `call` inside `span` (a client span): what remains of `deadline`
 /// minus `margin` as its `grpc-timeout`, trace context in its metadata, the outcome on the span,
-/// and the result judged by [`classify`] against the budget the attempt had.
+/// and the result judged by [`classify()`] against the budget the attempt had.
 pub async fn traced<T, R, F, Fut>(
     span: tracing::Span,
     message: T,

@@ -18,7 +18,7 @@
 //!    failed this request while another is available. The in-flight count is a guard.
 //! 6. **traced call** ([`call::traced`]): a client span, `grpc-timeout`, trace context in the
 //!    metadata; the result judged once by
-//!    [`classify`](mesh_runtime::resilience::classify) into success, failure or ignore, which
+//!    [`classify`](mesh_runtime::resilience::classify()) into success, failure or ignore, which
 //!    the breaker, outlier ejection and the retry decision all read.
 //!
 //! Why functions over typed requests and not tower layers over the `Channel`: tonic's

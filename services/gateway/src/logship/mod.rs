@@ -17,6 +17,8 @@
 //! lives); a batch's `Record` call is parented on its first record's context and linked to the
 //! others', so the logger's work appears in the prediction's trace.
 //!
+//! The writer thread is in `write`, the shipping task in `ship`.
+//!
 //! [`spool`]: crate::spool
 
 use std::collections::VecDeque;

@@ -1,7 +1,7 @@
 //! The rules that keep a failing dependency from taking its callers down, in one place each.
 //!
 //! # Layout
-//! - [`classify`]: the one judgement of a downstream result (success, failure or ignore) and
+//! - [`classify`](mod@classify): the one judgement of a downstream result (success, failure or ignore) and
 //!   what kind of retry it allows. Breakers, outlier ejection and retries all read it.
 //! - [`breaker`]: closed → open → half-open circuit breakers whose call permits (and the
 //!   half-open probe) are guards: a call dropped mid-flight can never wedge one.

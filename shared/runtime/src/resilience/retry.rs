@@ -2,7 +2,7 @@
 //!
 //! - [`RetryBudget`]: retries may add at most a share of the recent request volume plus a small
 //!   floor per second (Envoy's and Linkerd's retry budgets). It is tower's
-//!   [`TpsBudget`](tower::retry::budget::TpsBudget), shared by every clone.
+//!   [`tower::retry::budget::TpsBudget`], shared by every clone.
 //! - [`backoff`]: exponential back-off with full jitter; [`retry_pause`] refuses a pause that
 //!   would not leave time for the retry before the deadline.
 
