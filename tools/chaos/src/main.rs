@@ -65,7 +65,7 @@ enum Profile {
     about = "Chaos suite for the mesh: real processes, real faults, open-loop load, a report"
 )]
 struct Opts {
-    /// Which build's binaries to run (target/<profile>/…).
+    /// Which build's binaries to run (`target/<profile>/…`).
     #[arg(long, value_enum, default_value_t = Profile::Release)]
     profile: Profile,
     /// The repository root.
