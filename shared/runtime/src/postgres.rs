@@ -36,14 +36,29 @@ pub enum PgError {
     /// A statement failed.
     #[error("database: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// No answer within the time allowed (PostgreSQL hung, or a lock was held too long).
+    #[error("database: no answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// A pool of at most `max_size` connections to `url`; waiting for or opening a connection gives
 /// up after `timeout`. Connections open lazily, so this succeeds while the database is down.
+///
+/// Every statement on these connections also runs under a server-side `statement_timeout` of
+/// `timeout` (a slow query is cancelled by PostgreSQL itself), and TCP keepalives notice a
+/// peer that vanished. Neither helps against a PostgreSQL that hangs without dying (a stopped
+/// process enforces no timeout): callers bound each call on their side too, see [`bounded`].
 pub fn pool(url: &str, max_size: usize, timeout: Duration) -> Result<Pool, PgError> {
     let mut config =
         tokio_postgres::Config::from_str(url).map_err(|e| PgError::Url(e.to_string()))?;
     config.connect_timeout(timeout);
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+    let existing = config.get_options().unwrap_or_default().to_owned();
+    config.options(format!(
+        "{existing} -c statement_timeout={}",
+        timeout.as_millis().max(1)
+    ));
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -68,6 +83,17 @@ pub async fn connection(pool: &Pool) -> Result<deadpool_postgres::Object, PgErro
         .map_err(|e| PgError::Connect(e.to_string()))
 }
 
+/// `work` (getting a connection and running statements on it), given up after `limit`: a
+/// PostgreSQL that hangs instead of failing costs a bounded wait, never an unbounded queue.
+pub async fn bounded<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(PgError::TimedOut(limit)))
+}
+
 /// Applies the steps of `component` not yet recorded, in order.
 pub async fn migrate(pool: &Pool, component: &str, steps: &[Migration]) -> Result<usize, PgError> {
     let mut client = connection(pool).await?;
@@ -86,6 +112,10 @@ pub async fn migrate(pool: &Pool, component: &str, steps: &[Migration]) -> Resul
     let mut applied = 0;
     for step in steps {
         let tx = client.transaction().await?;
+        // Schema steps may take longer than a request's statement; waiting for another
+        // replica's migration lock may too.
+        tx.batch_execute("SET LOCAL statement_timeout = '120s'")
+            .await?;
         tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&component])
             .await?;
         let done = tx
