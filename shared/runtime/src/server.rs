@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use mesh_telemetry::metrics::{RpcMetrics, RpcMetricsLayer};
+use mesh_telemetry::metrics::{KnownMethods, RpcMetrics, RpcMetricsLayer};
 use mesh_telemetry::propagation::ServerTraceLayer;
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -154,7 +154,10 @@ pub async fn serve_grpc(
         // Outermost: one span per RPC, parented on the caller's trace, so all below is inside it.
         .layer(ServerTraceLayer)
         // Count every RPC, including those shed or timed out below.
-        .layer(RpcMetricsLayer::new(metrics.rpc.clone()))
+        .layer(RpcMetricsLayer::new(
+            metrics.rpc.clone(),
+            known_methods(&options.services),
+        ))
         // Refuse expired work before it takes a bulkhead place; bound the rest by its deadline.
         .layer(DeadlineLayer::new(
             options.default_budget,
@@ -202,6 +205,36 @@ pub async fn serve_grpc(
     let _ = metrics_stop.send(());
     tracing::info!("stopped");
     result.map_err(ServeError::from)
+}
+
+/// The paths this server serves: every method of `services` (from the descriptor sets), of
+/// health, and of reflection. The RPC metrics label only these; any other path is `unknown`.
+pub fn known_methods(services: &[&'static str]) -> KnownMethods {
+    use prost::Message as _;
+    let mut paths = vec![
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".to_owned(),
+    ];
+    for set in [
+        mesh_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in &set.file {
+            for service in &file.service {
+                let full = format!("{}.{}", file.package(), service.name());
+                if full != "grpc.health.v1.Health" && !services.contains(&full.as_str()) {
+                    continue;
+                }
+                for method in &service.method {
+                    paths.push(format!("/{full}/{}", method.name()));
+                }
+            }
+        }
+    }
+    KnownMethods::new(paths)
 }
 
 /// `routes` with `grpc.health.v1.Health` and server reflection (v1 and v1alpha) added.
@@ -327,4 +360,31 @@ pub async fn bind(
         None => None,
     };
     Ok((listener, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_methods_are_metric_labels() {
+        let known = known_methods(&[mesh_proto::service_names::FEATURES]);
+        for served in [
+            "/mesh.features.v1.Features/GetFeatures",
+            "/mesh.features.v1.Features/PutFeatures",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(known.label(served), served);
+        }
+        for invented in [
+            "/mesh.features.v1.Features/Invented",
+            "/mesh.gateway.v1.Gateway/Predict",
+            "/x/y",
+            "",
+            "/mesh.features.v1.Features/GetFeatures/",
+        ] {
+            assert_eq!(known.label(invented), "unknown", "{invented:?}");
+        }
+    }
 }

@@ -20,6 +20,40 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.25, 0.5, 1.0, 2.5,
 ];
 
+/// The `method` label of calls to a path the server does not serve. Label values never come
+/// from request data: each distinct label value is a series held in memory for the process's
+/// life, so invented paths would grow the metrics without bound.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// The full paths (`/pkg.Service/Method`) a server serves: the only `method` label values.
+#[derive(Clone, Debug, Default)]
+pub struct KnownMethods(Arc<std::collections::HashSet<String>>);
+
+impl KnownMethods {
+    /// The given paths.
+    pub fn new(paths: impl IntoIterator<Item = String>) -> Self {
+        Self(Arc::new(paths.into_iter().collect()))
+    }
+
+    /// The label for a call to `path`: the path if it is served, else [`UNKNOWN_METHOD`].
+    pub fn label<'a>(&'a self, path: &str) -> &'a str {
+        self.0
+            .get(path)
+            .map(String::as_str)
+            .unwrap_or(UNKNOWN_METHOD)
+    }
+
+    /// How many paths are known.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no path is known.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Requests, errors and latency per RPC method, as seen by a server.
 #[derive(Clone)]
 pub struct RpcMetrics {
@@ -56,16 +90,18 @@ impl RpcMetrics {
     }
 }
 
-/// Records [`RpcMetrics`] for every RPC passing through.
+/// Records [`RpcMetrics`] for every RPC passing through, labelled by method when the method
+/// is one of `known` and as [`UNKNOWN_METHOD`] otherwise.
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
     metrics: RpcMetrics,
+    known: KnownMethods,
 }
 
 impl RpcMetricsLayer {
     /// A layer recording into `metrics`.
-    pub fn new(metrics: RpcMetrics) -> Self {
-        Self { metrics }
+    pub fn new(metrics: RpcMetrics, known: KnownMethods) -> Self {
+        Self { metrics, known }
     }
 }
 
@@ -75,6 +111,7 @@ impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
         RpcMetricsService {
             inner,
             metrics: self.metrics.clone(),
+            known: self.known.clone(),
         }
     }
 }
@@ -84,6 +121,7 @@ impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
 pub struct RpcMetricsService<S> {
     inner: S,
     metrics: RpcMetrics,
+    known: KnownMethods,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -106,7 +144,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
+        let method = self.known.label(req.uri().path()).to_owned();
         let metrics = self.metrics.clone();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
