@@ -305,6 +305,11 @@ pub fn channel(addr: SocketAddr) -> Channel {
         .connect_lazy()
 }
 
+/// A KServe client of the inference replica at `addr`.
+pub fn inference_client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::new(channel(addr))
+}
+
 /// The `grpc.health.v1` status of `service` at `addr` (`""`: the server as a whole).
 pub async fn health(addr: SocketAddr, service: &str) -> Option<i32> {
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel(addr));

@@ -1,7 +1,9 @@
 //! The prediction log: `mesh.logger.v1.PredictionLog` takes prediction records and writes them
 //! to PostgreSQL in batches (one multi-row `INSERT … SELECT FROM UNNEST`, idempotent on the
 //! prediction id). `Record` answers once its records are committed, so a sender (the gateway's
-//! spool) may forget exactly what was acknowledged; a record sent twice is stored once.
+//! spool) may forget exactly what was acknowledged; a record sent twice is stored once. A record
+//! that is invalid or that PostgreSQL refuses is committed to `prediction_rejects` with its
+//! reason instead, so no record can stop the others.
 //!
 //! # Layout
 //! - [`config`]: settings in sections, every default in one table.
@@ -28,10 +30,11 @@ pub use config::{Config, SETTINGS};
 pub use error::LoggerError;
 
 /// The prediction log's schema.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "predictions",
-    sql: "CREATE TABLE predictions (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "predictions",
+        sql: "CREATE TABLE predictions (
               prediction_id  text PRIMARY KEY,
               served_at      timestamptz NOT NULL,
               model          text NOT NULL,
@@ -45,7 +48,22 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
               logged_at      timestamptz NOT NULL DEFAULT now()
           );
           CREATE INDEX predictions_model_time ON predictions (model, model_version, served_at);",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "prediction_rejects",
+        // Records that failed validation or that PostgreSQL refused, kept whole (the encoded
+        // PredictionRecord) with the reason, so nothing accepted is lost and none blocks the rest.
+        sql: "CREATE TABLE prediction_rejects (
+                  id             bigserial PRIMARY KEY,
+                  prediction_id  text NOT NULL,
+                  reason         text NOT NULL,
+                  record         bytea NOT NULL,
+                  rejected_at    timestamptz NOT NULL DEFAULT now()
+              );
+              CREATE INDEX prediction_rejects_time ON prediction_rejects (rejected_at);",
+    },
+];
 
 /// Serves the prediction log on `listener` until `shutdown` resolves, then flushes.
 pub async fn serve(
@@ -72,6 +90,7 @@ pub async fn serve(
             batch_size: config.batching.batch_size,
             flush_interval: config.batching.flush_interval,
             capacity: config.batching.queue_capacity,
+            write_timeout: config.database.timeout,
         },
         writer_metrics,
     );

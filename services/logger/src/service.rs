@@ -7,7 +7,7 @@ use mesh_proto::types::{feature_value::Kind, FeatureTier, FeatureValue};
 use tonic::{Request, Response, Status};
 
 use crate::error::LoggerError;
-use crate::writer::{LogQueue, Refused};
+use crate::writer::{Committed, LogQueue, Refused, Reject};
 
 /// Most records one Record call may carry.
 pub const MAX_RECORDS_PER_CALL: usize = 10_000;
@@ -25,37 +25,83 @@ impl PredictionLogService {
     }
 }
 
-fn check(records: &[PredictionRecord]) -> Result<(), LoggerError> {
+/// Most bytes in one id (prediction, entity, trace) or in the model name or version.
+pub const MAX_ID_BYTES: usize = 512;
+
+/// Served-at times PostgreSQL can store and a prediction can plausibly have: from 1970 up to
+/// the year 10000 (exclusive), in Unix microseconds.
+const TIME_RANGE: std::ops::Range<i64> = 0..253_402_300_800_000_000;
+
+fn check_call(records: &[PredictionRecord]) -> Result<(), LoggerError> {
     if records.len() > MAX_RECORDS_PER_CALL {
         return Err(LoggerError::InvalidArgument(format!(
             "{} records in one call; the limit is {MAX_RECORDS_PER_CALL}",
             records.len()
         )));
     }
-    for (i, r) in records.iter().enumerate() {
-        let missing: Vec<&str> = [
-            ("prediction_id", r.prediction_id.is_empty()),
-            ("model", r.model.is_empty()),
-            ("model_version", r.model_version.is_empty()),
-        ]
-        .into_iter()
-        .filter(|(_, empty)| *empty)
-        .map(|(name, _)| name)
-        .collect();
-        if !missing.is_empty() {
-            return Err(LoggerError::InvalidArgument(format!(
-                "record #{i} lacks {}",
-                missing.join(", ")
-            )));
-        }
-        if !r.score.is_finite() {
-            return Err(LoggerError::InvalidArgument(format!(
-                "record #{i} ({}) has a score that is not a finite number",
-                r.prediction_id
-            )));
+    Ok(())
+}
+
+/// What is wrong with `r`, if anything: the reason it goes to the rejects table.
+pub fn problem(r: &PredictionRecord) -> Option<String> {
+    let missing: Vec<&str> = [
+        ("prediction_id", r.prediction_id.is_empty()),
+        ("model", r.model.is_empty()),
+        ("model_version", r.model_version.is_empty()),
+    ]
+    .into_iter()
+    .filter(|(_, empty)| *empty)
+    .map(|(name, _)| name)
+    .collect();
+    if !missing.is_empty() {
+        return Some(format!("lacks {}", missing.join(", ")));
+    }
+    let long: Vec<&str> = [
+        ("prediction_id", &r.prediction_id),
+        ("model", &r.model),
+        ("model_version", &r.model_version),
+        ("entity_id", &r.entity_id),
+        ("trace_id", &r.trace_id),
+    ]
+    .into_iter()
+    .filter(|(_, value)| value.len() > MAX_ID_BYTES)
+    .map(|(name, _)| name)
+    .collect();
+    if !long.is_empty() {
+        return Some(format!(
+            "{} longer than {MAX_ID_BYTES} bytes",
+            long.join(", ")
+        ));
+    }
+    if !r.score.is_finite() {
+        return Some(format!("score {} is not a finite number", r.score));
+    }
+    if !TIME_RANGE.contains(&r.time_unix_micros) {
+        return Some(format!(
+            "time_unix_micros {} is outside 1970-01-01..10000-01-01",
+            r.time_unix_micros
+        ));
+    }
+    if i64::try_from(r.latency_micros).is_err() {
+        return Some(format!("latency_micros {} is too large", r.latency_micros));
+    }
+    None
+}
+
+/// Splits `records` into those to store and those refused by [`problem`].
+fn sort_out(records: Vec<PredictionRecord>) -> (Vec<PredictionRecord>, Vec<Reject>) {
+    let mut good = Vec::with_capacity(records.len());
+    let mut rejects = Vec::new();
+    for record in records {
+        match problem(&record) {
+            None => good.push(record),
+            Some(reason) => {
+                tracing::info!(prediction_id = %record.prediction_id, %reason, "invalid prediction record; stored in prediction_rejects");
+                rejects.push(Reject { record, reason });
+            }
         }
     }
-    Ok(())
+    (good, rejects)
 }
 
 /// Replaces NUL characters, which PostgreSQL cannot store in text or jsonb, with U+FFFD. The
@@ -99,13 +145,15 @@ impl PredictionLog for PredictionLogService {
         &self,
         request: Request<RecordRequest>,
     ) -> Result<Response<RecordResponse>, Status> {
-        let RecordRequest { mut records } = request.into_inner();
-        check(&records)?;
+        let RecordRequest { records } = request.into_inner();
+        check_call(&records)?;
+        let (mut records, rejects) = sort_out(records);
         records.iter_mut().for_each(make_storable);
-        let accepted = records.len() as u32;
         // Acknowledged only once committed: the sender may forget what we acknowledge.
-        match self.queue.commit(records).await {
-            Ok(()) => Ok(Response::new(RecordResponse { accepted })),
+        match self.queue.commit(records, rejects).await {
+            Ok(Committed { accepted, rejected }) => {
+                Ok(Response::new(RecordResponse { accepted, rejected }))
+            }
             Err(Refused::Full) => Err(LoggerError::QueueFull.into()),
             Err(Refused::StoreDown) => Err(LoggerError::Unavailable(
                 "writes are failing; the batch in hand is being retried".into(),

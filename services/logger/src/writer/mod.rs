@@ -2,10 +2,12 @@
 //!
 //! A `Record` call is acknowledged only once its records are committed: the handler queues the
 //! call and waits for the batch that carries it. A batch is written when it holds `batch_size`
-//! records or its first call has waited `flush_interval`. A failed write is retried with capped
-//! exponential back-off, keeping the batch; while it fails, new calls are refused at once with
-//! `UNAVAILABLE` (the sender keeps the records — the gateway's on-disk spool — and retries), so
-//! the queue never fills with records nobody can write.
+//! records or its first call has waited `flush_interval`. A record PostgreSQL refuses goes to
+//! the rejects table with its reason and the rest of its batch commits ([`store`]). A write
+//! that fails because PostgreSQL is down or hung is retried with capped exponential back-off,
+//! keeping the batch; while it fails, new calls are refused at once with `UNAVAILABLE` (the
+//! sender keeps the records — the gateway's on-disk spool — and retries), so the queue never
+//! fills with records nobody can write.
 //!
 //! Records keep the trace context of the `Record` call that brought them; a batch's INSERT
 //! span is parented on its first call's context and linked to the others'.
@@ -14,20 +16,40 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod store;
+
 use deadpool_postgres::Pool;
 use mesh_proto::logger::PredictionRecord;
-use mesh_proto::types::{feature_value::Kind, FeatureTier};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-/// One `Record` call's records, its trace context, and who waits for their commit.
+pub use store::{features_json, Reject};
+
+/// One `Record` call's records (and those validation already refused), its trace context, and
+/// who waits for their commit.
 struct Queued {
     records: Vec<PredictionRecord>,
+    rejects: Vec<Reject>,
     context: opentelemetry::Context,
-    committed: oneshot::Sender<()>,
+    committed: oneshot::Sender<Committed>,
+}
+
+impl Queued {
+    fn weight(&self) -> usize {
+        self.records.len() + self.rejects.len()
+    }
+}
+
+/// What became of one call's records once its batch was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Committed {
+    /// Committed to `predictions`.
+    pub accepted: u32,
+    /// Stored in `prediction_rejects` instead.
+    pub rejected: u32,
 }
 
 /// Why records were not taken.
@@ -50,6 +72,8 @@ pub struct WriterConfig {
     pub flush_interval: Duration,
     /// Records the queue holds.
     pub capacity: usize,
+    /// Longest one write (connection and statement) may take before it counts as failed.
+    pub write_timeout: Duration,
 }
 
 /// Writer metrics.
@@ -61,11 +85,14 @@ pub struct WriterMetrics {
     /// Records refused because the queue was full.
     pub shed: IntCounter,
     batch_seconds: Histogram,
+    rejected: IntCounterVec,
+    unstorable: IntCounter,
 }
 
 impl WriterMetrics {
     /// Registers `mesh_log_records_written_total`, `mesh_log_write_errors_total`,
-    /// `mesh_log_queue_depth`, `mesh_log_records_shed_total`, `mesh_log_batch_write_seconds`.
+    /// `mesh_log_queue_depth`, `mesh_log_records_shed_total`, `mesh_log_batch_write_seconds`,
+    /// `mesh_log_records_rejected_total{reason}` and `mesh_log_rejects_unstorable_total`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let written = IntCounter::new(
             "mesh_log_records_written_total",
@@ -73,8 +100,23 @@ impl WriterMetrics {
         )?;
         let write_errors = IntCounter::new(
             "mesh_log_write_errors_total",
-            "Batch writes that failed and will be retried",
+            "Writes that failed because PostgreSQL was down or did not answer, and will be retried",
         )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "mesh_log_records_rejected_total",
+                "Records stored in prediction_rejects instead of predictions, by why: \
+                 invalid (validation) or refused (PostgreSQL refused the row)",
+            ),
+            &["reason"],
+        )?;
+        let unstorable = IntCounter::new(
+            "mesh_log_rejects_unstorable_total",
+            "Rejected records that prediction_rejects refused too (logged in full)",
+        )?;
+        for reason in ["invalid", "refused"] {
+            rejected.with_label_values(&[reason]);
+        }
         let queued = IntGauge::new("mesh_log_queue_depth", "Records waiting to be written")?;
         let shed = IntCounter::new(
             "mesh_log_records_shed_total",
@@ -89,7 +131,11 @@ impl WriterMetrics {
         registry.register(Box::new(queued.clone()))?;
         registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(batch_seconds.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(unstorable.clone()))?;
         Ok(Self {
+            rejected,
+            unstorable,
             written,
             write_errors,
             queued,
@@ -109,15 +155,20 @@ pub struct LogQueue {
 }
 
 impl LogQueue {
-    /// Queues `records` if they all fit and the database is writable, and waits until they are
-    /// committed.
-    pub async fn commit(&self, records: Vec<PredictionRecord>) -> Result<(), Refused> {
+    /// Queues `records` (and `rejects`, refused by validation) if they all fit and the
+    /// database is writable, and waits until every one is committed to `predictions` or, if
+    /// PostgreSQL refuses it, to `prediction_rejects`.
+    pub async fn commit(
+        &self,
+        records: Vec<PredictionRecord>,
+        rejects: Vec<Reject>,
+    ) -> Result<Committed, Refused> {
         if self.store_down.load(Ordering::Relaxed) {
             return Err(Refused::StoreDown);
         }
-        let count = records.len();
+        let count = records.len() + rejects.len();
         if count == 0 {
-            return Ok(());
+            return Ok(Committed::default());
         }
         if self.metrics.queued.get() as usize + count > self.capacity {
             self.metrics.shed.inc_by(count as u64);
@@ -126,6 +177,7 @@ impl LogQueue {
         let (committed, done) = oneshot::channel();
         let queued = Queued {
             records,
+            rejects,
             context: tracing::Span::current().context(),
             committed,
         };
@@ -165,16 +217,16 @@ async fn run(
         &mut receiver,
         config.batch_size,
         config.flush_interval,
-        |q: &Queued| q.records.len(),
+        Queued::weight,
     )
     .await
     {
-        let count: usize = batch.iter().map(|q| q.records.len()).sum();
-        write_until_done(&db, &batch, &metrics, &store_down).await;
+        let count: usize = batch.iter().map(Queued::weight).sum();
+        let outcomes = write_batch(&db, &batch, &config, &metrics, &store_down).await;
         metrics.queued.sub(count as i64);
-        for queued in batch {
+        for (queued, outcome) in batch.into_iter().zip(outcomes) {
             // The caller may have given up (deadline); the records are committed all the same.
-            let _ = queued.committed.send(());
+            let _ = queued.committed.send(outcome);
         }
         if closed {
             return;
@@ -182,21 +234,32 @@ async fn run(
     }
 }
 
-async fn write_until_done(
+/// Writes one batch of calls: their records to `predictions` (those PostgreSQL refuses, and
+/// those validation refused, to `prediction_rejects`). Returns each call's outcome.
+async fn write_batch(
     db: &Pool,
     queued: &[Queued],
+    config: &WriterConfig,
     metrics: &WriterMetrics,
     store_down: &AtomicBool,
-) {
+) -> Vec<Committed> {
     use opentelemetry::trace::TraceContextExt as _;
-    let batch: Vec<PredictionRecord> = queued
-        .iter()
-        .flat_map(|q| q.records.iter().cloned())
-        .collect();
+    let mut records = Vec::new();
+    let mut owners = Vec::new();
+    let mut rejects = Vec::new();
+    let mut outcomes = vec![Committed::default(); queued.len()];
+    for (i, q) in queued.iter().enumerate() {
+        records.extend(q.records.iter().cloned());
+        owners.extend(std::iter::repeat_n(i, q.records.len()));
+        rejects.extend(q.rejects.iter().cloned());
+        outcomes[i].accepted = q.records.len() as u32;
+        outcomes[i].rejected = q.rejects.len() as u32;
+    }
     let span = tracing::info_span!(
         "log.write",
         otel.name = "write prediction batch",
-        records = batch.len()
+        records = records.len(),
+        rejects = rejects.len()
     );
     let mut contexts = queued.iter().map(|q| &q.context);
     if let Some(first) = contexts.next() {
@@ -205,103 +268,25 @@ async fn write_until_done(
     for cx in contexts {
         span.add_link(cx.span().span_context().clone());
     }
-    retry_insert(db, &batch, metrics, store_down)
-        .instrument(span)
-        .await
-}
-
-async fn retry_insert(
-    db: &Pool,
-    batch: &[PredictionRecord],
-    metrics: &WriterMetrics,
-    store_down: &AtomicBool,
-) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let timer = metrics.batch_seconds.start_timer();
-        match insert(db, batch).await {
-            Ok(inserted) => {
-                timer.observe_duration();
-                metrics.written.inc_by(inserted);
-                store_down.store(false, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => {
-                timer.stop_and_discard();
-                metrics.write_errors.inc();
-                store_down.store(true, Ordering::Relaxed);
-                tracing::warn!(error = %e, records = batch.len(), retry_in = ?backoff, "prediction log write failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-}
-
-fn tier_name(tier: i32) -> &'static str {
-    match FeatureTier::try_from(tier).unwrap_or(FeatureTier::Unspecified) {
-        FeatureTier::Memory => "memory",
-        FeatureTier::Redis => "redis",
-        FeatureTier::Database => "database",
-        FeatureTier::Request => "request",
-        FeatureTier::Unspecified => "unspecified",
-    }
-}
-
-/// The record's features as a JSON object: numbers as numbers, categories as strings.
-pub fn features_json(record: &PredictionRecord) -> String {
-    let mut map = serde_json::Map::new();
-    for (name, value) in &record.features {
-        let json = match &value.kind {
-            Some(Kind::Number(n)) => serde_json::Number::from_f64(*n)
-                .map(serde_json::Value::Number)
-                .unwrap_or(serde_json::Value::Null),
-            Some(Kind::Category(c)) => serde_json::Value::String(c.clone()),
-            None => serde_json::Value::Null,
-        };
-        map.insert(name.clone(), json);
-    }
-    serde_json::Value::Object(map).to_string()
-}
-
-/// Inserts `batch` in one statement; returns how many rows were new.
-async fn insert(db: &Pool, batch: &[PredictionRecord]) -> Result<u64, String> {
-    let span =
-        mesh_telemetry::propagation::store_span("postgresql", "INSERT predictions", batch.len());
     async {
-        let client = mesh_runtime::postgres::connection(db)
-            .await
-            .map_err(|e| e.to_string())?;
-        let ids: Vec<&str> = batch.iter().map(|r| r.prediction_id.as_str()).collect();
-        let times: Vec<i64> = batch.iter().map(|r| r.time_unix_micros).collect();
-        let models: Vec<&str> = batch.iter().map(|r| r.model.as_str()).collect();
-        let versions: Vec<&str> = batch.iter().map(|r| r.model_version.as_str()).collect();
-        let entities: Vec<&str> = batch.iter().map(|r| r.entity_id.as_str()).collect();
-        let features: Vec<String> = batch.iter().map(features_json).collect();
-        let scores: Vec<f64> = batch.iter().map(|r| r.score).collect();
-        let latencies: Vec<i64> = batch.iter().map(|r| r.latency_micros as i64).collect();
-        let tiers: Vec<&str> = batch.iter().map(|r| tier_name(r.feature_tier)).collect();
-        let traces: Vec<&str> = batch.iter().map(|r| r.trace_id.as_str()).collect();
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO predictions (prediction_id, served_at, model, model_version, entity_id,
-                                          features, score, latency_us, feature_tier, trace_id)
-                 SELECT id, to_timestamp(t::double precision / 1e6), m, v, e, f::jsonb, s, l, tier, tr
-                 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
-                             $7::float8[], $8::int8[], $9::text[], $10::text[])
-                      AS x(id, t, m, v, e, f, s, l, tier, tr)
-                 ON CONFLICT (prediction_id) DO NOTHING",
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        client
-            .execute(
-                &stmt,
-                &[&ids, &times, &models, &versions, &entities, &features, &scores, &latencies, &tiers, &traces],
-            )
-            .await
-            .map_err(|e| e.to_string())
+        metrics.rejected.with_label_values(&["invalid"]).inc_by(rejects.len() as u64);
+        let refused =
+            store::write_predictions(db, &records, config.write_timeout, metrics, store_down)
+                .await;
+        metrics.rejected.with_label_values(&["refused"]).inc_by(refused.len() as u64);
+        for (position, reason) in refused {
+            let owner = owners[position];
+            outcomes[owner].accepted -= 1;
+            outcomes[owner].rejected += 1;
+            tracing::warn!(prediction_id = %records[position].prediction_id, %reason, "PostgreSQL refused a prediction record; stored in prediction_rejects");
+            rejects.push(Reject {
+                record: records[position].clone(),
+                reason: format!("PostgreSQL refused the record: {reason}"),
+            });
+        }
+        store::write_rejects(db, &rejects, config.write_timeout, metrics, store_down).await;
     }
     .instrument(span)
-    .await
+    .await;
+    outcomes
 }

@@ -1,0 +1,207 @@
+//! Hostile input against the real services: each test reproduces a failure an outside review
+//! found (a crafted tensor shape, a record PostgreSQL refuses, invented method paths) and
+//! asserts the mesh keeps serving and keeps every record.
+
+use std::time::Duration;
+
+use mesh_proto::inference::model_infer_request::InferInputTensor;
+use mesh_proto::inference::ModelInferRequest;
+use mesh_proto::logger::prediction_log_client::PredictionLogClient;
+use mesh_proto::logger::{PredictionRecord, RecordRequest};
+use mesh_tests::*;
+use tonic::Code;
+
+/// A record the gateway could have sent, for `id`.
+fn record(id: &str) -> PredictionRecord {
+    PredictionRecord {
+        prediction_id: id.into(),
+        time_unix_micros: 1_767_000_000_000_000,
+        model: "churn".into(),
+        model_version: "1".into(),
+        entity_id: "cust-1".into(),
+        features: [("tenure_months".to_owned(), num(3.0))].into(),
+        score: 0.25,
+        latency_micros: 900,
+        feature_tier: 1,
+        trace_id: String::new(),
+    }
+}
+
+/// A BYTES input that declares 2^48 rows but carries one, in `raw_input_contents`: the
+/// declared count used to be allocated before it was checked, aborting the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_huge_shape_is_refused_and_the_replica_stays_up() {
+    telemetry();
+    let replica = start_inference(inference_config()).await;
+    wait_serving(replica.addr, Duration::from_secs(60)).await;
+    let mut client = inference_client(replica.addr);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("models/churn/1/manifest.json")).expect("manifest"),
+    )
+    .expect("json");
+    let mut inputs = Vec::new();
+    let mut raw = Vec::new();
+    for feature in manifest["features"].as_array().expect("features") {
+        let number = feature["type"] == "number";
+        inputs.push(InferInputTensor {
+            name: feature["name"].as_str().expect("name").into(),
+            datatype: if number { "FP32" } else { "BYTES" }.into(),
+            shape: vec![1 << 48, 1],
+            parameters: Default::default(),
+            contents: None,
+        });
+        raw.push(if number {
+            1.0f32.to_le_bytes().to_vec()
+        } else {
+            [&2u32.to_le_bytes()[..], b"ab"].concat()
+        });
+    }
+    let status = client
+        .model_infer(ModelInferRequest {
+            model_name: "churn".into(),
+            inputs,
+            raw_input_contents: raw,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a shape the bytes do not carry");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("declares 281474976710656 rows"),
+        "the error names the claim: {status:?}"
+    );
+    assert!(!replica.finished(), "the replica died");
+    let live = client
+        .server_ready(mesh_proto::inference::ServerReadyRequest {})
+        .await
+        .expect("ready after the hostile call");
+    assert!(live.into_inner().ready);
+    replica.shutdown().await;
+}
+
+/// One record PostgreSQL cannot store (a timestamp out of its range) used to fail its batch for
+/// good: the writer retried it forever and refused every later call. Now it goes to
+/// `prediction_rejects` and the 500 good records of its call commit, and so do later calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_lands_in_rejects_and_the_rest_keep_flowing() {
+    telemetry();
+    let pg = mesh_testkit::PostgresServer::start().expect("postgres");
+    let logger = start_logger(logger_config(&pg)).await;
+    wait_serving(logger.addr, Duration::from_secs(30)).await;
+    let mut client = PredictionLogClient::new(channel(logger.addr));
+
+    let mut records: Vec<PredictionRecord> =
+        (0..500).map(|i| record(&format!("good-{i}"))).collect();
+    // Out of range for the validation and for PostgreSQL both.
+    let mut far_future = record("poison-time");
+    far_future.time_unix_micros = i64::MAX;
+    records.insert(250, far_future);
+    // Passes validation; PostgreSQL refuses it. Every value the gateway can produce is now
+    // storable, so the test makes PostgreSQL itself refuse one with a CHECK constraint: a real
+    // refusal from the real server, through the same path as any other data error.
+    let db = connect_db(&pg).await;
+    db.batch_execute(
+        "ALTER TABLE predictions ADD CONSTRAINT refuse_for_test CHECK (entity_id <> 'refused-by-db')",
+    )
+    .await
+    .expect("constraint");
+    let mut bad_json = record("poison-db");
+    bad_json.entity_id = "refused-by-db".into();
+    records.insert(100, bad_json.clone());
+    let mut call = tonic::Request::new(RecordRequest { records });
+    call.set_timeout(Duration::from_secs(20));
+    let answer = client
+        .record(call)
+        .await
+        .expect("the call commits what it can")
+        .into_inner();
+    assert_eq!((answer.accepted, answer.rejected), (500, 2), "{answer:?}");
+
+    let good: i64 = db
+        .query_one(
+            "SELECT count(*) FROM predictions WHERE prediction_id LIKE 'good-%'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(good, 500);
+    let rejects = db
+        .query(
+            "SELECT prediction_id, reason, record FROM prediction_rejects ORDER BY prediction_id",
+            &[],
+        )
+        .await
+        .expect("rejects");
+    let ids: Vec<String> = rejects.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, ["poison-db", "poison-time"]);
+    let reason: String = rejects[1].get(1);
+    assert!(reason.contains("time_unix_micros"), "{reason}");
+    let reason: String = rejects[0].get(1);
+    assert!(
+        reason.contains("refuse_for_test"),
+        "PostgreSQL's reason is kept: {reason}"
+    );
+    let bytes: Vec<u8> = rejects[0].get(2);
+    use prost::Message as _;
+    let kept = PredictionRecord::decode(bytes.as_slice()).expect("the record is kept whole");
+    assert_eq!(kept, bad_json);
+
+    // Later records are not blocked behind the poison.
+    let mut later = tonic::Request::new(RecordRequest {
+        records: vec![record("later")],
+    });
+    later.set_timeout(Duration::from_secs(5));
+    let answer = client.record(later).await.expect("later call").into_inner();
+    assert_eq!((answer.accepted, answer.rejected), (1, 0));
+    logger.shutdown().await;
+}
+
+/// Each distinct invented method path used to become a `method` label, before any key check:
+/// unbounded series from unauthenticated callers. 5,000 of them now leave the gateway's series
+/// count as it was (they all count as `unknown`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_method_paths_do_not_grow_the_metrics() {
+    let mesh = Mesh::start(|_| {}).await;
+    let series = |body: &str| body.lines().filter(|l| !l.starts_with('#')).count();
+    let path = |i: usize| format!("/mesh.gateway.v1.Gateway/Invented{i}");
+    // One call first, so the `unknown` series exist before counting.
+    let status = raw_call(mesh.gateway.addr, &path(0)).await;
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    let (_, before) = http_get(mesh.gateway_http, "/metrics").await;
+    let calls = futures::stream::iter(1..5_000)
+        .map(|i| raw_call(mesh.gateway.addr, path(i)))
+        .buffer_unordered(32);
+    let statuses: Vec<tonic::Status> = futures::StreamExt::collect(calls).await;
+    assert!(statuses.iter().all(|s| s.code() == Code::Unimplemented));
+    let (_, after) = http_get(mesh.gateway_http, "/metrics").await;
+    let grown = series(&after) as i64 - series(&before) as i64;
+    assert!(
+        grown.abs() <= 5,
+        "series {} -> {} after 5,000 invented paths",
+        series(&before),
+        series(&after)
+    );
+    assert!(
+        after.contains(r#"mesh_rpc_requests_total{code="UNIMPLEMENTED",method="unknown"} 5000"#),
+        "the calls are counted as unknown"
+    );
+    assert!(!after.contains("Invented"), "a request path became a label");
+}
+
+use futures::StreamExt as _;
+
+/// A unary call with an empty message to any `path` at `addr`; its status.
+async fn raw_call(addr: std::net::SocketAddr, path: impl AsRef<str>) -> tonic::Status {
+    let path = path.as_ref();
+    let mut grpc = tonic::client::Grpc::new(channel(addr));
+    if let Err(e) = grpc.ready().await {
+        return tonic::Status::unavailable(e.to_string());
+    }
+    let path = http::uri::PathAndQuery::try_from(path).expect("path");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    match grpc.unary(tonic::Request::new(()), path, codec).await {
+        Ok(_) => tonic::Status::ok(""),
+        Err(status) => status,
+    }
+}
