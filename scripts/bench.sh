@@ -12,6 +12,16 @@ cd "$root"
 seconds="${BENCH_SECONDS:-20}"
 gateway="${MESH_GATEWAY_URL:-http://127.0.0.1:50051}"
 inference="${MESH_INFERENCE_URL:-http://127.0.0.1:50053}"
+# The inference runs call a replica directly, which answers only with the mesh's internal
+# token: the one `make up` generated, unless MESH_INTERNAL_TOKEN is set.
+if [ -z "${MESH_INTERNAL_TOKEN:-}" ] && [ -r "$root/.run/internal-token" ]; then
+  MESH_INTERNAL_TOKEN="$(cat "$root/.run/internal-token")"
+fi
+if [ -z "${MESH_INTERNAL_TOKEN:-}" ]; then
+  echo "MESH_INTERNAL_TOKEN is not set and .run/internal-token does not exist: start the mesh with 'make up' first" >&2
+  exit 1
+fi
+export MESH_INTERNAL_TOKEN
 out="$root/bench-results"
 mkdir -p "$out"
 

@@ -88,7 +88,7 @@ async fn a_poison_record_lands_in_rejects_and_the_rest_keep_flowing() {
     let pg = mesh_testkit::PostgresServer::start().expect("postgres");
     let logger = start_logger(logger_config(&pg)).await;
     wait_serving(logger.addr, Duration::from_secs(30)).await;
-    let mut client = PredictionLogClient::new(channel(logger.addr));
+    let mut client = PredictionLogClient::new(internal_channel(logger.addr));
 
     let mut records: Vec<PredictionRecord> =
         (0..500).map(|i| record(&format!("good-{i}"))).collect();
@@ -204,4 +204,180 @@ async fn raw_call(addr: std::net::SocketAddr, path: impl AsRef<str>) -> tonic::S
         Ok(_) => tonic::Status::ok(""),
         Err(status) => status,
     }
+}
+
+/// Idle connections used to be unlimited: 24,000 that sent the HTTP/2 preface and nothing else
+/// were all held open. Now a connection beyond the cap is closed on arrival, one that starts no
+/// call is closed after the first-request timeout, and a client already connected is served
+/// throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused_and_silent_ones_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    telemetry();
+    let pg = mesh_testkit::PostgresServer::start().expect("postgres");
+    let mut config = logger_config(&pg);
+    config.server.connections.max_total = 8;
+    config.server.connections.max_per_peer = 8;
+    config.server.connections.first_request_timeout = Duration::from_millis(1500);
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let metrics_addr = metrics.local_addr().expect("addr");
+    let logger = spawn_service(|l, s| async move {
+        mesh_logger::serve(config, l, Some(metrics), async {
+            let _ = s.await;
+        })
+        .await
+    })
+    .await;
+    wait_serving(logger.addr, Duration::from_secs(30)).await;
+    let mut client = PredictionLogClient::new(internal_channel(logger.addr));
+    let lookup = || mesh_proto::logger::GetPredictionRequest {
+        prediction_id: "nothing-here".into(),
+    };
+    let status = client.get_prediction(lookup()).await.expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound);
+
+    /// Whether the server closes `stream` within `limit` (its SETTINGS frame is read past).
+    async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+        let mut buf = vec![0u8; 4096];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+    // Silent connections: the preface, then nothing (wait_serving's connection may still be
+    // open too, so the cap leaves room for six or seven of them).
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        let mut stream = tokio::net::TcpStream::connect(logger.addr)
+            .await
+            .expect("connect");
+        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        silent.push(stream);
+    }
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    for mut stream in silent {
+        if closed_within(&mut stream, Duration::from_millis(300)).await {
+            refused += 1;
+        } else {
+            admitted.push(stream);
+        }
+    }
+    assert!(
+        (32..=40).contains(&refused),
+        "{refused} of 40 connections over a cap of 8 were closed at once"
+    );
+    // The client connected before the flood is still served.
+    let status = client.get_prediction(lookup()).await.expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    // The admitted silent ones are closed by the server after the first-request timeout,
+    // which frees room for new clients.
+    for stream in &mut admitted {
+        assert!(
+            closed_within(stream, Duration::from_millis(2500)).await,
+            "a silent connection outlived the first-request timeout"
+        );
+    }
+    let mut fresh = PredictionLogClient::new(internal_channel(logger.addr));
+    let status = fresh.get_prediction(lookup()).await.expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let refused_metric = metric(
+        metrics_addr,
+        r#"mesh_connections_refused_total{reason="total"}"#,
+    )
+    .await;
+    assert!(refused_metric >= 32.0, "refusals counted: {refused_metric}");
+    let quiet = metric(
+        metrics_addr,
+        r#"mesh_connections_closed_total{reason="no_request"}"#,
+    )
+    .await;
+    assert!(
+        quiet >= admitted.len() as f64,
+        "silent connections closed: {quiet}"
+    );
+    let open = metric(metrics_addr, "mesh_connections_open").await;
+    assert!(open <= 3.0, "connections still open: {open}");
+    logger.shutdown().await;
+}
+
+/// Internal services used to answer anyone who reached their port: `PutFeatures` could
+/// overwrite features and `GetPrediction` read logged ones. Now every call but health's needs
+/// the internal token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_services_refuse_calls_without_the_token() {
+    use mesh_proto::features::features_client::FeaturesClient;
+    use mesh_proto::features::{EntityFeatures, PutFeaturesRequest};
+    let mesh = Mesh::start(|_| {}).await;
+    let put = || PutFeaturesRequest {
+        entities: vec![EntityFeatures {
+            entity_id: "cust-00001".into(),
+            found: true,
+            features: [("tenure_months".to_owned(), num(1.0))].into(),
+            tier: 0,
+        }],
+    };
+    let wrong = mesh_runtime::internal::InternalToken::new("not-the-mesh-token-at-all").expect("t");
+    for token in [None, Some(&wrong)] {
+        let features = mesh_runtime::internal::WithToken::new(channel(mesh.features.addr), token);
+        let status = FeaturesClient::new(features)
+            .put_features(put())
+            .await
+            .expect_err("no valid token");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().contains("x-mesh-internal-token"),
+            "{status:?}"
+        );
+        let logger = mesh_runtime::internal::WithToken::new(channel(mesh.logger.addr), token);
+        let status = PredictionLogClient::new(logger)
+            .get_prediction(mesh_proto::logger::GetPredictionRequest {
+                prediction_id: "x".into(),
+            })
+            .await
+            .expect_err("no valid token");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        let status = raw_call(
+            mesh.inference[0].addr,
+            "/inference.GRPCInferenceService/ServerLive",
+        )
+        .await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    // Health stays open for probes; the gateway, which has the token, serves predictions.
+    assert!(health(mesh.features.addr, "").await.is_some());
+    mesh.seed(1).await;
+    let mut with_token = put();
+    with_token.entities[0].entity_id = "cust-token".into();
+    mesh.features_client()
+        .put_features(with_token)
+        .await
+        .expect("with the token");
+    let answer = mesh
+        .gateway_client()
+        .predict(mesh_proto::gateway::PredictRequest {
+            model: "churn".into(),
+            entity_id: "cust-00001".into(),
+            // The demo entities lack these two; the request brings them.
+            features: json_features(&serde_json::json!({
+                "support_calls_30d": 1.0,
+                "channel": fixture()[0].features["channel"],
+            })),
+            ..Default::default()
+        })
+        .await
+        .expect("the gateway presents the token")
+        .into_inner();
+    assert_ne!(
+        answer.feature_tier,
+        mesh_proto::types::FeatureTier::Request as i32,
+        "stored features were read through the internal hop"
+    );
 }

@@ -12,6 +12,7 @@ use mesh_proto::gateway::gateway_client::GatewayClient;
 use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
 use mesh_runtime::config::FromSettings as _;
+use mesh_runtime::internal::{InternalChannel, InternalToken, WithToken};
 use mesh_testkit::proxy::DelayProxy;
 use mesh_testkit::{PostgresServer, RedisServer};
 use tokio::net::TcpListener;
@@ -144,7 +145,22 @@ pub fn test_server(max_concurrency: usize) -> mesh_runtime::config::ServerConfig
         max_concurrency,
         drain_delay: Duration::from_millis(50),
         grace: Duration::from_secs(5),
+        connections: mesh_runtime::ServeOptions::new(Vec::new()).connections,
+        internal_token: Some(test_token()),
     }
+}
+
+/// The internal token every test service shares (`MESH_INTERNAL_TOKEN` of spawned binaries).
+pub const TEST_TOKEN: &str = "mesh-tests-internal-token";
+
+/// [`TEST_TOKEN`] as a token.
+pub fn test_token() -> InternalToken {
+    InternalToken::new(TEST_TOKEN).expect("token")
+}
+
+/// A lazily connecting channel to the internal service at `addr`, presenting the test token.
+pub fn internal_channel(addr: SocketAddr) -> InternalChannel {
+    WithToken::new(channel(addr), Some(&test_token()))
 }
 
 /// Configuration of the features service for tests.
@@ -306,8 +322,8 @@ pub fn channel(addr: SocketAddr) -> Channel {
 }
 
 /// A KServe client of the inference replica at `addr`.
-pub fn inference_client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
-    GrpcInferenceServiceClient::new(channel(addr))
+pub fn inference_client(addr: SocketAddr) -> GrpcInferenceServiceClient<InternalChannel> {
+    GrpcInferenceServiceClient::new(internal_channel(addr))
 }
 
 /// The `grpc.health.v1` status of `service` at `addr` (`""`: the server as a whole).
@@ -452,13 +468,13 @@ impl Mesh {
     }
 
     /// A client of the features service (direct, not through the proxy).
-    pub fn features_client(&self) -> FeaturesClient<Channel> {
-        FeaturesClient::new(channel(self.features.addr))
+    pub fn features_client(&self) -> FeaturesClient<InternalChannel> {
+        FeaturesClient::new(internal_channel(self.features.addr))
     }
 
     /// A client of the first inference replica.
-    pub fn inference_client(&self) -> GrpcInferenceServiceClient<Channel> {
-        GrpcInferenceServiceClient::new(channel(self.inference[0].addr))
+    pub fn inference_client(&self) -> GrpcInferenceServiceClient<InternalChannel> {
+        inference_client(self.inference[0].addr)
     }
 
     /// A PostgreSQL client.
@@ -482,7 +498,7 @@ pub async fn connect_db(pg: &PostgresServer) -> tokio_postgres::Client {
 }
 
 /// Writes the first `n` entities of data/demo_entities.jsonl through PutFeatures.
-pub async fn seed(mut client: FeaturesClient<Channel>, n: usize) {
+pub async fn seed(mut client: FeaturesClient<InternalChannel>, n: usize) {
     let text =
         std::fs::read_to_string(repo().join("data/demo_entities.jsonl")).expect("demo entities");
     let entities: Vec<EntityFeatures> = text

@@ -317,7 +317,7 @@ async fn inference_alone_reproduces_every_fixture_probability_in_one_batch() {
         .collect();
     let mut client =
         mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
-            channel(replica.addr),
+            internal_channel(replica.addr),
         );
     let response = client
         .model_infer(ModelInferRequest {

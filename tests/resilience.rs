@@ -45,7 +45,9 @@ fn predict_request(
 }
 
 async fn tier_of(
-    client: &mut mesh_proto::features::features_client::FeaturesClient<tonic::transport::Channel>,
+    client: &mut mesh_proto::features::features_client::FeaturesClient<
+        mesh_runtime::internal::InternalChannel,
+    >,
     id: &str,
 ) -> FeatureTier {
     let mut request = tonic::Request::new(GetFeaturesRequest {
@@ -73,12 +75,12 @@ async fn features_come_from_postgres_then_memory_then_redis_and_survive_redis_st
     let (features, metrics) = start_features_with_metrics(config).await;
     wait_serving(features.addr, Duration::from_secs(30)).await;
     seed(
-        mesh_proto::features::features_client::FeaturesClient::new(channel(features.addr)),
+        mesh_proto::features::features_client::FeaturesClient::new(internal_channel(features.addr)),
         20,
     )
     .await;
     let mut client =
-        mesh_proto::features::features_client::FeaturesClient::new(channel(features.addr));
+        mesh_proto::features::features_client::FeaturesClient::new(internal_channel(features.addr));
 
     assert_eq!(
         tier_of(&mut client, "cust-00001").await,
@@ -344,7 +346,7 @@ async fn reflection_lists_the_public_services() {
         (mesh.logger.addr, "mesh.logger.v1.PredictionLog"),
     ];
     for (addr, service) in expectations {
-        let mut client = ServerReflectionClient::new(channel(addr));
+        let mut client = ServerReflectionClient::new(internal_channel(addr));
         let request = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
@@ -387,7 +389,7 @@ async fn health_is_not_serving_before_warm_up_and_while_draining() {
     );
     let mut client =
         mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
-            channel(replica.addr),
+            internal_channel(replica.addr),
         );
     let ready = client
         .server_ready(mesh_proto::inference::ServerReadyRequest {})

@@ -128,6 +128,7 @@ fn spawn(name: &'static str, bin: &str, port: u16, otlp: &str, env: &[(&str, Str
     cmd.env("MESH_LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("MESH_METRICS_ADDR", "off")
         .env("MESH_DRAIN_DELAY_MS", "100")
+        .env("MESH_INTERNAL_TOKEN", TEST_TOKEN)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
         // Only traces whose caller asked for sampling are recorded: ours.
         .env("OTEL_TRACES_SAMPLER_ARG", "0")
@@ -208,7 +209,7 @@ async fn one_prediction_is_one_trace_across_all_four_services() {
         .await;
     }
     seed(
-        mesh_proto::features::features_client::FeaturesClient::new(channel(
+        mesh_proto::features::features_client::FeaturesClient::new(internal_channel(
             format!("127.0.0.1:{features_port}").parse().expect("addr"),
         )),
         3,

@@ -75,7 +75,7 @@ pub async fn serve(
 
     let routes =
         tonic::service::Routes::new(FeaturesServer::new(service::FeaturesService::new(store)));
-    let options = config.server.serve_options(vec![name]);
+    let options = config.server.internal_serve_options(vec![name])?;
     serve_grpc(
         routes,
         options,

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_runtime::internal::InternalChannel;
 use mesh_telemetry::metrics::HealthProbe;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -29,7 +29,7 @@ pub struct Dependency {
     /// What it is, which decides how its absence counts.
     pub role: Role,
     /// A channel to it.
-    pub channel: Channel,
+    pub channel: InternalChannel,
 }
 
 /// How a dependency's absence counts.
@@ -43,7 +43,7 @@ pub enum Role {
     Logger,
 }
 
-async fn status_of(channel: Channel) -> &'static str {
+async fn status_of(channel: InternalChannel) -> &'static str {
     let mut client = HealthClient::new(channel);
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: String::new(),

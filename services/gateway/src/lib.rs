@@ -31,11 +31,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::gateway::gateway_server::GatewayServer;
+use mesh_runtime::internal::{InternalChannel, InternalToken};
 use mesh_runtime::registry::ModelRegistry;
 use mesh_runtime::resilience::{BreakerMetrics, CircuitBreaker, RetryBudget};
 use mesh_runtime::{serve_grpc, Bulkhead, Health, ServiceMetrics};
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 
 pub use config::{Config, TlsFiles};
 pub use error::{GatewayError, StartupError};
@@ -45,15 +45,26 @@ const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One channel (connection) per dependency, shared by its client and the health report.
 struct Channels {
-    features: Channel,
-    logger: Channel,
-    inference: Vec<(String, Channel)>,
+    features: InternalChannel,
+    logger: InternalChannel,
+    inference: Vec<(String, InternalChannel)>,
 }
 
 impl Channels {
-    fn connect(downstreams: &config::Downstreams) -> Result<Self, StartupError> {
+    fn connect(
+        downstreams: &config::Downstreams,
+        token: Option<&InternalToken>,
+    ) -> Result<Self, StartupError> {
+        let token = token.ok_or_else(|| {
+            StartupError::Config(
+                "MESH_INTERNAL_TOKEN is not set: the gateway presents it to features, inference \
+                 and the logger, which answer no one else (`make up` generates one in \
+                 .run/internal-token)"
+                    .into(),
+            )
+        })?;
         let channel = |url: &str, variable: &str| {
-            client::call::channel(url)
+            client::call::channel(url, token)
                 .map_err(|e| StartupError::Config(format!("{variable}={url:?}: {e}")))
         };
         if downstreams.inference_urls.is_empty() {
@@ -174,7 +185,7 @@ pub async fn serve(
     let tls = config.access.tls.as_ref().map(TlsFiles::load).transpose()?;
     let health = Health::new(&[name]).await;
     let metrics = ServiceMetrics::new()?;
-    let channels = Channels::connect(&config.downstreams)?;
+    let channels = Channels::connect(&config.downstreams, config.server.internal_token.as_ref())?;
     let (service, shipping) = wire(&config, &metrics, &channels)?;
     let probe = health::probe(
         channels.dependencies(&config.downstreams),

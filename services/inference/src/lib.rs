@@ -60,7 +60,7 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(
         GrpcInferenceServiceServer::from_arc(service).max_decoding_message_size(64 * 1024 * 1024),
     );
-    let options = config.server.serve_options(vec![name]);
+    let options = config.server.internal_serve_options(vec![name])?;
     serve_grpc(
         routes,
         options,

@@ -97,7 +97,7 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(PredictionLogServer::new(
         service::PredictionLogService::new(queue, db),
     ));
-    let options = config.server.serve_options(vec![name]);
+    let options = config.server.internal_serve_options(vec![name])?;
     let served = serve_grpc(
         routes,
         options,

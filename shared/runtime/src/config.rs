@@ -98,6 +98,41 @@ macro_rules! settings_table {
                 "10000",
                 "longest wait for in-flight calls (and for flushing queued records)",
             ),
+            $crate::config::Setting::value(
+                "MESH_MAX_CONNECTIONS",
+                "4096",
+                "open client connections; one more is closed on arrival",
+            ),
+            $crate::config::Setting::value(
+                "MESH_MAX_CONNECTIONS_PER_PEER",
+                "512",
+                "open client connections from one IP address",
+            ),
+            $crate::config::Setting::value(
+                "MESH_FIRST_REQUEST_TIMEOUT_MS",
+                "10000",
+                "close a connection that has started no call this long after opening",
+            ),
+            $crate::config::Setting::value(
+                "MESH_IDLE_TIMEOUT_MS",
+                "300000",
+                "close a connection with no call in flight for this long",
+            ),
+            $crate::config::Setting::value(
+                "MESH_KEEPALIVE_MS",
+                "20000",
+                "HTTP/2 ping interval; a peer that does not answer within as long is closed",
+            ),
+            $crate::config::Setting::value(
+                "MESH_MAX_STREAMS_PER_CONNECTION",
+                "256",
+                "concurrent calls on one connection",
+            ),
+            $crate::config::Setting::unset(
+                "MESH_INTERNAL_TOKEN",
+                "unset: internal services refuse to start",
+                "shared secret of the internal hops (16+ visible ASCII characters): features, inference and the logger require it in `x-mesh-internal-token`; the gateway presents it",
+            ),
             $($setting),*
         ]
     };
@@ -261,6 +296,11 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// `MESH_GRACE_MS`: the wait for in-flight calls at shutdown.
     pub grace: Duration,
+    /// `MESH_MAX_CONNECTIONS*`, `MESH_*_TIMEOUT_MS`, `MESH_KEEPALIVE_MS`,
+    /// `MESH_MAX_STREAMS_PER_CONNECTION`: what connections the server keeps.
+    pub connections: crate::connections::ConnectionLimits,
+    /// `MESH_INTERNAL_TOKEN`: required by internal services, presented by the gateway.
+    pub internal_token: Option<crate::internal::InternalToken>,
 }
 
 impl ServerConfig {
@@ -272,16 +312,55 @@ impl ServerConfig {
             max_concurrency: settings.positive("MESH_MAX_CONCURRENCY")?,
             drain_delay: settings.millis("MESH_DRAIN_DELAY_MS")?,
             grace: settings.millis("MESH_GRACE_MS")?,
+            connections: crate::connections::ConnectionLimits {
+                max_total: settings.positive("MESH_MAX_CONNECTIONS")?,
+                max_per_peer: settings.positive("MESH_MAX_CONNECTIONS_PER_PEER")?,
+                first_request_timeout: settings.millis("MESH_FIRST_REQUEST_TIMEOUT_MS")?,
+                idle_timeout: settings.millis("MESH_IDLE_TIMEOUT_MS")?,
+                keepalive: settings.millis("MESH_KEEPALIVE_MS")?,
+                max_streams: settings.positive("MESH_MAX_STREAMS_PER_CONNECTION")? as u32,
+            },
+            internal_token: match settings.optional("MESH_INTERNAL_TOKEN") {
+                None => None,
+                Some(token) => Some(crate::internal::InternalToken::new(&token).map_err(
+                    |problem| ConfigError {
+                        variable: "MESH_INTERNAL_TOKEN".into(),
+                        value: "<hidden>".into(),
+                        problem,
+                    },
+                )?),
+            },
         })
     }
 
-    /// Serving options for `services` with these settings.
+    /// Serving options for `services` with these settings (no internal token required: the
+    /// gateway's public port).
     pub fn serve_options(&self, services: Vec<&'static str>) -> crate::ServeOptions {
         let mut options = crate::ServeOptions::new(services);
         options.max_concurrency = self.max_concurrency;
         options.drain_delay = self.drain_delay;
         options.grace = self.grace;
+        options.connections = self.connections;
         options
+    }
+
+    /// Serving options for an internal service: every call but health's must present
+    /// `MESH_INTERNAL_TOKEN`, so the service refuses to start without one.
+    pub fn internal_serve_options(
+        &self,
+        services: Vec<&'static str>,
+    ) -> Result<crate::ServeOptions, crate::StartupError> {
+        let token = self.internal_token.clone().ok_or_else(|| {
+            crate::StartupError::Config(
+                "MESH_INTERNAL_TOKEN is not set: internal services answer only callers that \
+                 present this shared secret (set the same value on the gateway; `make up` \
+                 generates one in .run/internal-token)"
+                    .into(),
+            )
+        })?;
+        let mut options = self.serve_options(services);
+        options.internal_token = Some(token);
+        Ok(options)
     }
 }
 

@@ -7,6 +7,8 @@
 //! - [`resilience`]: the classifier (success / failure / ignore), circuit breakers with guard
 //!   permits, the retry budget and back-off.
 //! - [`server`]: the serving scaffold: tower stack, health, reflection, metrics, graceful drain.
+//! - [`connections`]: bounded client connections (caps, quiet-connection timeouts).
+//! - [`internal`]: the token of the internal hops, required by servers and presented by clients.
 //! - [`batch`]: draining a queue in batches (the record shipper and the logger's writer).
 //! - [`postgres`]: connection pools and schema migrations.
 //! - [`registry`]: the model registry on disk (manifests, versions, aliases).
@@ -16,7 +18,9 @@
 pub mod batch;
 pub mod bulkhead;
 pub mod config;
+pub mod connections;
 pub mod deadline;
+pub mod internal;
 pub mod postgres;
 pub mod registry;
 pub mod resilience;

@@ -9,7 +9,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use mesh_telemetry::metrics::{KnownMethods, RpcMetrics, RpcMetricsLayer};
 use mesh_telemetry::propagation::ServerTraceLayer;
 use prometheus::Registry;
@@ -19,7 +18,12 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 use crate::bulkhead::{Bulkhead, BulkheadLayer, BulkheadMetrics};
+use crate::connections::{ActivityLayer, ConnectionLimits, ConnectionMetrics};
 use crate::deadline::DeadlineLayer;
+use crate::internal::{InternalAuthLayer, InternalToken};
+
+/// Most bytes of metadata (headers) one call may carry.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// How a service is served.
 #[derive(Clone)]
@@ -40,11 +44,15 @@ pub struct ServeOptions {
     pub health_probe: Option<mesh_telemetry::metrics::HealthProbe>,
     /// TLS (rustls) on the gRPC port; plaintext when `None`.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// What connections the server keeps (see [`crate::connections`]).
+    pub connections: ConnectionLimits,
+    /// The token every call but health's must present; `None` for a public port.
+    pub internal_token: Option<InternalToken>,
 }
 
 impl ServeOptions {
     /// Options for `services` with the mesh's defaults: 256 concurrent calls, no default budget,
-    /// 30 s maximum, 1 s drain delay, 10 s grace.
+    /// 30 s maximum, 1 s drain delay, 10 s grace, the default connection limits, no token.
     pub fn new(services: Vec<&'static str>) -> Self {
         Self {
             services,
@@ -55,6 +63,15 @@ impl ServeOptions {
             grace: Duration::from_secs(10),
             health_probe: None,
             tls: None,
+            connections: ConnectionLimits {
+                max_total: 4096,
+                max_per_peer: 512,
+                first_request_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(300),
+                keepalive: Duration::from_secs(20),
+                max_streams: 256,
+            },
+            internal_token: None,
         }
     }
 }
@@ -68,6 +85,8 @@ pub struct ServiceMetrics {
     pub rpc: RpcMetrics,
     /// In-flight and shed per bulkhead.
     pub bulkheads: BulkheadMetrics,
+    /// Open, refused and closed connections.
+    pub connections: ConnectionMetrics,
 }
 
 impl ServiceMetrics {
@@ -76,10 +95,12 @@ impl ServiceMetrics {
         let registry = Registry::new();
         let rpc = RpcMetrics::register(&registry)?;
         let bulkheads = BulkheadMetrics::register(&registry)?;
+        let connections = ConnectionMetrics::register(&registry)?;
         Ok(Self {
             registry: Arc::new(registry),
             rpc,
             bulkheads,
+            connections,
         })
     }
 }
@@ -151,13 +172,18 @@ pub async fn serve_grpc(
 
     let bulkhead = Bulkhead::new("server", options.max_concurrency, &metrics.bulkheads);
     let stack = tower::ServiceBuilder::new()
-        // Outermost: one span per RPC, parented on the caller's trace, so all below is inside it.
+        // Outermost: a call is in flight on its connection until its response body ends, so a
+        // busy connection is never closed as idle.
+        .layer(ActivityLayer)
+        // One span per RPC, parented on the caller's trace, so all below is inside it.
         .layer(ServerTraceLayer)
-        // Count every RPC, including those shed or timed out below.
+        // Count every RPC, including those refused, shed or timed out below.
         .layer(RpcMetricsLayer::new(
             metrics.rpc.clone(),
             known_methods(&options.services),
         ))
+        // Internal services: only callers with the mesh's token get further.
+        .option_layer(options.internal_token.clone().map(InternalAuthLayer::new))
         // Refuse expired work before it takes a bulkhead place; bound the rest by its deadline.
         .layer(DeadlineLayer::new(
             options.default_budget,
@@ -168,14 +194,16 @@ pub async fn serve_grpc(
         .into_inner();
 
     let local = listener.local_addr().ok();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            // Small unary messages: do not let Nagle hold them back.
-            let _ = stream.set_nodelay(true);
-        })
-    });
+    let limits = options.connections;
+    let incoming = crate::connections::accept(listener, limits, metrics.connections.clone());
     let (stop_accepting, stop_signal) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams)
+        // Dead peers are found by pings, not by a write that never completes.
+        .http2_keepalive_interval(Some(limits.keepalive))
+        .http2_keepalive_timeout(Some(limits.keepalive))
+        // gRPC metadata is small; hyper's default allows megabytes per call.
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
     if let Some(tls) = options.tls.clone() {
         builder = builder
             .tls_config(tls)

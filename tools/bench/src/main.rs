@@ -29,6 +29,7 @@ use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceCl
 use mesh_proto::inference::model_infer_request::InferRequestedOutputTensor;
 use mesh_proto::inference::ModelInferRequest;
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
+use mesh_runtime::internal::{InternalChannel, InternalToken, WithToken};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -59,6 +60,9 @@ enum Target {
         /// Inference replica address.
         #[arg(long, default_value = "http://127.0.0.1:50053")]
         url: String,
+        /// The mesh's internal token (inference answers no one without it).
+        #[arg(long, env = "MESH_INTERNAL_TOKEN", hide_env_values = true, value_parser = parse_token)]
+        internal_token: InternalToken,
         /// Rows per request.
         #[arg(long, default_value_t = 1)]
         rows: usize,
@@ -133,7 +137,7 @@ enum Format {
 enum Caller {
     Predict(Vec<GatewayClient<Channel>>, usize),
     Infer(
-        Vec<GrpcInferenceServiceClient<Channel>>,
+        Vec<GrpcInferenceServiceClient<InternalChannel>>,
         Arc<ModelInferRequest>,
     ),
 }
@@ -493,6 +497,10 @@ impl Recorder {
     }
 }
 
+fn parse_token(token: &str) -> Result<InternalToken, String> {
+    InternalToken::new(token)
+}
+
 async fn connect(url: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
     let host = url.split("//").nth(1).unwrap_or(url);
     if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")) {
@@ -674,11 +682,16 @@ async fn main() -> anyhow::Result<()> {
             ),
             "predict".to_owned(),
         ),
-        Target::Infer { url, rows } => (
+        Target::Infer {
+            url,
+            rows,
+            internal_token,
+        } => (
             Caller::Infer(
                 connect(url, load.connections)
                     .await?
                     .into_iter()
+                    .map(|c| WithToken::new(c, Some(internal_token)))
                     .map(|c| GrpcInferenceServiceClient::new(c).max_decoding_message_size(64 << 20))
                     .collect(),
                 Arc::new(infer_template((*rows).max(1))),

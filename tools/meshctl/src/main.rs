@@ -42,6 +42,9 @@ enum Command {
         /// Entities per PutFeatures call.
         #[arg(long, default_value_t = 200)]
         batch: usize,
+        /// The mesh's internal token (the features service answers no one without it).
+        #[arg(long, env = "MESH_INTERNAL_TOKEN", hide_env_values = true)]
+        internal_token: String,
     },
     /// Send one prediction and print the answer as JSON.
     Predict {
@@ -100,7 +103,12 @@ fn feature_value(name: &str, value: &serde_json::Value) -> anyhow::Result<Featur
     Ok(FeatureValue { kind: Some(kind) })
 }
 
-async fn seed(features_url: String, file: PathBuf, batch: usize) -> anyhow::Result<()> {
+async fn seed(
+    features_url: String,
+    file: PathBuf,
+    batch: usize,
+    internal_token: String,
+) -> anyhow::Result<()> {
     let reader = std::io::BufReader::new(
         std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?,
     );
@@ -125,9 +133,16 @@ async fn seed(features_url: String, file: PathBuf, batch: usize) -> anyhow::Resu
             tier: FeatureTier::Unspecified as i32,
         });
     }
-    let mut client = FeaturesClient::connect(features_url.clone())
+    let token = mesh_runtime::internal::InternalToken::new(&internal_token)
+        .map_err(|problem| anyhow::anyhow!("--internal-token / MESH_INTERNAL_TOKEN {problem}"))?;
+    let channel = tonic::transport::Endpoint::from_shared(features_url.clone())?
+        .connect()
         .await
         .with_context(|| format!("cannot reach the features service at {features_url}"))?;
+    let mut client = FeaturesClient::new(mesh_runtime::internal::WithToken::new(
+        channel,
+        Some(&token),
+    ));
     let mut written = 0;
     let total = entities.len();
     for chunk in entities.chunks(batch.max(1)) {
@@ -243,7 +258,8 @@ async fn main() -> anyhow::Result<()> {
             features_url,
             file,
             batch,
-        } => seed(features_url, file, batch).await,
+            internal_token,
+        } => seed(features_url, file, batch, internal_token).await,
         Command::Predict {
             gateway_url,
             model,

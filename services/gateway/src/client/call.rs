@@ -3,21 +3,26 @@
 use std::future::Future;
 use std::time::Duration;
 
+use mesh_runtime::internal::{InternalChannel, InternalToken, WithToken};
 use mesh_runtime::resilience::{classify, Verdict};
 use mesh_runtime::Deadline;
 use mesh_telemetry::propagation::{inject_current, record_client_status};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::Instrument as _;
 
-/// A lazily connected channel to `url` (the process starts even if the dependency is down).
-pub fn channel(url: &str) -> Result<Channel, tonic::transport::Error> {
+/// A lazily connected channel to `url` (the process starts even if the dependency is down),
+/// presenting the internal `token` on every call.
+pub fn channel(
+    url: &str,
+    token: &InternalToken,
+) -> Result<InternalChannel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+    Ok(WithToken::new(endpoint.connect_lazy(), Some(token)))
 }
 
 /// A call's result and the classifier's verdict on it.

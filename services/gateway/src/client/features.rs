@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use mesh_proto::features::features_client::FeaturesClient;
 use mesh_proto::features::{GetFeaturesRequest, GetFeaturesResponse};
+use mesh_runtime::internal::InternalChannel;
 use mesh_runtime::resilience::{retry_kind, RetryKind};
 use mesh_runtime::{Bulkhead, Deadline};
 use mesh_telemetry::propagation::client_span;
-use tonic::transport::Channel;
 
 use super::call::traced;
 use super::{Attempt, Attempts, Downstream};
@@ -17,14 +17,14 @@ use super::{Attempt, Attempts, Downstream};
 /// The features service.
 #[derive(Clone)]
 pub struct FeaturesDownstream {
-    client: FeaturesClient<Channel>,
+    client: FeaturesClient<InternalChannel>,
     margin: Duration,
     downstream: Downstream,
 }
 
 impl FeaturesDownstream {
     /// A client over `channel`; `margin` is kept back from each budget for the way back.
-    pub fn new(channel: Channel, margin: Duration, downstream: Downstream) -> Self {
+    pub fn new(channel: InternalChannel, margin: Duration, downstream: Downstream) -> Self {
         Self {
             client: FeaturesClient::new(channel),
             margin,
@@ -51,7 +51,7 @@ impl FeaturesDownstream {
 }
 
 struct FeatureAttempts<'a> {
-    client: &'a FeaturesClient<Channel>,
+    client: &'a FeaturesClient<InternalChannel>,
     entity_ids: Vec<String>,
     margin: Duration,
 }

@@ -5,21 +5,21 @@ use std::time::Duration;
 
 use mesh_proto::logger::prediction_log_client::PredictionLogClient;
 use mesh_proto::logger::{RecordRequest, RecordResponse};
+use mesh_runtime::internal::InternalChannel;
 use mesh_runtime::{Bulkhead, Deadline};
 use mesh_telemetry::propagation::client_span;
-use tonic::transport::Channel;
 
 use super::call::traced;
 
 /// The prediction log.
 #[derive(Clone)]
 pub struct LoggerDownstream {
-    client: PredictionLogClient<Channel>,
+    client: PredictionLogClient<InternalChannel>,
 }
 
 impl LoggerDownstream {
     /// A client over `channel`.
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: InternalChannel) -> Self {
         Self {
             client: PredictionLogClient::new(channel),
         }

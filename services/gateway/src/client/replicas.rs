@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use mesh_runtime::internal::InternalChannel;
 use mesh_runtime::resilience::Verdict;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rand::Rng as _;
-use tonic::transport::Channel;
 
 /// Outlier detection settings (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +114,7 @@ struct Outlier {
 /// One inference replica.
 pub struct Replica {
     url: String,
-    client: GrpcInferenceServiceClient<Channel>,
+    client: GrpcInferenceServiceClient<InternalChannel>,
     /// Calls in flight: the load the choice compares, exported as `mesh_replica_in_flight`.
     in_flight: IntGauge,
     /// `mesh_replica_calls_total` by verdict (success, failure, ignore), resolved once.
@@ -131,7 +131,7 @@ impl Replica {
     }
 
     /// A client of the replica.
-    pub fn client(&self) -> GrpcInferenceServiceClient<Channel> {
+    pub fn client(&self) -> GrpcInferenceServiceClient<InternalChannel> {
         self.client.clone()
     }
 
@@ -198,7 +198,7 @@ impl ReplicaSet {
     /// The replicas at `channels` (URL and channel each). Spawns a health watch per replica and
     /// the ejection decay; they stop when the returned handle's last clone is dropped.
     pub fn start(
-        channels: &[(String, Channel)],
+        channels: &[(String, InternalChannel)],
         outlier: OutlierConfig,
         metrics: ReplicaMetrics,
     ) -> ReplicaHandle {
@@ -369,7 +369,7 @@ impl std::ops::Deref for ReplicaHandle {
 
 /// Follows replica `index`'s `grpc.health.v1` status with `Watch`; while the stream cannot be
 /// opened or breaks, the replica counts as not serving (re-tried every second).
-async fn watch_health(set: Arc<ReplicaSet>, index: usize, channel: Channel) {
+async fn watch_health(set: Arc<ReplicaSet>, index: usize, channel: InternalChannel) {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
