@@ -280,3 +280,80 @@ fn old_format_segments_are_deleted_once_delivered_and_otherwise_named_in_a_clear
     assert_eq!(segments(&dir).expect("segments"), [old.len() as u64]);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A small tmpfs mounted for one test, unmounted (and its mount point removed) when dropped,
+/// however the test ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `256k`), or says why it cannot (not root, no
+    /// CAP_SYS_ADMIN, no `mount`).
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = temp_dir("tmpfs");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => Ok(Self(dir)),
+            other => {
+                let _ = fs::remove_dir(&dir);
+                Err(format!("mount -t tmpfs not permitted here ({other:?})"))
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// Review item 3 on a real full file system, where the machine allows it: a 256 KiB tmpfs
+/// filled by the spool itself. Skipped, saying why, where `mount` is not permitted; the
+/// fault-injection tests above cover the same paths everywhere.
+#[test]
+fn a_real_full_tmpfs_refuses_appends_and_recovers_once_delivered_segments_are_freed() {
+    let tmpfs = match Tmpfs::mount("256k") {
+        Ok(t) => t,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = tmpfs.0.join("spool");
+    let mut spool = open(&dir, 16 * 1024).spool;
+    let record = vec![b'x'; 1000];
+    let mut kept = 0u32;
+    let error = loop {
+        match spool.append(&[record.as_slice()]) {
+            Ok(_) => kept += 1,
+            Err(e) => break e,
+        }
+        assert!(kept < 10_000, "a 256 KiB file system never filled");
+    };
+    assert_eq!(error.kind(), std::io::ErrorKind::StorageFull, "{error}");
+    let full_end = spool.end();
+    assert!(spool.append(&[record.as_slice()]).is_err(), "still full");
+    assert_eq!(spool.end(), full_end, "failed appends leave no trace");
+
+    // Deliver everything: the segments are freed although the disk is full.
+    let mut reader = Reader::new(&dir, 0).expect("reader");
+    let (frames, skipped) = reader.read(full_end, usize::MAX).expect("read");
+    assert_eq!((frames.len() as u32, skipped), (kept, 0));
+    assert!(release(&dir, reader.segment_start()).expect("release") > 0);
+    // Freed first, so the cursor has room to be written.
+    cursor::write(&RealDisk, &dir, reader.position()).expect("cursor once segments are freed");
+
+    spool.append(&[b"after".as_slice()]).expect("space is back");
+    assert_eq!(read_all(&dir, reader.position(), spool.end()), ["after"]);
+    drop(spool);
+    let recovered = open(&dir, 16 * 1024);
+    assert_eq!(
+        read_all(&dir, recovered.cursor, recovered.spool.end()),
+        ["after"]
+    );
+}
