@@ -17,10 +17,11 @@
 //! lives); a batch's `Record` call is parented on its first record's context and linked to the
 //! others', so the logger's work appears in the prediction's trace.
 //!
-//! A batch the logger refuses as a whole (`INVALID_ARGUMENT`: a record it cannot take) is split
-//! in halves and each half sent again, down to single records, so the good records of a batch
-//! are delivered; only a record refused on its own is dropped, logged with its prediction id
-//! and counted in `mesh_spool_dropped_total{reason="refused"}`.
+//! A batch the logger refuses as a whole (`INVALID_ARGUMENT` or `OUT_OF_RANGE`: something in
+//! the call it will never take, however often it is sent) is split in halves and each half
+//! sent again, down to single records, so the good records of a batch are delivered; only a
+//! record refused on its own is dropped, logged with its prediction id and counted in
+//! `mesh_spool_dropped_total{reason="refused"}`.
 //!
 //! A full disk refuses new records (each answer says so) but does not stop delivery: delivered
 //! segments are freed even when the cursor cannot be recorded, and appends resume by themselves
@@ -36,14 +37,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use mesh_proto::logger::PredictionRecord;
 use mesh_runtime::Bulkhead;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::client::LoggerDownstream;
