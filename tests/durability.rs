@@ -1,6 +1,7 @@
 //! The durable prediction log: every answered prediction reaches PostgreSQL exactly once, in
 //! order, through a logger outage, a PostgreSQL outage and a gateway restart (real logger, real
-//! PostgreSQL, the gateway's real on-disk spool); and the spool's bound is explicit.
+//! PostgreSQL, the gateway's real on-disk spool), and through a garbled spool cursor; and the
+//! spool's bound is explicit.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -101,6 +102,12 @@ async fn answered_predictions_survive_logger_and_database_outages_and_a_gateway_
     assert_eq!(report["status"], "degraded", "{body}");
     assert_eq!(report["spool"]["delivery"], "failing", "{body}");
     assert!(
+        report["reasons"].as_array().is_some_and(|r| r
+            .iter()
+            .any(|r| r.as_str().is_some_and(|r| r.starts_with("logger")))),
+        "the report says why: {body}"
+    );
+    assert!(
         report["spool"]["pending_records"].as_i64() >= Some(50),
         "{body}"
     );
@@ -114,7 +121,10 @@ async fn answered_predictions_survive_logger_and_database_outages_and_a_gateway_
     );
     mesh.gateway.stop().await;
 
-    // 3. The logger comes back; a new gateway on the same spool delivers everything, once.
+    // 3. The logger comes back; a new gateway on the same spool delivers everything, once,
+    //    although its cursor was garbled meanwhile: it starts, delivers again from the first
+    //    segment, and the logger stores each record once.
+    std::fs::write(dir.join("cursor"), b"\0\0garbled\xff").expect("garble the cursor");
     let logger = start_logger_at(logger_config(&mesh.pg), logger_addr).await;
     wait_serving(logger.addr, Duration::from_secs(30)).await;
     let mut config = gateway_config(
@@ -136,6 +146,11 @@ async fn answered_predictions_survive_logger_and_database_outages_and_a_gateway_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(metric(http2, "mesh_spool_pending_records").await, 0.0);
+    assert_eq!(
+        metric(http2, r#"mesh_spool_cursor_errors_total{kind="garbled"}"#).await,
+        1.0,
+        "the garbled cursor is counted"
+    );
     let segments = std::fs::read_dir(&dir)
         .expect("spool dir")
         .filter(|e| {

@@ -86,6 +86,11 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
             "longest wait before a partial batch is sent",
         ),
         Setting::value(
+            "MESH_LOG_DELIVERY_DEGRADED_MS",
+            "30000",
+            "delivery to the logger failing this long makes `/health` say `degraded`",
+        ),
+        Setting::value(
             "MESH_OUTLIER_CONSECUTIVE_FAILURES",
             "5",
             "consecutive failures that eject an inference replica",
@@ -226,6 +231,8 @@ pub struct SpoolSettings {
     pub batch_size: usize,
     /// `MESH_LOG_FLUSH_MS`: longest wait before a partial batch is sent.
     pub flush: Duration,
+    /// `MESH_LOG_DELIVERY_DEGRADED_MS`: delivery failing this long makes `/health` degraded.
+    pub delivery_degraded_after: Duration,
 }
 
 /// Breakers, retries and outlier ejection.
@@ -294,6 +301,7 @@ impl FromSettings for Config {
                 queue: s.positive("MESH_LOG_QUEUE")?,
                 batch_size: s.positive("MESH_LOG_BATCH_SIZE")?,
                 flush: s.millis("MESH_LOG_FLUSH_MS")?,
+                delivery_degraded_after: s.millis("MESH_LOG_DELIVERY_DEGRADED_MS")?,
             },
             resilience: read_resilience(s)?,
             access: read_access(s)?,

@@ -3,8 +3,13 @@
 //!
 //! - `unhealthy` (HTTP 503): no inference replica is SERVING: no prediction can be made.
 //! - `degraded` (HTTP 200): something is down but predictions still flow (some replicas, the
-//!   features service: requests carrying all features still work, the logger: records queue).
+//!   features service: requests carrying all features still work, the logger: records queue),
+//!   or delivery of the spool to the logger has been failing for longer than
+//!   `MESH_LOG_DELIVERY_DEGRADED_MS` (the logger may answer its health check and still refuse
+//!   records, e.g. while PostgreSQL is down).
 //! - `healthy` (HTTP 200): every dependency SERVING.
+//!
+//! `reasons` in the report lists what made it less than healthy.
 //!
 //! Readiness is the gRPC health status (SERVING once configured, NOT_SERVING while draining);
 //! liveness is `GET /health/live`.
@@ -56,6 +61,29 @@ async fn status_of(channel: InternalChannel) -> &'static str {
     }
 }
 
+/// The overall verdict and the reasons for it, from each check's `(name, role, status)` and
+/// the spool's reason to be degraded, if any.
+fn verdict(checks: &[(&str, Role, &str)], spool: Option<String>) -> (&'static str, Vec<String>) {
+    let mut reasons: Vec<String> = checks
+        .iter()
+        .filter(|(_, _, status)| *status != "SERVING")
+        .map(|(name, _, status)| format!("{name}: {status}"))
+        .collect();
+    reasons.extend(spool);
+    let replica_serving = checks
+        .iter()
+        .any(|(_, role, status)| *role == Role::Inference && *status == "SERVING");
+    let overall = if !replica_serving {
+        reasons.insert(0, "no inference replica is serving".into());
+        "unhealthy"
+    } else if reasons.is_empty() {
+        "healthy"
+    } else {
+        "degraded"
+    };
+    (overall, reasons)
+}
+
 /// The probe over `dependencies`; the report also shows what the gateway itself knows of the
 /// replicas (health watch, ejection) and of its spool.
 pub fn probe(
@@ -73,22 +101,16 @@ pub fn probe(
                 dependencies.iter().map(|d| status_of(d.channel.clone())),
             )
             .await;
-            let serving = |role: Role| {
-                dependencies
-                    .iter()
-                    .zip(&statuses)
-                    .filter(|(d, _)| d.role == role)
-                    .map(|(_, s)| *s == "SERVING")
-                    .collect::<Vec<_>>()
-            };
-            let replicas = serving(Role::Inference);
-            let overall = if !replicas.iter().any(|ok| *ok) {
-                "unhealthy"
-            } else if statuses.iter().all(|s| *s == "SERVING") {
-                "healthy"
-            } else {
-                "degraded"
-            };
+            let named: Vec<(&str, Role, &str)> = dependencies
+                .iter()
+                .zip(&statuses)
+                .map(|(d, s)| (d.name.as_str(), d.role, *s))
+                .collect();
+            let (overall, reasons) = verdict(&named, log.degraded_reason());
+            let replicas_serving = named
+                .iter()
+                .filter(|(_, role, s)| *role == Role::Inference && *s == "SERVING")
+                .count();
             let checks: serde_json::Map<String, serde_json::Value> = dependencies
                 .iter()
                 .zip(&statuses)
@@ -107,8 +129,9 @@ pub fn probe(
             let (pending_records, pending_bytes) = log.pending();
             let body = serde_json::json!({
                 "status": overall,
+                "reasons": reasons,
                 "checks": checks,
-                "inference_replicas_serving": replicas.iter().filter(|ok| **ok).count(),
+                "inference_replicas_serving": replicas_serving,
                 "replicas": replica_states,
                 "spool": {
                     "pending_records": pending_records,
@@ -122,4 +145,36 @@ pub fn probe(
             )
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPLICA: (&str, Role, &str) = ("inference a", Role::Inference, "SERVING");
+    const LOGGER: (&str, Role, &str) = ("logger", Role::Logger, "SERVING");
+
+    #[test]
+    fn the_verdict_names_its_reasons() {
+        assert_eq!(verdict(&[REPLICA, LOGGER], None), ("healthy", vec![]));
+        let logger_down = ("logger", Role::Logger, "UNREACHABLE");
+        assert_eq!(
+            verdict(&[REPLICA, logger_down], None),
+            ("degraded", vec!["logger: UNREACHABLE".to_owned()])
+        );
+        let replica_down = ("inference a", Role::Inference, "NOT_SERVING");
+        let (overall, reasons) = verdict(&[replica_down, LOGGER], None);
+        assert_eq!(overall, "unhealthy");
+        assert_eq!(reasons[0], "no inference replica is serving");
+    }
+
+    /// Review item 7: every dependency answers its health check, but delivery of the spool has
+    /// been failing for longer than the threshold (the logger refusing records while PostgreSQL
+    /// is down looks like this): degraded, saying why.
+    #[test]
+    fn delivery_failing_past_the_threshold_is_degraded_with_its_reason() {
+        let reason = "prediction-log delivery failing for 31 s (over 30 s)".to_owned();
+        let (overall, reasons) = verdict(&[REPLICA, LOGGER], Some(reason.clone()));
+        assert_eq!((overall, reasons), ("degraded", vec![reason]));
+    }
 }

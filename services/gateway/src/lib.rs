@@ -141,6 +141,7 @@ fn wire(
             batch_size: spool.batch_size,
             flush_interval: spool.flush,
             call_timeout: RECORD_TIMEOUT,
+            degraded_after: spool.delivery_degraded_after,
         },
         logship::ShipMetrics::register(&metrics.registry)?,
     )

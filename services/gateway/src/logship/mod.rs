@@ -17,6 +17,16 @@
 //! lives); a batch's `Record` call is parented on its first record's context and linked to the
 //! others', so the logger's work appears in the prediction's trace.
 //!
+//! A batch the logger refuses as a whole (`INVALID_ARGUMENT` or `OUT_OF_RANGE`: something in
+//! the call it will never take, however often it is sent) is split in halves and each half
+//! sent again, down to single records, so the good records of a batch are delivered; only a
+//! record refused on its own is dropped, logged with its prediction id and counted in
+//! `mesh_spool_dropped_total{reason="refused"}`.
+//!
+//! A full disk refuses new records (each answer says so) but does not stop delivery: delivered
+//! segments are freed even when the cursor cannot be recorded, and appends resume by themselves
+//! once there is space.
+//!
 //! The writer thread is in `write`, the shipping task in `ship`.
 //!
 //! [`spool`]: crate::spool
@@ -33,12 +43,15 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::client::LoggerDownstream;
-use crate::spool::{Reader, Spool};
+use crate::spool::{CursorFound, Disk, Reader, RealDisk, Recovered, Spool, SEGMENT_HEADER_LEN};
 
 mod ship;
+#[cfg(test)]
+mod tests;
 mod write;
 
 /// Shipping settings.
@@ -58,6 +71,8 @@ pub struct ShipConfig {
     pub flush_interval: Duration,
     /// Budget of one `Record` call.
     pub call_timeout: Duration,
+    /// `MESH_LOG_DELIVERY_DEGRADED_MS`: delivery failing this long makes `/health` degraded.
+    pub degraded_after: Duration,
 }
 
 /// Counters of the spool and its delivery.
@@ -66,6 +81,7 @@ pub struct ShipMetrics {
     appended: IntCounter,
     delivered: IntCounter,
     dropped: IntCounterVec,
+    cursor_errors: IntCounterVec,
     pending_records: IntGauge,
     pending_bytes: IntGauge,
     sync_seconds: Histogram,
@@ -87,9 +103,18 @@ impl ShipMetrics {
                 "mesh_spool_dropped_total",
                 "Prediction records not kept, by reason: full (MESH_SPOOL_MAX_BYTES reached), \
                  queue_full (writer behind), io_error (disk write failed), corrupt (unreadable \
-                 on disk), rejected (the logger refused them as invalid)",
+                 on disk), refused (the logger refused the record on its own)",
             ),
             &["reason"],
+        )?;
+        let cursor_errors = IntCounterVec::new(
+            Opts::new(
+                "mesh_spool_cursor_errors_total",
+                "Spool cursor problems, by kind: garbled or missing (found at start; delivery \
+                 restarts at the first segment, the logger stores each record once), write \
+                 (recording the cursor failed, e.g. a full disk)",
+            ),
+            &["kind"],
         )?;
         let pending_records = IntGauge::new(
             "mesh_spool_pending_records",
@@ -109,6 +134,7 @@ impl ShipMetrics {
         registry.register(Box::new(appended.clone()))?;
         registry.register(Box::new(delivered.clone()))?;
         registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(cursor_errors.clone()))?;
         registry.register(Box::new(pending_records.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(sync_seconds.clone()))?;
@@ -116,6 +142,7 @@ impl ShipMetrics {
             appended,
             delivered,
             dropped,
+            cursor_errors,
             pending_records,
             pending_bytes,
             sync_seconds,
@@ -158,18 +185,46 @@ struct Entry {
 /// What the writer, the shipper and the handlers share.
 struct Shared {
     dir: PathBuf,
+    /// The spool's file-system calls (a fault-injecting one in tests).
+    disk: Arc<dyn Disk>,
     /// Offset past the last durable record.
     end: AtomicU64,
     /// Offset of the first record not yet committed by the logger.
     cursor: AtomicU64,
     /// The writer has stopped (no more records will come).
     closed: AtomicBool,
-    /// The last delivery attempt failed.
+    /// The last delivery attempt failed (read on every prediction, so an atomic).
     logger_failing: AtomicBool,
+    /// Since when delivery has been failing, for the health report.
+    failing_since: Mutex<Option<Instant>>,
     /// New durable records, or the writer stopped.
     wake: Notify,
     /// Trace contexts of records written by this process, by offset.
     contexts: Mutex<VecDeque<(u64, opentelemetry::Context)>>,
+}
+
+impl Shared {
+    /// Notes a failed delivery; true if delivery was working until now.
+    fn delivery_failed(&self) -> bool {
+        let first = !self.logger_failing.swap(true, Ordering::Relaxed);
+        if first {
+            if let Ok(mut since) = self.failing_since.lock() {
+                *since = Some(Instant::now());
+            }
+        }
+        first
+    }
+
+    /// Notes a delivery; true if delivery was failing until now.
+    fn delivery_succeeded(&self) -> bool {
+        let was_failing = self.logger_failing.swap(false, Ordering::Relaxed);
+        if was_failing {
+            if let Ok(mut since) = self.failing_since.lock() {
+                *since = None;
+            }
+        }
+        was_failing
+    }
 }
 
 /// Contexts kept for linking; beyond this the oldest links are forgotten (records are not).
@@ -217,12 +272,33 @@ impl LogShipper {
 pub struct SpoolStatus {
     shared: Arc<Shared>,
     metrics: ShipMetrics,
+    degraded_after: Duration,
 }
 
 impl SpoolStatus {
     /// Whether delivery to the logger is failing now (records wait in the spool).
     pub fn delivery_failing(&self) -> bool {
         self.shared.logger_failing.load(Ordering::Relaxed)
+    }
+
+    /// How long delivery has been failing, if it is.
+    pub fn delivery_failing_for(&self) -> Option<Duration> {
+        let since = *self.shared.failing_since.lock().ok()?;
+        since.map(|since| since.elapsed())
+    }
+
+    /// Why the spool makes the gateway degraded: delivery failing for longer than
+    /// `MESH_LOG_DELIVERY_DEGRADED_MS`. A shorter failure is a blip the spool absorbs.
+    pub fn degraded_reason(&self) -> Option<String> {
+        let failing_for = self.delivery_failing_for()?;
+        (failing_for >= self.degraded_after).then(|| {
+            format!(
+                "prediction-log delivery failing for {} s (over {} s); {} records wait in the spool",
+                failing_for.as_secs(),
+                self.degraded_after.as_secs_f64(),
+                self.metrics.pending_records.get()
+            )
+        })
     }
 
     /// Records and bytes waiting in the spool.
@@ -243,22 +319,28 @@ pub fn spawn(
     config: ShipConfig,
     metrics: ShipMetrics,
 ) -> std::io::Result<(LogShipper, JoinHandle<()>)> {
-    let recovered = Spool::open(&config.dir, config.segment_bytes)?;
-    if recovered.pending_records > 0 || recovered.dropped_bytes > 0 {
-        tracing::info!(
-            pending = recovered.pending_records,
-            torn_bytes_dropped = recovered.dropped_bytes,
-            dir = %config.dir.display(),
-            "spool recovered; delivering what a previous run left"
-        );
-    }
+    spawn_on(Arc::new(RealDisk), logger, bulkhead, config, metrics)
+}
+
+/// [`spawn`] on the given disk (tests inject faults through it).
+fn spawn_on(
+    disk: Arc<dyn Disk>,
+    logger: LoggerDownstream,
+    bulkhead: Bulkhead,
+    config: ShipConfig,
+    metrics: ShipMetrics,
+) -> std::io::Result<(LogShipper, JoinHandle<()>)> {
+    let recovered = Spool::open(&config.dir, config.segment_bytes, disk.clone())?;
+    report_recovery(&recovered, &config, &metrics);
     let reader = Reader::new(&config.dir, recovered.cursor)?;
     let shared = Arc::new(Shared {
         dir: config.dir.clone(),
+        disk,
         end: AtomicU64::new(recovered.spool.end()),
         cursor: AtomicU64::new(recovered.cursor),
         closed: AtomicBool::new(false),
         logger_failing: AtomicBool::new(false),
+        failing_since: Mutex::new(None),
         wake: Notify::new(),
         contexts: Mutex::new(VecDeque::new()),
     });
@@ -283,10 +365,38 @@ pub fn spawn(
         status: SpoolStatus {
             shared: shared.clone(),
             metrics: metrics.clone(),
+            degraded_after: config.degraded_after,
         },
     };
     let task = tokio::spawn(ship::ship_loop(
         reader, logger, bulkhead, config, metrics, shared,
     ));
     Ok((shipper, task))
+}
+
+/// Logs what recovery found; a cursor that could not be trusted is loud and counted.
+fn report_recovery(recovered: &Recovered, config: &ShipConfig, metrics: &ShipMetrics) {
+    let dir = config.dir.display();
+    match &recovered.cursor_found {
+        CursorFound::Valid(_) | CursorFound::Legacy(_) => {}
+        CursorFound::Missing if recovered.cursor <= SEGMENT_HEADER_LEN => {
+            // A spool that never recorded a cursor: nothing was freed, nothing is lost.
+        }
+        CursorFound::Missing => {
+            metrics.cursor_errors.with_label_values(&["missing"]).inc();
+            tracing::warn!(%dir, "spool cursor missing; delivering again from the first segment (the logger stores each record once)");
+        }
+        CursorFound::Garbled(what) => {
+            metrics.cursor_errors.with_label_values(&["garbled"]).inc();
+            tracing::error!(%dir, cursor = %what, "spool cursor garbled; delivering again from the first segment (the logger stores each record once)");
+        }
+    }
+    if recovered.pending_records > 0 || recovered.dropped_bytes > 0 {
+        tracing::info!(
+            pending = recovered.pending_records,
+            torn_bytes_dropped = recovered.dropped_bytes,
+            %dir,
+            "spool recovered; delivering what a previous run left"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! The shipping task: reads the spool in order and sends one batch at a time to the logger,
-//! retrying each until the logger commits it, then records the cursor and frees delivered
-//! segments.
+//! retrying each until the logger commits it, then frees delivered segments and records the
+//! cursor. A batch the logger refuses is split until the refused records are alone.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,8 +26,10 @@ pub(super) async fn ship_loop(
     shared: Arc<Shared>,
 ) {
     let mut last_was_full = false;
-    // Segments before this start have been released (deleted) already.
-    let mut released_before = reader.segment_start();
+    let mut progress = Progress {
+        released_before: reader.segment_start(),
+        cursor_failing: false,
+    };
     loop {
         let end = shared.end.load(Ordering::Acquire);
         if reader.position() >= end {
@@ -61,7 +63,7 @@ pub(super) async fn ship_loop(
         )
         .await;
         let segment = reader.segment_start();
-        released_before = advance(&shared, position, segment, released_before).await;
+        advance(&shared, &metrics, position, segment, &mut progress).await;
         metrics.delivered.inc_by(count);
         metrics.pending_records.sub(count as i64);
         metrics
@@ -130,24 +132,61 @@ fn decode(frames: &[Frame], metrics: &ShipMetrics) -> Vec<PredictionRecord> {
     records
 }
 
-/// Records that everything before `position` is delivered, and deletes the segments before
-/// `segment` (the reader's current one) if it moved past `released_before`. Returns the start
-/// before which segments are now released.
-async fn advance(shared: &Shared, position: u64, segment: u64, released_before: u64) -> u64 {
+/// What the shipper has recorded of its progress.
+struct Progress {
+    /// Segments before this start have been released (deleted) already.
+    released_before: u64,
+    /// The last attempt to record the cursor failed (logged once, not per batch).
+    cursor_failing: bool,
+}
+
+/// Records that everything before `position` is delivered: frees the segments before
+/// `segment` (the reader's current one) if it moved on, then writes the cursor. Freeing comes
+/// first and does not depend on the cursor: on a full disk the cursor cannot be written, and
+/// the delivered segments are the space that would let it be. A cursor left behind the first
+/// segment is read on the next start as "from the first segment".
+async fn advance(
+    shared: &Shared,
+    metrics: &ShipMetrics,
+    position: u64,
+    segment: u64,
+    progress: &mut Progress,
+) {
     shared.cursor.store(position, Ordering::Release);
-    let dir = shared.dir.clone();
+    let (dir, disk) = (shared.dir.clone(), shared.disk.clone());
     // Listing the directory for segments to delete is only needed once the reader has moved on
     // to a new segment.
-    let release = (segment > released_before).then_some(segment);
-    match tokio::task::spawn_blocking(move || spool::commit(&dir, position, release)).await {
-        Ok(Ok(())) => release.unwrap_or(released_before),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "recording the spool cursor failed (records may be delivered twice; the logger stores them once)");
-            released_before
-        }
+    let release = (segment > progress.released_before).then_some(segment);
+    let done = tokio::task::spawn_blocking(move || {
+        let freed = release.map(|keep_from| spool::release(&dir, keep_from));
+        (freed, spool::cursor::write(&*disk, &dir, position))
+    })
+    .await;
+    let (freed, recorded) = match done {
+        Ok(pair) => pair,
         Err(e) => {
             tracing::error!(error = %e, "recording the spool cursor panicked");
-            released_before
+            return;
+        }
+    };
+    match (release, freed) {
+        (Some(keep_from), Some(Ok(_))) => progress.released_before = keep_from,
+        (_, Some(Err(e))) => {
+            tracing::error!(error = %e, "freeing delivered spool segments failed; retried at the next batch")
+        }
+        _ => {}
+    }
+    match recorded {
+        Ok(()) if progress.cursor_failing => {
+            progress.cursor_failing = false;
+            tracing::info!("spool cursor recorded again");
+        }
+        Ok(()) => {}
+        Err(e) => {
+            metrics.cursor_errors.with_label_values(&["write"]).inc();
+            if !std::mem::replace(&mut progress.cursor_failing, true) {
+                tracing::error!(error = %e, "recording the spool cursor failed; delivery goes on (after a restart, records since the last recorded cursor are delivered again and stored once)");
+            }
         }
     }
 }
@@ -169,7 +208,10 @@ fn take_contexts(shared: &Shared, position: u64) -> Vec<opentelemetry::Context> 
     taken
 }
 
-/// Sends `records` until the logger commits them (or refuses them as invalid).
+/// Delivers `records`: each piece is sent until the logger commits it; a piece it refuses is
+/// split in halves, sent in order, down to single records; a single record refused is dropped
+/// (logged with its prediction id, counted as `refused`). One bad record never costs the rest
+/// of its batch.
 async fn deliver(
     logger: &LoggerDownstream,
     bulkhead: &Bulkhead,
@@ -183,11 +225,10 @@ async fn deliver(
     if records.is_empty() {
         return;
     }
-    let count = records.len();
     let span = tracing::info_span!(
         "log.ship",
         otel.name = "ship prediction records",
-        records = count
+        records = records.len()
     );
     let mut contexts = contexts.iter();
     if let Some(first) = contexts.next() {
@@ -196,41 +237,71 @@ async fn deliver(
     for cx in contexts {
         span.add_link(cx.span().span_context().clone());
     }
-    let request = RecordRequest { records };
-    let mut backoff = Duration::from_millis(50);
-    let mut attempt = 0u32;
     async {
-        loop {
-            attempt += 1;
-            match logger
-                .record(request.clone(), config.call_timeout, bulkhead)
-                .await
-            {
-                Ok(_) => {
-                    if shared.logger_failing.swap(false, Ordering::Relaxed) {
-                        tracing::info!(attempt, "prediction log reachable again; delivering the spool");
-                    }
-                    return;
-                }
-                Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                    tracing::error!(error = %status.message(), records = count, "the logger refused a batch as invalid; dropped");
-                    metrics
-                        .dropped
-                        .with_label_values(&["rejected"])
-                        .inc_by(count as u64);
-                    return;
-                }
-                Err(status) => {
-                    if !shared.logger_failing.swap(true, Ordering::Relaxed) || attempt.is_multiple_of(20) {
-                        tracing::warn!(code = ?status.code(), error = %status.message(), attempt, records = count, "delivering prediction records failed; they stay in the spool");
-                    }
-                    let pause = rand::random_range(backoff / 2..=backoff);
-                    tokio::time::sleep(pause).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
+        // A stack: the next piece to send is on top, so halves are pushed second half first.
+        let mut pieces = vec![records];
+        while let Some(mut piece) = pieces.pop() {
+            let Err(refusal) = send(logger, bulkhead, config, shared, &piece).await else {
+                continue;
+            };
+            if piece.len() > 1 {
+                tracing::warn!(error = %refusal.message(), records = piece.len(), "the logger refused a batch; sending it in halves to find the refused records");
+                let second = piece.split_off(piece.len() / 2);
+                pieces.push(second);
+                pieces.push(piece);
+                continue;
+            }
+            for record in piece {
+                tracing::error!(prediction_id = %record.prediction_id, error = %refusal.message(), "the logger refused a prediction record on its own; dropped");
+                metrics.dropped.with_label_values(&["refused"]).inc();
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Whether the logger's refusal is of these records themselves (sending them again would be
+/// refused again), as opposed to a failure that passes.
+fn is_refusal(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::InvalidArgument | tonic::Code::OutOfRange)
+}
+
+/// Sends `records` until the logger commits them (`Ok`) or refuses them (`Err`), retrying
+/// every other failure with capped, jittered back-off.
+async fn send(
+    logger: &LoggerDownstream,
+    bulkhead: &Bulkhead,
+    config: &ShipConfig,
+    shared: &Shared,
+    records: &[PredictionRecord],
+) -> Result<(), tonic::Status> {
+    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let request = RecordRequest {
+            records: records.to_vec(),
+        };
+        match logger.record(request, config.call_timeout, bulkhead).await {
+            Ok(_) => {
+                if shared.delivery_succeeded() {
+                    tracing::info!(
+                        attempt,
+                        "prediction log reachable again; delivering the spool"
+                    );
+                }
+                return Ok(());
+            }
+            Err(status) if is_refusal(status.code()) => return Err(status),
+            Err(status) => {
+                if shared.delivery_failed() || attempt.is_multiple_of(20) {
+                    tracing::warn!(code = ?status.code(), error = %status.message(), attempt, records = records.len(), "delivering prediction records failed; they stay in the spool");
+                }
+                let pause = rand::random_range(backoff / 2..=backoff);
+                tokio::time::sleep(pause).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }

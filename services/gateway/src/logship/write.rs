@@ -16,6 +16,8 @@ pub(super) fn write_loop(
     metrics: &ShipMetrics,
     max_bytes: u64,
 ) {
+    // Whether the last write failed: a full disk fails every group, logged once per episode.
+    let mut failing = false;
     while let Some(first) = receiver.blocking_recv() {
         let mut group = vec![first];
         while group.len() < 4096 {
@@ -66,17 +68,31 @@ pub(super) fn write_loop(
             }
             Err(e) => {
                 timer.stop_and_discard();
-                tracing::error!(error = %e, records = kept.len(), "spool write failed; records not kept");
-                metrics
-                    .dropped
-                    .with_label_values(&["io_error"])
-                    .inc_by(kept.len() as u64);
-                for entry in kept {
-                    let _ = entry.done.send(Err(NotKept::Io(e.to_string())));
-                }
+                refuse(kept, &e, metrics, !std::mem::replace(&mut failing, true));
+                continue;
             }
+        }
+        if std::mem::replace(&mut failing, false) {
+            tracing::info!("spool writes succeed again; records are kept");
         }
     }
     shared.closed.store(true, Ordering::Release);
     shared.wake.notify_one();
+}
+
+/// Answers each of `kept` that it was not kept after the write failed with `error`, and counts
+/// them. Logged at error for the first failure of a run of them (a full disk fails every group).
+fn refuse(kept: Vec<Entry>, error: &std::io::Error, metrics: &ShipMetrics, first: bool) {
+    if first {
+        tracing::error!(%error, records = kept.len(), "spool write failed; records not kept (until a write succeeds again, further failures are logged at debug)");
+    } else {
+        tracing::debug!(%error, records = kept.len(), "spool write failed; records not kept");
+    }
+    metrics
+        .dropped
+        .with_label_values(&["io_error"])
+        .inc_by(kept.len() as u64);
+    for entry in kept {
+        let _ = entry.done.send(Err(NotKept::Io(error.to_string())));
+    }
 }
