@@ -111,7 +111,7 @@ async fn start(name: &str, disk: Arc<dyn Disk>, tune: impl FnOnce(&mut ShipConfi
     tune(&mut config);
     let (shipper, _task) = spawn_on(
         disk,
-        LoggerDownstream::new(channel),
+        LoggerDownstream::new(mesh_runtime::internal::WithToken::new(channel, None)),
         bulkhead,
         config,
         metrics.clone(),
