@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: settings in sections, every default in one table.
-//! - [`memory`]: the in-process TTL cache.
+//! - [`memory`]: the in-process TTL cache (known entities and known-absent ids, bounded apart).
 //! - [`store`]: the tiers, request coalescing and write-back (the Redis tier in its own module).
 //! - [`service`]: the gRPC handlers; [`metrics`]: tier counters; [`error`]: status mapping.
 //!
@@ -65,7 +65,11 @@ pub async fn serve(
     let store = Arc::new(store::FeatureStore::new(
         config.redis.clone(),
         database.timeout,
-        memory::FeatureCache::new(config.cache.ttl, config.cache.capacity),
+        memory::FeatureCache::new(
+            config.cache.ttl,
+            config.cache.capacity,
+            config.cache.negative_capacity,
+        ),
         redis,
         db.clone(),
         feature_metrics,
