@@ -37,8 +37,7 @@ fn answer(ids: Vec<String>, results: Vec<LoadResult>) -> (Vec<EntityFeatures>, V
     let mut outage: Option<(FeaturesError, usize)> = None;
     let mut entities = Vec::with_capacity(ids.len());
     for (entity_id, result) in ids.into_iter().zip(results) {
-        let checked =
-            result.and_then(|s| validate::stored(&entity_id, &s.entity).map(|()| s));
+        let checked = result.and_then(|s| validate::stored(&entity_id, &s.entity).map(|()| s));
         match checked {
             Ok(served) => entities.push(EntityFeatures {
                 found: served.entity.found,

@@ -153,7 +153,14 @@ mod tests {
             found: true,
             features: features
                 .iter()
-                .map(|(k, v)| (k.to_string(), FeatureValue { kind: Some(v.clone()) }))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        FeatureValue {
+                            kind: Some(v.clone()),
+                        },
+                    )
+                })
                 .collect(),
             tier: 0,
         }
@@ -169,7 +176,10 @@ mod tests {
     #[test]
     fn numbers_outside_float32_are_refused_naming_entity_feature_and_value() {
         let msg = message(put(&[entity("e1", &[("x", Kind::Number(1e300))])]));
-        assert!(msg.contains("\"e1\"") && msg.contains("\"x\"") && msg.contains("1e300"), "{msg}");
+        assert!(
+            msg.contains("\"e1\"") && msg.contains("\"x\"") && msg.contains("1e300"),
+            "{msg}"
+        );
         assert!(msg.contains("float32"), "{msg}");
         let max = f32::MAX as f64;
         assert!(put(&[entity("e1", &[("x", Kind::Number(max))])]).is_ok());

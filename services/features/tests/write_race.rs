@@ -141,7 +141,10 @@ async fn a_load_that_started_before_a_write_does_not_fill_memory_or_redis_with_o
         let store = store.clone();
         async move { store.get_many(&["cust-race".to_owned()]).await }
     });
-    gate.reached.recv().await.expect("the load reached the hook");
+    gate.reached
+        .recv()
+        .await
+        .expect("the load reached the hook");
     // The load has read v1 everywhere; now the write.
     store.put_many(&[entity(2.0)]).await.expect("write v2");
     gate.armed.store(false, Ordering::SeqCst);
@@ -175,7 +178,10 @@ async fn another_instances_write_makes_redis_refuse_the_old_write_back() {
         let loading = loading.clone();
         async move { loading.get_many(&["cust-race".to_owned()]).await }
     });
-    gate.reached.recv().await.expect("the load reached the hook");
+    gate.reached
+        .recv()
+        .await
+        .expect("the load reached the hook");
     // Another instance writes: it cannot reach the first one's memory, only Redis.
     writing.put_many(&[entity(2.0)]).await.expect("write v2");
     gate.armed.store(false, Ordering::SeqCst);

@@ -282,15 +282,15 @@ impl GatewayService {
 fn plan(manifest: &ModelManifest, items: Vec<Item>) -> Vec<Slot> {
     items
         .into_iter()
-        .map(|item| {
-            match validate::item(manifest, &item.entity_id, &item.features) {
+        .map(
+            |item| match validate::item(manifest, &item.entity_id, &item.features) {
                 Err(error) => Slot::Failed(error),
                 Ok(()) if validate::request_is_complete(manifest, &item.features) => {
                     Slot::Complete(item)
                 }
                 Ok(()) => Slot::NeedsStore(item),
-            }
-        })
+            },
+        )
         .collect()
 }
 

@@ -213,7 +213,12 @@ pub fn assemble(
     for spec in &manifest.features {
         let (value, from_request) = match request.get(&spec.name) {
             Some(v) => (v.kind.clone(), true),
-            None => (stored.and_then(|s| s.get(&spec.name)).and_then(|v| v.kind.clone()), false),
+            None => (
+                stored
+                    .and_then(|s| s.get(&spec.name))
+                    .and_then(|v| v.kind.clone()),
+                false,
+            ),
         };
         if value.is_none() {
             missing.push(spec.name.as_str());
@@ -287,7 +292,14 @@ mod tests {
     fn values(pairs: &[(&str, Kind)]) -> HashMap<String, FeatureValue> {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), FeatureValue { kind: Some(v.clone()) }))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    FeatureValue {
+                        kind: Some(v.clone()),
+                    },
+                )
+            })
             .collect()
     }
 
@@ -316,9 +328,18 @@ mod tests {
         let m = manifest();
         let request = values(&[("city", category("x"))]);
         for (stored, feature) in [
-            (values(&[("n", Kind::Number(1e300)), ("plan", category("pro"))]), "n"),
-            (values(&[("n", Kind::Number(1.0)), ("plan", category("gold"))]), "plan"),
-            (values(&[("n", Kind::Number(1.0)), ("plan", Kind::Number(2.0))]), "plan"),
+            (
+                values(&[("n", Kind::Number(1e300)), ("plan", category("pro"))]),
+                "n",
+            ),
+            (
+                values(&[("n", Kind::Number(1.0)), ("plan", category("gold"))]),
+                "plan",
+            ),
+            (
+                values(&[("n", Kind::Number(1.0)), ("plan", Kind::Number(2.0))]),
+                "plan",
+            ),
         ] {
             match assemble(&m, "e", &request, Some(&stored)) {
                 Err(GatewayError::FailedPrecondition(msg)) => {
@@ -340,16 +361,31 @@ mod tests {
         };
         assert!(msg.contains("MAX_FEATURES_PER_ITEM"), "{msg}");
         let unknown: HashMap<String, FeatureValue> = (0..50)
-            .map(|i| (format!("{i:02}{}", "x".repeat(10_000)), FeatureValue::default()))
+            .map(|i| {
+                (
+                    format!("{i:02}{}", "x".repeat(10_000)),
+                    FeatureValue::default(),
+                )
+            })
             .collect();
         let Err(GatewayError::InvalidArgument(msg)) = request_features(&m, &unknown) else {
             panic!("unknown features accepted");
         };
-        assert!(msg.contains("and 40 more") && msg.len() < 2_000, "{}", msg.len());
+        assert!(
+            msg.contains("and 40 more") && msg.len() < 2_000,
+            "{}",
+            msg.len()
+        );
         assert!(model_ref(&"m".repeat(MAX_STRING_BYTES + 1), "").is_err());
         assert!(model_ref("m", "1\n").is_err());
         assert!(batch_len(0, 10).is_err() && batch_len(11, 10).is_err());
         assert!(batch_len(10, 10).is_ok());
-        assert_eq!(quoted("é".repeat(40).as_str()).chars().filter(|c| *c == 'é').count(), 32);
+        assert_eq!(
+            quoted("é".repeat(40).as_str())
+                .chars()
+                .filter(|c| *c == 'é')
+                .count(),
+            32
+        );
     }
 }

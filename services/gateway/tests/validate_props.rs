@@ -27,8 +27,19 @@ fn text() -> impl Strategy<Value = String> {
         "[a-z_]{0,24}",
         Just("churn".to_owned()),
         prop::sample::select(vec![
-            "tenure_months", "contract", "channel", "support_calls_30d", "web", "fiber",
-            "month_to_month", "", " ", "a\u{0}b", "\u{7f}", "production", "1",
+            "tenure_months",
+            "contract",
+            "channel",
+            "support_calls_30d",
+            "web",
+            "fiber",
+            "month_to_month",
+            "",
+            " ",
+            "a\u{0}b",
+            "\u{7f}",
+            "production",
+            "1",
         ])
         .prop_map(str::to_owned),
         (250usize..270).prop_map(|n| "x".repeat(n)),
@@ -40,8 +51,14 @@ fn value() -> impl Strategy<Value = FeatureValue> {
     let kind = prop_oneof![
         Just(None),
         any::<f64>().prop_map(|n| Some(Kind::Number(n))),
-        prop_oneof![Just(1e300), Just(-1e39), Just(f64::NAN), Just(f64::INFINITY), Just(3.0)]
-            .prop_map(|n| Some(Kind::Number(n))),
+        prop_oneof![
+            Just(1e300),
+            Just(-1e39),
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(3.0)
+        ]
+        .prop_map(|n| Some(Kind::Number(n))),
         text().prop_map(|c| Some(Kind::Category(c))),
     ];
     kind.prop_map(|kind| FeatureValue { kind })
@@ -100,8 +117,7 @@ fn check_item(registry: &ModelRegistry, model: &str, version: &str, item: &Batch
     match validate::item(manifest, &item.entity_id, &item.features) {
         Err(error) => assert_refusal(error),
         Ok(()) if validate::request_is_complete(manifest, &item.features) => {
-            if let Err(error) =
-                validate::assemble(manifest, &item.entity_id, &item.features, None)
+            if let Err(error) = validate::assemble(manifest, &item.entity_id, &item.features, None)
             {
                 assert_refusal(error);
             }

@@ -77,6 +77,8 @@ pub struct Served {
 pub type LoadResult = Result<Served, FeaturesError>;
 type Slot = watch::Receiver<Option<LoadResult>>;
 type Pending = Vec<(String, watch::Sender<Option<LoadResult>>)>;
+/// Per requested id: the answer memory gave, or (by index) the slot to wait on.
+type Started = (Vec<Option<LoadResult>>, Vec<(usize, Slot)>);
 
 /// Awaited by every load after it has read Redis and PostgreSQL and before it fills the caches.
 /// Tests use it to hold a load exactly where a concurrent `PutFeatures` makes it stale.
@@ -196,16 +198,14 @@ impl FeatureStore {
         }
         Ok(results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(FeaturesError::Internal("entity not looked up".into()))))
+            .map(|r| {
+                r.unwrap_or_else(|| Err(FeaturesError::Internal("entity not looked up".into())))
+            })
             .collect())
     }
 
     /// Answers what memory has, joins loads in flight, and starts one load for the rest.
-    #[allow(clippy::type_complexity)]
-    fn start_loads(
-        self: &Arc<Self>,
-        ids: &[String],
-    ) -> Result<(Vec<Option<LoadResult>>, Vec<(usize, Slot)>), FeaturesError> {
+    fn start_loads(self: &Arc<Self>, ids: &[String]) -> Result<Started, FeaturesError> {
         let mut results: Vec<Option<LoadResult>> = vec![None; ids.len()];
         let mut waits: Vec<(usize, Slot)> = Vec::new();
         let mut to_load: Pending = Vec::new();
@@ -250,8 +250,7 @@ impl FeatureStore {
             // Own task: the load completes (and fills the caches) even if this caller's
             // deadline cancels it, and coalesced callers are not left waiting.
             tokio::spawn(
-                async move { store.load(load, to_load).await }
-                    .instrument(tracing::Span::current()),
+                async move { store.load(load, to_load).await }.instrument(tracing::Span::current()),
             );
         }
         Ok((results, waits))
@@ -316,7 +315,8 @@ impl FeatureStore {
             return owned;
         };
         for id in ids {
-            if !inflight.get(id).is_some_and(|f| f.load == load) {
+            let lost = inflight.get(id).is_none_or(|f| f.load != load);
+            if lost {
                 if found.contains_key(id) {
                     self.metrics.stale_skipped("memory", 1);
                 }
