@@ -20,7 +20,10 @@ fn partial() -> HashMap<String, FeatureValue> {
         .collect()
 }
 
-fn predict(entity: &str, features: HashMap<String, FeatureValue>) -> tonic::Request<PredictRequest> {
+fn predict(
+    entity: &str,
+    features: HashMap<String, FeatureValue>,
+) -> tonic::Request<PredictRequest> {
     let mut request = tonic::Request::new(PredictRequest {
         model: "churn".into(),
         entity_id: entity.into(),
@@ -57,20 +60,32 @@ async fn random_unknown_ids_do_not_push_cached_entities_out_of_memory() {
     config.cache.negative_capacity = 50;
     let features = start_features(config).await;
     wait_serving(features.addr, Duration::from_secs(30)).await;
-    let mut client = mesh_proto::features::features_client::FeaturesClient::new(channel(features.addr));
+    let mut client =
+        mesh_proto::features::features_client::FeaturesClient::new(channel(features.addr));
     seed(client.clone(), 5).await;
     let known: Vec<String> = (1..=5).map(|i| format!("cust-{i:05}")).collect();
     let get = |ids: Vec<String>| GetFeaturesRequest { entity_ids: ids };
     for _ in 0..3 {
-        client.get_features(get(known.clone())).await.expect("known");
+        client
+            .get_features(get(known.clone()))
+            .await
+            .expect("known");
     }
     // Three thousand ids nobody has: thirty times the memory tier's capacity.
     for round in 0..3 {
         let random: Vec<String> = (0..1000).map(|i| format!("random-{round}-{i}")).collect();
-        let answer = client.get_features(get(random)).await.expect("random").into_inner();
+        let answer = client
+            .get_features(get(random))
+            .await
+            .expect("random")
+            .into_inner();
         assert!(answer.entities.iter().all(|e| !e.found));
     }
-    let answer = client.get_features(get(known)).await.expect("known").into_inner();
+    let answer = client
+        .get_features(get(known))
+        .await
+        .expect("known")
+        .into_inner();
     for entity in &answer.entities {
         assert!(entity.found, "{}", entity.entity_id);
         assert_eq!(
@@ -89,7 +104,10 @@ async fn during_a_database_outage_only_the_uncached_items_of_a_batch_fail() {
     mesh.seed(5).await;
     let mut gateway = mesh.gateway_client();
     for id in ["cust-00001", "cust-00002"] {
-        gateway.predict(predict(id, partial())).await.expect("cached now");
+        gateway
+            .predict(predict(id, partial()))
+            .await
+            .expect("cached now");
     }
     mesh.pg.stop();
     let ids = ["cust-00001", "cust-00003", "cust-00002", "cust-00004"];
