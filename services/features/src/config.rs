@@ -13,6 +13,7 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
     Setting::value("MESH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres", "PostgreSQL"),
     Setting::value("MESH_CACHE_TTL_MS", "10000", "memory tier TTL"),
     Setting::value("MESH_CACHE_CAPACITY", "100000", "entities in the memory tier"),
+    Setting::value("MESH_CACHE_NEGATIVE_CAPACITY", "10000", "ids known to be absent in the memory tier (a separate budget)"),
     Setting::value("MESH_REDIS_TIMEOUT_MS", "20", "per Redis call"),
     Setting::value("MESH_REDIS_COOLDOWN_MS", "1000", "Redis is skipped this long after a failure"),
     Setting::value("MESH_REDIS_TTL_MS", "300000", "TTL of entries written back to Redis"),
@@ -40,6 +41,9 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// `MESH_CACHE_CAPACITY`: entities held.
     pub capacity: usize,
+    /// `MESH_CACHE_NEGATIVE_CAPACITY`: ids known to be absent, held apart from the entities so
+    /// that random ids cannot push real entities out.
+    pub negative_capacity: usize,
 }
 
 /// The Redis tier.
@@ -75,6 +79,7 @@ impl FromSettings for Config {
             cache: CacheSettings {
                 ttl: s.millis("MESH_CACHE_TTL_MS")?,
                 capacity: s.positive("MESH_CACHE_CAPACITY")?,
+                negative_capacity: s.positive("MESH_CACHE_NEGATIVE_CAPACITY")?,
             },
             redis: RedisSettings {
                 url: s.optional("MESH_REDIS_URL"),

@@ -3,8 +3,10 @@
 //!
 //! # Layout
 //! - [`config`]: settings in sections, every default in one table.
-//! - [`memory`]: the in-process TTL cache.
-//! - [`store`]: the tiers, request coalescing and write-back (the Redis tier in its own module).
+//! - [`memory`]: the in-process TTL cache (known entities and known-absent ids, bounded apart).
+//! - [`store`]: the tiers, request coalescing, write-back, and how a load racing a write is kept
+//!   from filling a cache with old values (the Redis and PostgreSQL tiers in their own modules).
+//! - [`validate`]: limits on what a caller declares, and the float32 range of numbers.
 //! - [`service`]: the gRPC handlers; [`metrics`]: tier counters; [`error`]: status mapping.
 //!
 //! Start-up: the schema is migrated (retrying while PostgreSQL is unreachable); health says
@@ -16,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod service;
 pub mod store;
+pub mod validate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -65,7 +68,11 @@ pub async fn serve(
     let store = Arc::new(store::FeatureStore::new(
         config.redis.clone(),
         database.timeout,
-        memory::FeatureCache::new(config.cache.ttl, config.cache.capacity),
+        memory::FeatureCache::new(
+            config.cache.ttl,
+            config.cache.capacity,
+            config.cache.negative_capacity,
+        ),
         redis,
         db.clone(),
         feature_metrics,

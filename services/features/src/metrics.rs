@@ -1,4 +1,5 @@
-//! Feature-store metrics: answers per tier, coalesced waits, Redis errors.
+//! Feature-store metrics: answers per tier, coalesced waits, Redis errors, cache fills refused
+//! because a write raced the load.
 
 use mesh_proto::types::FeatureTier;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
@@ -11,11 +12,12 @@ pub struct FeatureMetrics {
     pub coalesced: IntCounter,
     /// Redis calls that failed or timed out.
     pub redis_errors: IntCounter,
+    stale_skipped: IntCounterVec,
 }
 
 impl FeatureMetrics {
     /// Registers `mesh_feature_tier_hits_total{tier}`, `mesh_feature_coalesced_total`,
-    /// `mesh_feature_redis_errors_total`.
+    /// `mesh_feature_redis_errors_total`, `mesh_feature_stale_fills_skipped_total{tier}`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let tier_hits = IntCounterVec::new(
             Opts::new("mesh_feature_tier_hits_total", "Entities served, by tier"),
@@ -29,17 +31,39 @@ impl FeatureMetrics {
             "mesh_feature_redis_errors_total",
             "Redis calls that failed or timed out",
         )?;
+        let stale_skipped = IntCounterVec::new(
+            Opts::new(
+                "mesh_feature_stale_fills_skipped_total",
+                "Cache fills refused because a PutFeatures for the entity raced the load",
+            ),
+            &["tier"],
+        )?;
+        registry.register(Box::new(stale_skipped.clone()))?;
         registry.register(Box::new(tier_hits.clone()))?;
         registry.register(Box::new(coalesced.clone()))?;
         registry.register(Box::new(redis_errors.clone()))?;
         for tier in ["memory", "redis", "database"] {
             tier_hits.with_label_values(&[tier]);
         }
+        for tier in ["memory", "redis"] {
+            stale_skipped.with_label_values(&[tier]);
+        }
         Ok(Self {
             tier_hits,
             coalesced,
             redis_errors,
+            stale_skipped,
         })
+    }
+
+    /// Counts `n` fills of `tier` (`memory` or `redis`) refused because a write raced the load.
+    pub fn stale_skipped(&self, tier: &'static str, n: u64) {
+        self.stale_skipped.with_label_values(&[tier]).inc_by(n);
+    }
+
+    /// Fills of `tier` refused so far (for tests).
+    pub fn stale_skipped_total(&self, tier: &'static str) -> u64 {
+        self.stale_skipped.with_label_values(&[tier]).get()
     }
 
     /// Counts one entity served from `tier`.

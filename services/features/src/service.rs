@@ -1,20 +1,21 @@
 //! The `mesh.features.v1.Features` handlers.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use mesh_proto::features::features_server::Features;
 use mesh_proto::features::{
-    EntityFeatures, GetFeaturesRequest, GetFeaturesResponse, PutFeaturesRequest,
+    EntityError, EntityFeatures, GetFeaturesRequest, GetFeaturesResponse, PutFeaturesRequest,
     PutFeaturesResponse,
 };
-use mesh_proto::types::feature_value::Kind;
+use mesh_proto::types::FeatureTier;
 use tonic::{Request, Response, Status};
 
 use crate::error::FeaturesError;
-use crate::store::FeatureStore;
+use crate::store::{FeatureStore, LoadResult};
+use crate::validate;
 
-/// Most entities one call may ask for or write.
-pub const MAX_ENTITIES_PER_CALL: usize = 1000;
+pub use crate::validate::{MAX_ENTITIES_PER_CALL, MAX_FEATURES_PER_ENTITY};
 
 /// The gRPC service over a [`FeatureStore`].
 pub struct FeaturesService {
@@ -28,23 +29,51 @@ impl FeaturesService {
     }
 }
 
-fn check_ids<'a>(ids: impl Iterator<Item = &'a str>, count: usize) -> Result<(), FeaturesError> {
-    if count == 0 {
-        return Err(FeaturesError::InvalidArgument("no entity ids given".into()));
-    }
-    if count > MAX_ENTITIES_PER_CALL {
-        return Err(FeaturesError::InvalidArgument(format!(
-            "{count} entities in one call; the limit is {MAX_ENTITIES_PER_CALL}"
-        )));
-    }
-    for (i, id) in ids.enumerate() {
-        if let Some(problem) = mesh_runtime::text::entity_id_problem(id) {
-            return Err(FeaturesError::InvalidArgument(format!(
-                "entity id #{i} {problem}"
-            )));
+/// The answer's entities in request order, and the failed ones (each distinct id once). Stored
+/// data problems are logged per entity; an outage once per call, not once per entity.
+fn answer(ids: Vec<String>, results: Vec<LoadResult>) -> (Vec<EntityFeatures>, Vec<EntityError>) {
+    let mut failed = Vec::new();
+    let mut failed_ids = HashSet::new();
+    let mut outage: Option<(FeaturesError, usize)> = None;
+    let mut entities = Vec::with_capacity(ids.len());
+    for (entity_id, result) in ids.into_iter().zip(results) {
+        let checked = result.and_then(|s| validate::stored(&entity_id, &s.entity).map(|()| s));
+        match checked {
+            Ok(served) => entities.push(EntityFeatures {
+                found: served.entity.found,
+                features: served
+                    .entity
+                    .features
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                tier: served.tier as i32,
+                entity_id,
+            }),
+            Err(error) => {
+                if failed_ids.insert(entity_id.clone()) {
+                    failed.push(error.for_entity(&entity_id));
+                    match &error {
+                        FeaturesError::StoredData(_) => error.log(),
+                        _ => match &mut outage {
+                            Some((_, n)) => *n += 1,
+                            None => outage = Some((error, 1)),
+                        },
+                    }
+                }
+                entities.push(EntityFeatures {
+                    entity_id,
+                    found: false,
+                    features: Default::default(),
+                    tier: FeatureTier::Unspecified as i32,
+                });
+            }
         }
     }
-    Ok(())
+    if let Some((error, n)) = outage {
+        tracing::error!(%error, entities = n, "entities could not be served");
+    }
+    (entities, failed)
 }
 
 #[tonic::async_trait]
@@ -54,26 +83,13 @@ impl Features for FeaturesService {
         request: Request<GetFeaturesRequest>,
     ) -> Result<Response<GetFeaturesResponse>, Status> {
         let GetFeaturesRequest { entity_ids } = request.into_inner();
-        check_ids(entity_ids.iter().map(String::as_str), entity_ids.len())?;
-        let served = self.store.get_many(&entity_ids).await?;
-        let entities = entity_ids
-            .into_iter()
-            .zip(served)
-            .map(|(entity_id, s)| EntityFeatures {
-                entity_id,
-                found: s.entity.found,
-                features: s
-                    .entity
-                    .features
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                tier: s.tier as i32,
-            })
-            .collect();
+        validate::ids(entity_ids.iter().map(String::as_str), entity_ids.len())?;
+        let results = self.store.get_many(&entity_ids).await?;
+        let (entities, failed) = answer(entity_ids, results);
         Ok(Response::new(GetFeaturesResponse {
             entities,
             degraded: self.store.degraded(),
+            failed,
         }))
     }
 
@@ -82,45 +98,7 @@ impl Features for FeaturesService {
         request: Request<PutFeaturesRequest>,
     ) -> Result<Response<PutFeaturesResponse>, Status> {
         let PutFeaturesRequest { entities } = request.into_inner();
-        check_ids(
-            entities.iter().map(|e| e.entity_id.as_str()),
-            entities.len(),
-        )?;
-        for entity in &entities {
-            for (name, value) in &entity.features {
-                if name.trim().is_empty() {
-                    return Err(FeaturesError::InvalidArgument(format!(
-                        "entity {:?} has a feature with an empty name",
-                        entity.entity_id
-                    ))
-                    .into());
-                }
-                let text = match &value.kind {
-                    Some(Kind::Category(c)) => Some(c.as_str()),
-                    _ => None,
-                };
-                if let Some(c) = [Some(name.as_str()), text]
-                    .into_iter()
-                    .flatten()
-                    .find_map(mesh_runtime::text::control_character)
-                {
-                    return Err(FeaturesError::InvalidArgument(format!(
-                        "entity {:?} feature {name:?} contains a control character ({c})",
-                        entity.entity_id
-                    ))
-                    .into());
-                }
-                if let Some(Kind::Number(n)) = value.kind {
-                    if !n.is_finite() {
-                        return Err(FeaturesError::InvalidArgument(format!(
-                            "entity {:?} feature {name:?} is not a finite number",
-                            entity.entity_id
-                        ))
-                        .into());
-                    }
-                }
-            }
-        }
+        validate::put(&entities)?;
         let written = self.store.put_many(&entities).await?;
         Ok(Response::new(PutFeaturesResponse {
             values_written: written as u32,

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use mesh_proto::features::EntityFeatures;
+use mesh_proto::features::{EntityError, EntityFeatures};
 use mesh_proto::gateway::PredictResponse;
 use mesh_proto::inference::model_infer_request::InferRequestedOutputTensor;
 use mesh_proto::inference::ModelInferRequest;
@@ -72,7 +72,14 @@ enum Slot {
 
 /// Stored features of the entities that needed them, or why there are none.
 enum Stored {
-    Found(HashMap<String, EntityFeatures>, Vec<String>),
+    /// The answer: entities by id, the entities that failed on their own (by id), and the
+    /// degradation notes.
+    Found {
+        entities: HashMap<String, EntityFeatures>,
+        failed: HashMap<String, EntityError>,
+        notes: Vec<String>,
+    },
+    /// The whole call failed.
     Unavailable(GatewayError),
 }
 
@@ -94,6 +101,7 @@ impl GatewayService {
         items: Vec<Item>,
         call: Call<'_>,
     ) -> Result<Outcome, GatewayError> {
+        validate::model_ref(model, version)?;
         let version = self.registry.resolve(model, version)?;
         let manifest = &version.manifest;
         let slots = plan(manifest, items);
@@ -143,18 +151,27 @@ impl GatewayService {
             })
             .collect();
         if ids.is_empty() {
-            return Ok(Stored::Found(HashMap::new(), Vec::new()));
+            return Ok(Stored::Found {
+                entities: HashMap::new(),
+                failed: HashMap::new(),
+                notes: Vec::new(),
+            });
         }
         let bulkhead = &call.compartments.features;
         match self.features.get(ids, call.deadline, bulkhead).await {
-            Ok(response) => {
-                let found = response
+            Ok(response) => Ok(Stored::Found {
+                entities: response
                     .entities
                     .into_iter()
                     .map(|e| (e.entity_id.clone(), e))
-                    .collect();
-                Ok(Stored::Found(found, response.degraded))
-            }
+                    .collect(),
+                failed: response
+                    .failed
+                    .into_iter()
+                    .map(|e| (e.entity_id.clone(), e))
+                    .collect(),
+                notes: response.degraded,
+            }),
             Err(status) => match GatewayError::from_downstream("features service", &status) {
                 error @ (GatewayError::DeadlineExceeded | GatewayError::Overloaded(_)) => {
                     Err(error)
@@ -265,17 +282,15 @@ impl GatewayService {
 fn plan(manifest: &ModelManifest, items: Vec<Item>) -> Vec<Slot> {
     items
         .into_iter()
-        .map(|item| {
-            let checked = validate::entity_id(&item.entity_id)
-                .and_then(|()| validate::request_features(manifest, &item.features));
-            match checked {
+        .map(
+            |item| match validate::item(manifest, &item.entity_id, &item.features) {
                 Err(error) => Slot::Failed(error),
                 Ok(()) if validate::request_is_complete(manifest, &item.features) => {
                     Slot::Complete(item)
                 }
                 Ok(()) => Slot::NeedsStore(item),
-            }
-        })
+            },
+        )
         .collect()
 }
 
@@ -286,31 +301,8 @@ fn assemble(manifest: &ModelManifest, slot: Slot, stored: &Stored) -> Result<Row
         Slot::Failed(error) => return Err(error),
         Slot::Complete(item) => (item, None, Vec::new()),
         Slot::NeedsStore(item) => {
-            let missing = || validate::missing_from_request(manifest, &item.features).join(", ");
-            let (found, notes) = match stored {
-                Stored::Unavailable(error) => {
-                    return Err(GatewayError::Unavailable(format!(
-                        "{error}; the request does not supply {} to score without it",
-                        missing()
-                    )))
-                }
-                Stored::Found(found, notes) => (found, notes),
-            };
-            match found.get(&item.entity_id) {
-                Some(entity) if entity.found => (item, Some(entity), notes.clone()),
-                Some(_) => {
-                    return Err(GatewayError::NotFound(format!(
-                        "entity {:?} is not in the feature store; supply {} in the request to score it anyway",
-                        item.entity_id,
-                        missing()
-                    )))
-                }
-                None => {
-                    return Err(GatewayError::Internal(
-                        "features service omitted an entity it was asked for".into(),
-                    ))
-                }
-            }
+            let (entity, notes) = stored_entity(manifest, &item, stored)?;
+            (item, Some(entity), notes)
         }
     };
     let stored_features = entity.map(|e| &e.features);
@@ -326,6 +318,58 @@ fn assemble(manifest: &ModelManifest, slot: Slot, stored: &Stored) -> Result<Row
         tier,
         degraded: notes,
     })
+}
+
+/// An item's stored entity and the notes of its answer; or its error (the whole fetch failed,
+/// this entity failed, or the store does not know it), naming the features a caller could
+/// supply to score it without the store.
+fn stored_entity<'s>(
+    manifest: &ModelManifest,
+    item: &Item,
+    stored: &'s Stored,
+) -> Result<(&'s EntityFeatures, Vec<String>), GatewayError> {
+    let missing = || validate::missing_from_request(manifest, &item.features).join(", ");
+    let id = validate::quoted(&item.entity_id);
+    let (entities, failed, notes) = match stored {
+        Stored::Unavailable(error) => {
+            return Err(GatewayError::Unavailable(format!(
+                "{error}; the request does not supply {} to score without it",
+                missing()
+            )))
+        }
+        Stored::Found {
+            entities,
+            failed,
+            notes,
+        } => (entities, failed, notes),
+    };
+    if let Some(error) = failed.get(&item.entity_id) {
+        return Err(match tonic::Code::from(error.code) {
+            tonic::Code::Unavailable => GatewayError::Unavailable(format!(
+                "features service cannot reach its database and has no cached features for entity {id}; the request does not supply {} to score without it",
+                missing()
+            )),
+            tonic::Code::FailedPrecondition => GatewayError::FailedPrecondition(format!(
+                "{}; supply {} in the request to score it anyway",
+                error.message,
+                missing()
+            )),
+            code => GatewayError::Internal(format!(
+                "features service failed entity {id}: {code:?}: {}",
+                error.message
+            )),
+        });
+    }
+    match entities.get(&item.entity_id) {
+        Some(entity) if entity.found => Ok((entity, notes.clone())),
+        Some(_) => Err(GatewayError::NotFound(format!(
+            "entity {id} is not in the feature store; supply {} in the request to score it anyway",
+            missing()
+        ))),
+        None => Err(GatewayError::Internal(
+            "features service omitted an entity it was asked for".into(),
+        )),
+    }
 }
 
 /// The KServe request for `rows`: one input per feature, `[N, 1]`, FP32 or BYTES.

@@ -93,16 +93,7 @@ impl GatewayService {
             items,
             model_version,
         } = request.into_inner();
-        if items.is_empty() {
-            return Err(GatewayError::InvalidArgument("items is empty".into()));
-        }
-        if items.len() > self.max_batch_items {
-            return Err(GatewayError::InvalidArgument(format!(
-                "{} items in one batch; the limit is {}",
-                items.len(),
-                self.max_batch_items
-            )));
-        }
+        crate::validate::batch_len(items.len(), self.max_batch_items)?;
         let items = items
             .into_iter()
             .map(|i| Item {

@@ -51,9 +51,20 @@ pub struct FeatureSpec {
     pub kind: FeatureKind,
     /// Usual origin.
     pub source: FeatureSource,
-    /// Known categories (informative: unknown ones are encoded as all-zero by the graph).
+    /// The categories the graph's one-hot encoding was trained on. A value outside them is
+    /// refused (the graph would encode it as all-zero, silently), unless `open_ended`.
     #[serde(default)]
     pub categories: Vec<String>,
+    /// Whether values outside `categories` are accepted (and encoded as all-zero by the graph).
+    #[serde(default)]
+    pub open_ended: bool,
+}
+
+impl FeatureSpec {
+    /// Whether `value` is a category this feature accepts.
+    pub fn allows_category(&self, value: &str) -> bool {
+        self.open_ended || self.categories.iter().any(|c| c == value)
+    }
 }
 
 /// Which output carries the score.
@@ -201,6 +212,15 @@ impl ModelRegistry {
                         vdir.join("manifest.json").display(),
                         manifest.name,
                         manifest.version
+                    )));
+                }
+                if let Some(f) = manifest.features.iter().find(|f| {
+                    f.kind == FeatureKind::Category && !f.open_ended && f.categories.is_empty()
+                }) {
+                    return Err(RegistryError::Invalid(format!(
+                        "{}: category feature {} lists no `categories` and is not `open_ended`",
+                        vdir.join("manifest.json").display(),
+                        f.name
                     )));
                 }
                 versions.insert(

@@ -1,21 +1,47 @@
 //! The tiered feature store: memory → Redis → PostgreSQL (the source of truth).
 //!
-//! - Redis calls (module `redis_tier`) are bounded by a short timeout, and after a failure Redis is skipped for a
-//!   cool-down, so a Redis outage costs at most one timeout rather than one per request.
+//! - Redis calls (module `redis_tier`) are bounded by a short timeout, and after a failure Redis
+//!   is skipped for a cool-down, so a Redis outage costs at most one timeout rather than one per
+//!   request.
 //! - Concurrent misses for the same entity are coalesced: the first caller starts one load
 //!   (on its own task, so it finishes even if that caller gives up) and every caller waits on
 //!   its result.
+//! - Each entity of a call is answered on its own: one that cannot be loaded (PostgreSQL down
+//!   and no cache has it) is an error for that entity only.
 //! - Entities loaded from PostgreSQL are written back to Redis on a separate task; the answer
 //!   never waits for it.
+//!
+//! # A load racing a write
+//!
+//! A load reads Redis, then PostgreSQL, then fills the caches. A `PutFeatures` for the same
+//! entity in between must not be undone by that fill (the cache would serve the old values
+//! until its TTL). Two rules keep it from happening:
+//!
+//! - **Memory (this instance).** A load *owns* each entity it registered in the in-flight map
+//!   (under its load number) and fills memory only for the entities it still owns when it
+//!   finishes; that check and the fill happen under the in-flight lock. A write, once
+//!   PostgreSQL has committed it, takes the entities away from any load in flight (removes their
+//!   in-flight entries) and drops them from memory, under the same lock. So a load either filled
+//!   before the write dropped the entry, or sees that it lost the entity and does not fill. Later
+//!   callers start a fresh load instead of joining the stale one.
+//! - **Redis (all instances).** A write sets a fresh version token for the entity
+//!   (`mesh:features-version:v1:<id>`) in the same `MULTI` that deletes its value. A load reads
+//!   the token together with the value (one `MGET`) *before* it reads PostgreSQL, and writes the
+//!   value back with a script that sets it only if the token is still the one it read. A write
+//!   that happened after the load's read changed the token, so the stale write-back is refused
+//!   atomically inside Redis, whichever instance made it. Tokens are UUIDv7s, never reused, so
+//!   a token that expired and was set again cannot match by accident.
+//!
+//! Refused fills are counted in `mesh_feature_stale_fills_skipped_total{tier}`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use mesh_proto::features::EntityFeatures;
-use mesh_proto::types::{feature_value::Kind, FeatureTier, FeatureValue};
+use futures::future::BoxFuture;
+use mesh_proto::types::{FeatureTier, FeatureValue};
 use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,6 +52,7 @@ use crate::error::FeaturesError;
 use crate::memory::FeatureCache;
 use crate::metrics::FeatureMetrics;
 
+mod postgres_tier;
 mod redis_tier;
 
 /// One entity's stored features.
@@ -46,8 +73,22 @@ pub struct Served {
     pub tier: FeatureTier,
 }
 
-type LoadResult = Result<Served, FeaturesError>;
+/// One entity's answer: served, or why not.
+pub type LoadResult = Result<Served, FeaturesError>;
 type Slot = watch::Receiver<Option<LoadResult>>;
+type Pending = Vec<(String, watch::Sender<Option<LoadResult>>)>;
+/// Per requested id: the answer memory gave, or (by index) the slot to wait on.
+type Started = (Vec<Option<LoadResult>>, Vec<(usize, Slot)>);
+
+/// Awaited by every load after it has read Redis and PostgreSQL and before it fills the caches.
+/// Tests use it to hold a load exactly where a concurrent `PutFeatures` makes it stale.
+pub type LoadHook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A load in flight for an entity: which load (its number) and where its result will appear.
+struct InFlight {
+    load: u64,
+    slot: Slot,
+}
 
 /// The store itself; cheap to share behind an `Arc`.
 pub struct FeatureStore {
@@ -58,9 +99,11 @@ pub struct FeatureStore {
     redis_skip_until: Mutex<Option<Instant>>,
     db_failed_at: Mutex<Option<Instant>>,
     db: Pool,
-    inflight: Mutex<HashMap<String, Slot>>,
+    inflight: Mutex<HashMap<String, InFlight>>,
     metrics: FeatureMetrics,
     loads: AtomicU64,
+    next_load: AtomicU64,
+    load_hook: Option<LoadHook>,
 }
 
 /// How long answers say PostgreSQL is unavailable after a failed read.
@@ -69,6 +112,12 @@ pub const DB_FAILURE_NOTE_FOR: Duration = Duration::from_secs(5);
 /// Redis key of an entity's features (protobuf-encoded `EntityFeatures`).
 pub fn redis_key(entity_id: &str) -> String {
     format!("mesh:features:v1:{entity_id}")
+}
+
+/// Redis key of an entity's version token, replaced by every write (see the module doc). A
+/// different prefix from [`redis_key`], so no entity id can make the two collide.
+pub fn redis_version_key(entity_id: &str) -> String {
+    format!("mesh:features-version:v1:{entity_id}")
 }
 
 impl FeatureStore {
@@ -93,7 +142,15 @@ impl FeatureStore {
             inflight: Mutex::new(HashMap::new()),
             metrics,
             loads: AtomicU64::new(0),
+            next_load: AtomicU64::new(0),
+            load_hook: None,
         }
+    }
+
+    /// This store with `hook` awaited by every load between reading and filling the caches.
+    pub fn with_load_hook(mut self, hook: LoadHook) -> Self {
+        self.load_hook = Some(hook);
+        self
     }
 
     /// The tiers failing now, as notes for answers served meanwhile: Redis while it is being
@@ -118,12 +175,42 @@ impl FeatureStore {
         self.loads.load(Ordering::Relaxed)
     }
 
-    /// Features of `ids`, in order. Fails only when an entity is in no cache and PostgreSQL is
-    /// unreachable.
-    pub async fn get_many(self: &Arc<Self>, ids: &[String]) -> Result<Vec<Served>, FeaturesError> {
-        let mut results: Vec<Option<Served>> = vec![None; ids.len()];
+    /// The memory tier (for tests and sizing).
+    pub fn memory(&self) -> &FeatureCache {
+        &self.memory
+    }
+
+    /// Features of `ids`, in order, each entity served or failed on its own: an entity fails
+    /// only when it is in no cache and PostgreSQL is unreachable. The call itself fails only on
+    /// a bug.
+    pub async fn get_many(
+        self: &Arc<Self>,
+        ids: &[String],
+    ) -> Result<Vec<LoadResult>, FeaturesError> {
+        let (mut results, waits) = self.start_loads(ids)?;
+        let abandoned = || FeaturesError::Unavailable("load abandoned".into());
+        for (i, mut slot) in waits {
+            let value = match slot.wait_for(|v| v.is_some()).await {
+                Ok(value) => value.clone().unwrap_or_else(|| Err(abandoned())),
+                Err(_) => Err(abandoned()),
+            };
+            results[i] = Some(value);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(FeaturesError::Internal("entity not looked up".into())))
+            })
+            .collect())
+    }
+
+    /// Answers what memory has, joins loads in flight, and starts one load for the rest.
+    fn start_loads(self: &Arc<Self>, ids: &[String]) -> Result<Started, FeaturesError> {
+        let mut results: Vec<Option<LoadResult>> = vec![None; ids.len()];
         let mut waits: Vec<(usize, Slot)> = Vec::new();
-        let mut to_load: Vec<(String, watch::Sender<Option<LoadResult>>)> = Vec::new();
+        let mut to_load: Pending = Vec::new();
+        // Unique per load: a write takes entities away from exactly the loads in flight.
+        let load = self.next_load.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut inflight = self
                 .inflight
@@ -132,23 +219,27 @@ impl FeatureStore {
             for (i, id) in ids.iter().enumerate() {
                 if let Some(entity) = self.memory.get(id) {
                     self.metrics.hit(FeatureTier::Memory);
-                    results[i] = Some(Served {
+                    results[i] = Some(Ok(Served {
                         entity,
                         tier: FeatureTier::Memory,
-                    });
+                    }));
                     continue;
                 }
-                if let Some(slot) = inflight.get(id) {
-                    self.metrics.coalesced.inc();
-                    waits.push((i, slot.clone()));
-                    continue;
-                }
-                if let Some((_, pending)) = to_load.iter().find(|(pid, _)| pid == id) {
-                    waits.push((i, pending.subscribe()));
+                if let Some(pending) = inflight.get(id) {
+                    if pending.load != load {
+                        self.metrics.coalesced.inc();
+                    }
+                    waits.push((i, pending.slot.clone()));
                     continue;
                 }
                 let (tx, rx) = watch::channel(None);
-                inflight.insert(id.clone(), rx.clone());
+                inflight.insert(
+                    id.clone(),
+                    InFlight {
+                        load,
+                        slot: rx.clone(),
+                    },
+                );
                 waits.push((i, rx));
                 to_load.push((id.clone(), tx));
             }
@@ -159,198 +250,121 @@ impl FeatureStore {
             // Own task: the load completes (and fills the caches) even if this caller's
             // deadline cancels it, and coalesced callers are not left waiting.
             tokio::spawn(
-                async move { store.load(to_load).await }.instrument(tracing::Span::current()),
+                async move { store.load(load, to_load).await }.instrument(tracing::Span::current()),
             );
         }
-        for (i, mut slot) in waits {
-            let value = slot
-                .wait_for(|v| v.is_some())
-                .await
-                .map_err(|_| FeaturesError::Unavailable("load abandoned".into()))?
-                .clone();
-            match value {
-                Some(Ok(served)) => results[i] = Some(served),
-                Some(Err(e)) => return Err(e),
-                None => return Err(FeaturesError::Unavailable("load abandoned".into())),
-            }
-        }
-        Ok(results.into_iter().flatten().collect())
+        Ok((results, waits))
     }
 
-    /// Loads `pending` from Redis, then PostgreSQL, publishing each result to its waiters.
-    async fn load(self: Arc<Self>, pending: Vec<(String, watch::Sender<Option<LoadResult>>)>) {
+    /// Load number `load`: `pending` from Redis, then PostgreSQL; fills the caches for the
+    /// entities it still owns and publishes each result to its waiters.
+    async fn load(self: Arc<Self>, load: u64, pending: Pending) {
         let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
-        let mut found: HashMap<String, Served> = self.read_redis(&ids).await;
+        // The version tokens are read here, before PostgreSQL: see the module doc.
+        let (mut found, versions) = self.read_redis(&ids).await;
         let missing: Vec<String> = ids
             .iter()
             .filter(|id| !found.contains_key(*id))
             .cloned()
             .collect();
+        let mut loaded = Vec::new();
         let mut db_error = None;
         if !missing.is_empty() {
-            match tokio::time::timeout(self.db_timeout, self.read_db(&missing)).await {
-                Ok(Ok(loaded)) => {
-                    if let Ok(mut g) = self.db_failed_at.lock() {
-                        *g = None;
-                    }
-                    self.write_back(&loaded);
-                    for (id, entity) in loaded {
-                        found.insert(
-                            id,
-                            Served {
-                                entity,
-                                tier: FeatureTier::Database,
-                            },
-                        );
-                    }
-                }
-                Ok(Err(e)) => db_error = Some(e),
-                Err(_) => {
-                    db_error = Some(FeaturesError::Unavailable(format!(
-                        "PostgreSQL did not answer within {:?}",
-                        self.db_timeout
-                    )))
-                }
+            match self.read_db_bounded(&missing).await {
+                Ok(entities) => loaded = entities,
+                Err(e) => db_error = Some(e),
             }
         }
-        if db_error.is_some() {
-            if let Ok(mut g) = self.db_failed_at.lock() {
-                *g = Some(Instant::now());
-            }
+        if let Some(hook) = &self.load_hook {
+            hook().await;
         }
-        let mut inflight = self.inflight.lock().ok();
+        for (id, entity) in &loaded {
+            let served = Served {
+                entity: entity.clone(),
+                tier: FeatureTier::Database,
+            };
+            found.insert(id.clone(), served);
+        }
+        let owned = self.settle(load, &ids, &found);
+        loaded.retain(|(id, _)| owned.contains(id));
+        self.write_back(loaded, versions);
         for (id, tx) in pending {
             let result = match found.remove(&id) {
                 Some(served) => {
                     self.metrics.hit(served.tier);
-                    self.memory.put(&id, served.entity.clone());
                     Ok(served)
                 }
                 None => Err(db_error
                     .clone()
                     .unwrap_or_else(|| FeaturesError::Unavailable("entity not loaded".into()))),
             };
-            if let Some(map) = inflight.as_mut() {
-                map.remove(&id);
-            }
             let _ = tx.send(Some(result));
         }
     }
 
-    async fn read_db(&self, ids: &[String]) -> Result<Vec<(String, Arc<Entity>)>, FeaturesError> {
-        let span = mesh_telemetry::propagation::store_span(
-            "postgresql",
-            "SELECT feature_values",
-            ids.len(),
-        );
-        async {
-            let client = mesh_runtime::postgres::connection(&self.db)
-                .await
-                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
-            let stmt = client
-                .prepare_cached(
-                    "SELECT entity_id, name, number, category FROM feature_values WHERE entity_id = ANY($1)",
-                )
-                .await
-                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
-            let rows = client
-                .query(&stmt, &[&ids])
-                .await
-                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
-            let mut entities: HashMap<String, Entity> = HashMap::new();
-            for row in rows {
-                let id: String = row.get(0);
-                let name: String = row.get(1);
-                let number: Option<f64> = row.get(2);
-                let category: Option<String> = row.get(3);
-                let kind = match (number, category) {
-                    (Some(n), _) => Kind::Number(n),
-                    (None, Some(c)) => Kind::Category(c),
-                    (None, None) => continue,
-                };
-                let entity = entities.entry(id).or_default();
-                entity.found = true;
-                entity
-                    .features
-                    .insert(name, FeatureValue { kind: Some(kind) });
+    /// Ends load `load` for `ids`: fills memory with what it found for each entity it still
+    /// owns (a write may have taken it away, see the module doc) and returns those ids.
+    fn settle(
+        &self,
+        load: u64,
+        ids: &[String],
+        found: &HashMap<String, Served>,
+    ) -> HashSet<String> {
+        let mut owned = HashSet::new();
+        let Ok(mut inflight) = self.inflight.lock() else {
+            return owned;
+        };
+        for id in ids {
+            let lost = inflight.get(id).is_none_or(|f| f.load != load);
+            if lost {
+                if found.contains_key(id) {
+                    self.metrics.stale_skipped("memory", 1);
+                }
+                continue;
             }
-            Ok(ids
-                .iter()
-                .map(|id| {
-                    let entity = entities.remove(id).unwrap_or_default();
-                    (id.clone(), Arc::new(entity))
-                })
-                .collect())
+            inflight.remove(id);
+            if let Some(served) = found.get(id) {
+                self.memory.put(id, served.entity.clone());
+            }
+            owned.insert(id.clone());
         }
-        .instrument(span)
-        .await
+        owned
     }
 
-    /// Upserts entities' features into PostgreSQL and drops them from both caches.
-    pub async fn put_many(&self, entities: &[EntityFeatures]) -> Result<usize, FeaturesError> {
-        let mut ids = Vec::new();
-        let mut names = Vec::new();
-        let mut numbers: Vec<Option<f64>> = Vec::new();
-        let mut categories: Vec<Option<String>> = Vec::new();
-        for entity in entities {
-            for (name, value) in &entity.features {
-                ids.push(entity.entity_id.clone());
-                names.push(name.clone());
-                match &value.kind {
-                    Some(Kind::Number(n)) => {
-                        numbers.push(Some(*n));
-                        categories.push(None);
-                    }
-                    Some(Kind::Category(c)) => {
-                        numbers.push(None);
-                        categories.push(Some(c.clone()));
-                    }
-                    None => {
-                        return Err(FeaturesError::InvalidArgument(format!(
-                            "entity {:?} feature {name:?} has no value",
-                            entity.entity_id
-                        )))
-                    }
+    /// After a write to PostgreSQL: takes `ids` away from the loads in flight and drops them
+    /// from memory, together, under the in-flight lock (see the module doc).
+    fn forget_locally(&self, ids: &[&str]) {
+        match self.inflight.lock() {
+            Ok(mut inflight) => {
+                for id in ids {
+                    inflight.remove(*id);
+                    self.memory.invalidate(id);
+                }
+            }
+            Err(_) => {
+                for id in ids {
+                    self.memory.invalidate(id);
                 }
             }
         }
-        let span = mesh_telemetry::propagation::store_span(
-            "postgresql",
-            "UPSERT feature_values",
-            ids.len(),
-        );
-        async {
-            let client = mesh_runtime::postgres::connection(&self.db)
-                .await
-                .map_err(|e| FeaturesError::Unavailable(e.to_string()))?;
-            client
-                .execute(
-                    "INSERT INTO feature_values (entity_id, name, number, category, updated_at)
-                     SELECT * , now() FROM UNNEST($1::text[], $2::text[], $3::float8[], $4::text[])
-                     ON CONFLICT (entity_id, name) DO UPDATE
-                       SET number = EXCLUDED.number, category = EXCLUDED.category, updated_at = now()",
-                    &[&ids, &names, &numbers, &categories],
-                )
-                .await
-                .map_err(|e| FeaturesError::Unavailable(e.to_string()))
+    }
+
+    /// PostgreSQL read of `ids`, bounded by the database timeout; remembers a failure for the
+    /// `degraded` note.
+    async fn read_db_bounded(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, Arc<Entity>)>, FeaturesError> {
+        let result = match tokio::time::timeout(self.db_timeout, self.read_db(ids)).await {
+            Ok(result) => result,
+            Err(_) => Err(FeaturesError::Unavailable(format!(
+                "PostgreSQL did not answer within {:?}",
+                self.db_timeout
+            ))),
+        };
+        if let Ok(mut failed_at) = self.db_failed_at.lock() {
+            *failed_at = result.is_err().then(Instant::now);
         }
-        .instrument(span)
-        .await?;
-        for entity in entities {
-            self.memory.invalidate(&entity.entity_id);
-        }
-        if let Some(mut redis) = self.redis_usable() {
-            let keys: Vec<String> = entities.iter().map(|e| redis_key(&e.entity_id)).collect();
-            let mut cmd = redis::cmd("DEL");
-            cmd.arg(&keys);
-            let del = cmd.query_async::<i64>(&mut redis);
-            // A stale Redis entry would expire with its TTL; the write itself succeeded.
-            match tokio::time::timeout(self.redis_settings.timeout * 4, del).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => self.redis_failed(&e.to_string()),
-                Err(_) => self.redis_failed("timeout"),
-            }
-        }
-        Ok(ids.len())
+        result
     }
 }
