@@ -452,6 +452,7 @@ async fn scenario(
                     features: addr(mesh.features.port),
                     inference: addr(mesh.inference1.port),
                     logger: addr(mesh.logger.port),
+                    internal_token: mesh.internal_token.clone(),
                 },
                 opts.bad_requests,
             );
