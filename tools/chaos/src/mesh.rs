@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use mesh_testkit::proxy::DelayProxy;
 use mesh_testkit::{free_port, PostgresServer, RedisServer};
 
-use crate::procs::{wait_serving, Service};
+use crate::procs::{wait_serving, Frozen, Service};
 use crate::say;
 
 /// Where the binaries and data are.
@@ -286,6 +286,30 @@ impl Mesh {
     pub fn restart_pg(&mut self) -> anyhow::Result<()> {
         tokio::task::block_in_place(|| self.pg.restart())?;
         Ok(())
+    }
+
+    /// SIGSTOPs PostgreSQL's postmaster and its children (the server hangs: connections stay
+    /// open, nothing answers) until the returned guard is dropped. The postmaster's PID comes
+    /// from `postmaster.pid` in the cluster this suite created, and must be our own child.
+    pub fn freeze_pg(&self) -> anyhow::Result<Frozen> {
+        let pid_file = self.pg.dir().join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("cannot read {}", pid_file.display()))?;
+        let pid: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("no PID in {}", pid_file.display()))?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let parent = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        anyhow::ensure!(
+            parent == Some(std::process::id()),
+            "postmaster {pid} is not a child of mesh-chaos (parent {parent:?}): not signalling it"
+        );
+        Ok(Frozen::stop(pid))
     }
 
     /// Restarts any service that is not running (e.g. after a failed scenario); returns names.
