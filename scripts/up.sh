@@ -130,14 +130,17 @@ launch() {
   else
     printf '==== up.sh: restart #%s of %s at %s ====\n' "${starts[$name]}" "$name" "$(date -Is)" >>"$log"
   fi
+  # PostgreSQL and Redis run in their own session: Ctrl-C in the terminal reaches the services
+  # (they drain) but not the stores, which cleanup stops once the services have flushed.
   case $name in
     postgres)
       [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
-      "${pg_run[@]}" "$MESH_PG_BIN/postgres" -D "$pgdata" -p "$pg_port" -h 127.0.0.1 -k "$run/pg" \
-        >>"$log" 2>&1 &
+      setsid "${pg_run[@]}" "$MESH_PG_BIN/postgres" -D "$pgdata" -p "$pg_port" -h 127.0.0.1 \
+        -k "$run/pg" >>"$log" 2>&1 &
       ;;
     redis)
-      redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >>"$log" 2>&1 &
+      setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+        >>"$log" 2>&1 &
       ;;
     features) service features "$features_port" $((metrics_base + 1)) mesh-features >>"$log" 2>&1 & ;;
     inference-1)
