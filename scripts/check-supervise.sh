@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks that `make up` supervises: starts scripts/up.sh (debug build, free ports, its own run
 # directory under /tmp), kill -9's inference-1 by its PID, and asserts that up.sh reports it,
-# starts it again (a new PID, SERVING, answering a direct call made with the internal token),
+# starts it again (a new PID, SERVING, answering a direct call made with the internal token from
+# the run directory's internal-token file and refusing one without it),
 # that the other processes kept their PIDs, and that a Predict through the gateway succeeds.
 # Then stops up.sh with SIGTERM and checks that every process it started is gone.
 #
@@ -96,6 +97,11 @@ grep -A3 -E "inference-1 \(pid $victim\)|restarted inference-1" "$out" | sed 's/
 grpcurl -plaintext -max-time 5 -H "x-mesh-internal-token: $token" -d '{"name":"churn"}' \
   "127.0.0.1:$inf1" inference.GRPCInferenceService/ModelMetadata >/dev/null \
   || fail "ModelMetadata on the restarted inference-1 (with the internal token) failed"
+if grpcurl -plaintext -max-time 5 -d '{"name":"churn"}' "127.0.0.1:$inf1" \
+    inference.GRPCInferenceService/ModelMetadata >/dev/null 2>&1; then
+  fail "inference-1 answered ModelMetadata without the internal token"
+fi
+say "inference-1 answers with the token from $(basename "$token_file") and refuses without it"
 
 for name in postgres redis features inference-2 logger gateway; do
   [ "$(cat "$tmp/run/pids/$name")" = "${before[$name]}" ] || fail "$name was restarted too"
