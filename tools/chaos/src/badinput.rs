@@ -680,22 +680,28 @@ pub fn plan(t: &Targets, total: usize) -> Vec<Bad> {
         ),
     );
 
-    // Internal services without the credential, or with a wrong one: refused (UNAUTHENTICATED
-    // once they require it), whatever the body.
-    add(
-        2,
-        grpc(
-            "features: no internal token",
-            t.features,
-            GET_FEATURES,
-            frame(&[]),
+    // Internal services without the credential, or with a wrong one: refused (UNAUTHENTICATED),
+    // whatever the body. First in the list: the expansion below may cut the last templates short.
+    templates.insert(
+        0,
+        (
+            2,
+            grpc(
+                "features: no internal token",
+                t.features,
+                GET_FEATURES,
+                frame(&[]),
+            ),
         ),
     );
-    add(
-        2,
-        with(
-            grpc("logger: wrong internal token", t.logger, RECORD, frame(&[])),
-            vec![header("x-mesh-internal-token", b"not-the-token-0123456789")],
+    templates.insert(
+        1,
+        (
+            2,
+            with(
+                grpc("logger: wrong internal token", t.logger, RECORD, frame(&[])),
+                vec![header("x-mesh-internal-token", b"not-the-token-0123456789")],
+            ),
         ),
     );
     let token = HeaderValue::from_str(&t.internal_token).ok();
@@ -715,7 +721,9 @@ pub fn plan(t: &Targets, total: usize) -> Vec<Bad> {
     let mut out = Vec::with_capacity(total);
     while out.len() < total {
         for (w, bad) in &templates {
-            let n = (w * total).div_ceil(weight_sum).max(1);
+            // Rounded down, so one pass fits in `total` and no template at the end of the
+            // list is cut short; the outer loop tops up from the start.
+            let n = (w * total / weight_sum).max(1);
             for _ in 0..n {
                 if out.len() < total {
                     out.push(bad.clone());
