@@ -27,7 +27,7 @@ fmt:
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
-.PHONY: chaos chaos-short
+.PHONY: chaos chaos-short check-supervise
 ## The chaos suite: the real mesh as processes, faults injected under load (release, 30 s faults).
 chaos:
 	bash scripts/chaos.sh
@@ -35,3 +35,7 @@ chaos:
 ## The short chaos suite CI can run: debug build, 10 s faults, invariants enforced.
 chaos-short:
 	bash scripts/chaos.sh --short
+
+## Check that `make up` restarts a crashed service (debug build, its own ports and run directory).
+check-supervise:
+	bash scripts/check-supervise.sh

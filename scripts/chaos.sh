@@ -5,8 +5,11 @@
 # Redis, features, two inference replicas, logger, gateway), seeds it, drives open-loop load with
 # mesh-bench and injects one fault at a time: kill -9 of an inference replica, Redis stopped,
 # PostgreSQL stopped, +500 ms on one replica (the one injected fake: a proxy inside mesh-chaos),
-# kill -9 of the logger, SIGTERM to the gateway under load, and bad input at volume. Writes
-# chaos-results/summary.md, chaos-results/chaos.json and chaos-results/logs/<service>.log.
+# kill -9 of the logger, SIGTERM to the gateway under load, bad input at volume, kill -9 of the
+# gateway under load, PostgreSQL hung (SIGSTOP), and poison records sent to the logger. Every
+# scenario checks what the client received: served > 0, served == OK answers, every served id
+# in PostgreSQL once, records stamped with their serve time. Writes chaos-results/summary.md,
+# chaos-results/chaos.json and chaos-results/logs/<service>.log.
 #
 #   bash scripts/chaos.sh            release build, 30 s faults, 300 req/s, all targets enforced
 #   bash scripts/chaos.sh --short    debug build, 10 s faults, 100 req/s, invariants enforced (CI)

@@ -15,7 +15,9 @@
 #   - no image is untagged or `latest`;
 #   - the wiring: healthchecks probe each service's MESH_LISTEN_ADDR port, every *_URL/*_URLS
 #     names a compose service on the port it listens on, Prometheus scrapes each MESH_METRICS_ADDR,
-#     and files under /app/models and /app/data that compose names exist in the repository.
+#     and files under /app/models and /app/data that compose names exist in the repository;
+#   - only the gateway publishes a port, and every mesh service reads MESH_INTERNAL_TOKEN from an
+#     env file (with a committed <file>.example), never from a value in the compose file.
 #
 # Exits non-zero, naming each mismatch, if any check fails. Needs check-jsonschema (installed by
 # scripts/bootstrap.sh into .tools/) or one on PATH; runs promtool too if it is on PATH.
@@ -299,6 +301,26 @@ for name, svc in mesh_services.items():
         if dep not in services:
             problem(f"{name} depends on {dep}, which is no compose service")
 check("wiring", "; ".join(wiring))
+
+# Exposure and the internal credential: only the gateway publishes a port; every mesh service
+# gets MESH_INTERNAL_TOKEN from an env file, never from a value written in the compose file.
+exposure = []
+for name, svc in mesh_services.items():
+    if svc.get("ports") and name != "gateway":
+        problem(f"{name} publishes {svc['ports']}: only the gateway may be reachable from the host")
+    env_files = svc.get("env_file") or []
+    env_files = [env_files] if isinstance(env_files, (str, dict)) else env_files
+    env_files = [f["path"] if isinstance(f, dict) else f for f in env_files]
+    exposure.append(f"{name} ports {svc.get('ports') or '-'} env_file {','.join(env_files) or '-'}")
+    if "MESH_INTERNAL_TOKEN" in svc["_env"]:
+        problem(f"{name} sets MESH_INTERNAL_TOKEN in the compose file; it belongs in an env file")
+    if not env_files:
+        problem(f"{name} has no env_file, so it gets no MESH_INTERNAL_TOKEN")
+    for f in env_files:
+        example = compose_path.parent / (f + ".example")
+        if not example.is_file():
+            problem(f"{name} reads {f}, but deploy/{f}.example (how to create it) is missing")
+check("exposure and credential", "; ".join(exposure))
 
 # Paths inside the image that compose names must exist in the repository.
 for ref in sorted(set(re.findall(r"/app/(?:models|data)(?:/[\w.\-]+)*", compose_text))):

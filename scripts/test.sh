@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test` (and CI): installs what is missing, then runs every test against real Redis,
 # PostgreSQL and ONNX Runtime (started by the test harness on loopback ports), and validates
-# the deployment files, then runs the short chaos suite (scripts/chaos.sh --short). Debug builds:
+# the deployment files, then checks that `make up` restarts a crashed service
+# (scripts/check-supervise.sh) and runs the short chaos suite (scripts/chaos.sh --short). Debug builds:
 # fast to compile, and the targets here are behaviour.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,7 +30,8 @@ cargo test --workspace --locked -- --test-threads="${MESH_TEST_THREADS:-2}"
 step "deployment files"
 bash scripts/check-deploy.sh
 
-step "chaos suite, short (the real mesh as processes, seven faults under load; invariants enforced)"
+step "chaos: make up restarts a kill -9'd replica (about 10 s), then the short chaos suite (the real mesh as processes, faults under load; invariants enforced)"
+bash scripts/check-supervise.sh
 bash scripts/chaos.sh --short
 
 step "all green"

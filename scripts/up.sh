@@ -4,17 +4,31 @@
 # Installs what is missing (scripts/bootstrap.sh), builds the release binaries, starts
 # PostgreSQL and Redis with their data under .run/, starts the four services (two inference
 # replicas), seeds the feature store with the demo entities, sends one prediction and prints
-# grpcurl commands. Ctrl-C (or SIGTERM) drains the services and stops everything it started.
-# A second run reuses the data directory and the build.
+# grpcurl commands. A second run reuses the data directory, the internal token and the build.
 #
-# Ports (override by environment): MESH_GATEWAY_PORT 50051, features 50052, inference 50053 and
-# 50054, logger 50055, MESH_PG_PORT 55432, MESH_REDIS_PORT 56379 (MESH_FEATURES_PORT,
-# MESH_INFERENCE1_PORT, MESH_INFERENCE2_PORT, MESH_LOGGER_PORT). Metrics are fixed at 9101..9105.
+# Supervision: once the mesh is up, a process that exits (any service, PostgreSQL or Redis) is
+# reported on the terminal (which one, its exit status or signal, its log) and started again
+# after a back-off of 1 s, doubling to at most 30 s; the back-off starts again at 1 s for a
+# process that had stayed up for 60 s. The rest of the mesh keeps running. Ctrl-C (or SIGTERM)
+# drains the services and stops everything this script started, by PID. A service that fails
+# during start-up (before every service reported SERVING) stops the script instead: that is a
+# configuration problem, not a crash to ride out.
+#
+# Internal credential: the services require `x-mesh-internal-token` on internal calls; the token
+# comes from MESH_INTERNAL_TOKEN or, when that is unset, from .run/internal-token (32 random
+# bytes as hex, mode 0600, created on the first run and reused).
+#
+# Ports (override by environment): MESH_GATEWAY_PORT 50051, MESH_FEATURES_PORT 50052,
+# MESH_INFERENCE1_PORT 50053, MESH_INFERENCE2_PORT 50054, MESH_LOGGER_PORT 50055,
+# MESH_PG_PORT 55432, MESH_REDIS_PORT 56379; metrics on MESH_METRICS_BASE_PORT (9101) for the
+# gateway and the next four for features, inference-1, inference-2, logger. Everything listens
+# on 127.0.0.1 only. MESH_PROFILE=debug runs the debug build; MESH_RUN_DIR (default .run) holds
+# data, logs, PID files (pids/<name>) and the token.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-run="$root/.run"
+run="${MESH_RUN_DIR:-$root/.run}"
 logs="$run/logs"
 gateway_port="${MESH_GATEWAY_PORT:-50051}"
 features_port="${MESH_FEATURES_PORT:-50052}"
@@ -23,16 +37,25 @@ inference2_port="${MESH_INFERENCE2_PORT:-50054}"
 logger_port="${MESH_LOGGER_PORT:-50055}"
 pg_port="${MESH_PG_PORT:-55432}"
 redis_port="${MESH_REDIS_PORT:-56379}"
+metrics_base="${MESH_METRICS_BASE_PORT:-9101}"
 profile="${MESH_PROFILE:-release}"
+# Restart back-off: first delay, ceiling, and the uptime after which it starts again from 1 s.
+backoff_first=1
+backoff_max=30
+stable_secs=60
 
 say() { printf '\033[1m[mesh]\033[0m %s\n' "$*" >&2; }
+shout() { printf '\033[1;31m[mesh] %s\033[0m\n' "$*" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# A path as the user would type it from the repository root.
+show() { case $1 in "$root"/*) echo "${1#"$root"/}" ;; *) echo "$1" ;; esac; }
 
 bash scripts/bootstrap.sh
 # shellcheck source=/dev/null
 source .tools/env
 
-for port in "$gateway_port" "$features_port" "$inference1_port" "$inference2_port" "$logger_port" "$pg_port" "$redis_port"; do
+for port in "$gateway_port" "$features_port" "$inference1_port" "$inference2_port" "$logger_port" \
+            "$pg_port" "$redis_port" $(seq "$metrics_base" $((metrics_base + 4))); do
   if port_open "$port"; then
     say "port $port is already in use (is the mesh already running?). Stop that process or pick other ports (see scripts/up.sh)."
     exit 1
@@ -45,56 +68,29 @@ if [ "$profile" = release ]; then
 else
   cargo build --bins --locked -q
 fi
-bin="$root/target/$profile"
+bin="${CARGO_TARGET_DIR:-$root/target}/$profile"
 
-mkdir -p "$logs"
-pids=()
-cleanup() {
-  trap - INT TERM EXIT
-  say "stopping…"
-  # Services first (they drain), then the stores they use; only PIDs this script started.
-  for ((i=${#pids[@]}-1; i>=0; i--)); do
-    if [ "${pids[$i]}" = "${pg_pid:-}" ]; then
-      # Services have drained by now; SIGINT is PostgreSQL's fast shutdown.
-      for pid in "${pids[@]:$((i+1))}"; do wait "$pid" 2>/dev/null || true; done
-      kill -INT "${pids[$i]}" 2>/dev/null || true
-    else
-      kill -TERM "${pids[$i]}" 2>/dev/null || true
-    fi
-  done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  say "stopped. Data kept in .run/ (delete it to start afresh)."
-}
-trap cleanup EXIT
-# Ctrl-C or SIGTERM: a requested stop, not a failure.
-trap 'exit 0' INT TERM
+mkdir -p "$logs" "$run/pids"
 
-# PostgreSQL refuses to run as root: run it as the unprivileged postgres user.
-pg_run=()
-if [ "$(id -u)" -eq 0 ]; then
-  pg_run=(setpriv --reuid=postgres --regid=postgres --init-groups)
+# The internal token: from the environment, else the one kept in $run (created once).
+if [ -n "${MESH_INTERNAL_TOKEN:-}" ]; then
+  token_hint='$MESH_INTERNAL_TOKEN'
+  token_where="MESH_INTERNAL_TOKEN (from your environment)"
+else
+  token_file="$run/internal-token"
+  if [ ! -s "$token_file" ]; then
+    (umask 077 && od -An -vtx1 -N32 /dev/urandom | tr -d ' \n' >"$token_file")
+  fi
+  chmod 600 "$token_file"
+  MESH_INTERNAL_TOKEN="$(cat "$token_file")"
+  token_hint="\$(cat $(show "$token_file"))"
+  token_where="$(show "$token_file") (mode 0600, reused on the next run)"
 fi
-pgdata="$run/pg/data"
-if [ ! -f "$pgdata/PG_VERSION" ]; then
-  say "creating the PostgreSQL cluster in .run/pg"
-  mkdir -p "$run/pg"
-  [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
-  "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 >"$logs/initdb.log" 2>&1
+if [ "${#MESH_INTERNAL_TOKEN}" -lt 16 ]; then
+  say "MESH_INTERNAL_TOKEN must be at least 16 characters; unset it to use a generated one."
+  exit 1
 fi
-[ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
-"${pg_run[@]}" "$MESH_PG_BIN/postgres" -D "$pgdata" -p "$pg_port" -h 127.0.0.1 -k "$run/pg" \
-  >"$logs/postgres.log" 2>&1 &
-pg_pid=$!
-pids+=($pg_pid)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-  >"$logs/redis.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-  "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
-  sleep 0.1
-done
-"$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { say "PostgreSQL did not start; see .run/logs/postgres.log"; exit 1; }
-say "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
+export MESH_INTERNAL_TOKEN
 
 export MESH_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 export MESH_REDIS_URL="redis://127.0.0.1:$redis_port"
@@ -106,26 +102,120 @@ if [ -n "${MESH_API_KEYS:-}" ] && [ -z "${MESH_API_KEY:-}" ]; then
   export MESH_API_KEY="${first#*:}"
 fi
 
-start() { # name port metrics_port binary [VAR=value...]
+# PostgreSQL refuses to run as root: run it as the unprivileged postgres user.
+pg_run=()
+if [ "$(id -u)" -eq 0 ]; then
+  pg_run=(setpriv --reuid=postgres --regid=postgres --init-groups)
+fi
+pgdata="$run/pg/data"
+
+# What this script supervises, in start order; they stop in the reverse order.
+names=(postgres redis features inference-1 inference-2 logger gateway)
+declare -A pid=() starts=() started_at=() backoff=() due=()
+stopping=0
+
+# Replaces the (background) subshell with the process, so $! is the process's own PID.
+service() { # name port metrics_port binary [VAR=value...]
   local name=$1 port=$2 metrics=$3 binary=$4
   shift 4
-  env MESH_LISTEN_ADDR="127.0.0.1:$port" MESH_METRICS_ADDR="127.0.0.1:$metrics" \
-      OTEL_SERVICE_NAME="$name" "$@" "$bin/$binary" >"$logs/$name.log" 2>&1 &
-  pids+=($!)
+  exec env MESH_LISTEN_ADDR="127.0.0.1:$port" MESH_METRICS_ADDR="127.0.0.1:$metrics" \
+    OTEL_SERVICE_NAME="$name" "$@" "$bin/$binary"
 }
-start features "$features_port" 9102 mesh-features
-start inference-1 "$inference1_port" 9103 mesh-inference MESH_REPLICA_ID=inference-1
-start inference-2 "$inference2_port" 9104 mesh-inference MESH_REPLICA_ID=inference-2
-start logger "$logger_port" 9105 mesh-logger
-start gateway "$gateway_port" 9101 mesh-gateway \
-  MESH_FEATURES_URL="http://127.0.0.1:$features_port" \
-  MESH_INFERENCE_URLS="http://127.0.0.1:$inference1_port,http://127.0.0.1:$inference2_port" \
-  MESH_LOGGER_URL="http://127.0.0.1:$logger_port" \
-  MESH_SPOOL_DIR="$run/spool"
+
+# Starts `name` (again) in the background, appending to its log; records its PID.
+launch() {
+  local name=$1 log="$logs/$1.log"
+  if [ "${starts[$name]:-0}" -eq 0 ]; then
+    : >"$log"
+  else
+    printf '==== up.sh: restart #%s of %s at %s ====\n' "${starts[$name]}" "$name" "$(date -Is)" >>"$log"
+  fi
+  # PostgreSQL and Redis run in their own session: Ctrl-C in the terminal reaches the services
+  # (they drain) but not the stores, which cleanup stops once the services have flushed.
+  case $name in
+    postgres)
+      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
+      setsid "${pg_run[@]}" "$MESH_PG_BIN/postgres" -D "$pgdata" -p "$pg_port" -h 127.0.0.1 \
+        -k "$run/pg" >>"$log" 2>&1 &
+      ;;
+    redis)
+      setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+        >>"$log" 2>&1 &
+      ;;
+    features) service features "$features_port" $((metrics_base + 1)) mesh-features >>"$log" 2>&1 & ;;
+    inference-1)
+      service inference-1 "$inference1_port" $((metrics_base + 2)) mesh-inference \
+        MESH_REPLICA_ID=inference-1 >>"$log" 2>&1 &
+      ;;
+    inference-2)
+      service inference-2 "$inference2_port" $((metrics_base + 3)) mesh-inference \
+        MESH_REPLICA_ID=inference-2 >>"$log" 2>&1 &
+      ;;
+    logger) service logger "$logger_port" $((metrics_base + 4)) mesh-logger >>"$log" 2>&1 & ;;
+    gateway)
+      service gateway "$gateway_port" "$metrics_base" mesh-gateway \
+        MESH_FEATURES_URL="http://127.0.0.1:$features_port" \
+        MESH_INFERENCE_URLS="http://127.0.0.1:$inference1_port,http://127.0.0.1:$inference2_port" \
+        MESH_LOGGER_URL="http://127.0.0.1:$logger_port" \
+        MESH_SPOOL_DIR="$run/spool" >>"$log" 2>&1 &
+      ;;
+  esac
+  pid[$name]=$!
+  started_at[$name]=$SECONDS
+  starts[$name]=$(( ${starts[$name]:-0} + 1 ))
+  echo "${pid[$name]}" >"$run/pids/$name"
+}
+
+cleanup() {
+  trap - INT TERM EXIT
+  stopping=1
+  say "stopping…"
+  # Services first (they drain), then Redis, then PostgreSQL once the services have exited;
+  # only PIDs this script started.
+  local i name
+  for ((i=${#names[@]}-1; i>=0; i--)); do
+    name=${names[$i]}
+    [ -n "${pid[$name]:-}" ] || continue
+    if [ "$name" = postgres ]; then
+      for other in "${names[@]:1}"; do
+        [ -n "${pid[$other]:-}" ] && { wait "${pid[$other]}" 2>/dev/null || true; }
+      done
+      # SIGINT is PostgreSQL's fast shutdown.
+      kill -INT "${pid[$name]}" 2>/dev/null || true
+    else
+      kill -TERM "${pid[$name]}" 2>/dev/null || true
+    fi
+  done
+  for name in "${names[@]}"; do
+    [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
+    rm -f "$run/pids/$name"
+  done
+  say "stopped. Data kept in $(show "$run")/ (delete it to start afresh)."
+}
+trap cleanup EXIT
+# Ctrl-C or SIGTERM: a requested stop, not a failure.
+trap 'stopping=1; exit 0' INT TERM
+
+if [ ! -f "$pgdata/PG_VERSION" ]; then
+  say "creating the PostgreSQL cluster in $(show "$run")/pg"
+  mkdir -p "$run/pg"
+  [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
+  "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 >"$logs/initdb.log" 2>&1
+fi
+launch postgres
+launch redis
+for _ in $(seq 1 100); do
+  "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
+  sleep 0.1
+done
+"$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { say "PostgreSQL did not start; see $(show "$logs")/postgres.log"; exit 1; }
+say "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
+
+for name in features inference-1 inference-2 logger gateway; do launch "$name"; done
 
 for port in "$features_port" "$inference1_port" "$inference2_port" "$logger_port" "$gateway_port"; do
   if ! "$bin/meshctl" health --url "http://127.0.0.1:$port" --wait-secs 60 >/dev/null; then
-    say "the service on port $port did not become SERVING; logs are in .run/logs/"
+    say "the service on port $port did not become SERVING; logs are in $(show "$logs")/"
     exit 1
   fi
 done
@@ -136,31 +226,56 @@ say "one prediction:"
 "$bin/meshctl" predict --gateway-url "http://127.0.0.1:$gateway_port" --entity cust-00001 \
   --feature support_calls_30d=2 --feature channel=web
 
+say "internal token: $token_where. Calls straight to features, inference or logger need it: grpcurl -H \"x-mesh-internal-token: $token_hint\" …"
 cat <<TXT
 
-The mesh is up. Gateway: 127.0.0.1:$gateway_port. Logs: .run/logs/. Metrics: http://127.0.0.1:9101/metrics (gateway) … 9105.
+The mesh is up. Gateway: 127.0.0.1:$gateway_port. Logs: $(show "$logs")/. Metrics: http://127.0.0.1:$metrics_base/metrics (gateway) … $((metrics_base + 4)).
 Try (grpcurl is in .tools/bin after bootstrap):
 
   grpcurl -plaintext 127.0.0.1:$gateway_port list
   grpcurl -plaintext -d '{"model":"churn","entity_id":"cust-00042","features":{"support_calls_30d":{"number":4},"channel":{"category":"mobile"}}}' 127.0.0.1:$gateway_port mesh.gateway.v1.Gateway/Predict
   grpcurl -plaintext -d '{"model":"churn","items":[{"entity_id":"cust-00001","features":{"support_calls_30d":{"number":1},"channel":{"category":"web"}}},{"entity_id":"nobody","features":{"support_calls_30d":{"number":1},"channel":{"category":"web"}}}]}' 127.0.0.1:$gateway_port mesh.gateway.v1.Gateway/PredictBatch
   grpcurl -plaintext -d '{"service":"mesh.gateway.v1.Gateway"}' 127.0.0.1:$gateway_port grpc.health.v1.Health/Check
-  grpcurl -plaintext -d '{"name":"churn"}' 127.0.0.1:$inference1_port inference.GRPCInferenceService/ModelMetadata
+  grpcurl -plaintext -H "x-mesh-internal-token: $token_hint" -d '{"name":"churn"}' 127.0.0.1:$inference1_port inference.GRPCInferenceService/ModelMetadata
   psql -h 127.0.0.1 -p $pg_port -U postgres -c 'SELECT prediction_id, entity_id, score, feature_tier, trace_id FROM predictions ORDER BY served_at DESC LIMIT 5'
 
-Press Ctrl-C to stop everything.
+A process that exits is restarted (back-off 1 s doubling to ${backoff_max} s). Press Ctrl-C to stop everything.
 TXT
 
-# Stay in the foreground; if any process dies, say which and stop the rest.
+# Supervise: restart what exits, with back-off, and say so loudly.
+describe_exit() {
+  local status=$1
+  if [ "$status" -gt 128 ]; then
+    echo "killed by signal $((status - 128)) (SIG$(kill -l $((status - 128)) 2>/dev/null || echo '?'))"
+  else
+    echo "exited with status $status"
+  fi
+}
 while true; do
-  for pid in "${pids[@]}"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      # Ctrl-C reaches the children too; if that is why, the INT trap runs during this wait.
-      sleep 1 &
-      wait $! || true
-      say "process $pid exited unexpectedly; see .run/logs/. Stopping the rest."
-      exit 1
+  for name in "${names[@]}"; do
+    [ "$stopping" = 1 ] && break
+    if [ -n "${due[$name]:-}" ]; then
+      if [ "$SECONDS" -ge "${due[$name]}" ]; then
+        unset "due[$name]"
+        launch "$name"
+        shout "restarted $name: pid ${pid[$name]} (restart #$(( ${starts[$name]} - 1 ))); log $(show "$logs/$name.log")"
+      fi
+      continue
     fi
+    kill -0 "${pid[$name]}" 2>/dev/null && continue
+    # A Ctrl-C reaches the children too: give the INT trap the chance to run first.
+    sleep 0.3 &
+    wait $! || true
+    [ "$stopping" = 1 ] && break
+    status=0
+    wait "${pid[$name]}" 2>/dev/null || status=$?
+    up=$((SECONDS - ${started_at[$name]}))
+    [ "$up" -ge "$stable_secs" ] && backoff[$name]=$backoff_first
+    delay=${backoff[$name]:-$backoff_first}
+    due[$name]=$((SECONDS + delay))
+    backoff[$name]=$(( delay * 2 > backoff_max ? backoff_max : delay * 2 ))
+    shout "$name (pid ${pid[$name]}) $(describe_exit "$status") after ${up} s up; restart #${starts[$name]} in ${delay} s. The rest of the mesh keeps running. Log: $(show "$logs/$name.log"), last lines:"
+    tail -n 3 "$logs/$name.log" 2>/dev/null | cut -c1-300 | sed 's/^/    /' >&2 || true
   done
   # Sleeping in the background lets the INT/TERM trap run at once.
   sleep 1 &

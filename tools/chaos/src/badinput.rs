@@ -93,6 +93,9 @@ pub struct Targets {
     pub inference: SocketAddr,
     /// The logger.
     pub logger: SocketAddr,
+    /// Sent as `x-mesh-internal-token` on requests to features, inference and logger (except
+    /// the kinds named "no internal token"), so the bad input reaches their handlers.
+    pub internal_token: String,
 }
 
 /// The request mix, `total` requests in all (≈ 90 % at the gateway).
@@ -677,12 +680,50 @@ pub fn plan(t: &Targets, total: usize) -> Vec<Bad> {
         ),
     );
 
+    // Internal services without the credential, or with a wrong one: refused (UNAUTHENTICATED),
+    // whatever the body. First in the list: the expansion below may cut the last templates short.
+    templates.insert(
+        0,
+        (
+            2,
+            grpc(
+                "features: no internal token",
+                t.features,
+                GET_FEATURES,
+                frame(&[]),
+            ),
+        ),
+    );
+    templates.insert(
+        1,
+        (
+            2,
+            with(
+                grpc("logger: wrong internal token", t.logger, RECORD, frame(&[])),
+                vec![header("x-mesh-internal-token", b"not-the-token-0123456789")],
+            ),
+        ),
+    );
+    let token = HeaderValue::from_str(&t.internal_token).ok();
+    for (_, bad) in templates.iter_mut() {
+        let internal = bad.addr != t.gateway;
+        let refused_kind = bad.kind.ends_with("internal token");
+        if let (true, false, Some(token)) = (internal, refused_kind, &token) {
+            bad.headers.push((
+                HeaderName::from_static("x-mesh-internal-token"),
+                token.clone(),
+            ));
+        }
+    }
+
     // Expand by weight, cycling until `total`.
     let weight_sum: usize = templates.iter().map(|(w, _)| w).sum();
     let mut out = Vec::with_capacity(total);
     while out.len() < total {
         for (w, bad) in &templates {
-            let n = (w * total).div_ceil(weight_sum).max(1);
+            // Rounded down, so one pass fits in `total` and no template at the end of the
+            // list is cut short; the outer loop tops up from the start.
+            let n = (w * total / weight_sum).max(1);
             for _ in 0..n {
                 if out.len() < total {
                     out.push(bad.clone());

@@ -4,6 +4,14 @@
 //! reports per scenario: requests, the share that succeeded within the deadline, p99 during the
 //! fault, time to recover, and predictions served against predictions found in PostgreSQL.
 //!
+//! The invariants count what the client received, never what the schema already guarantees:
+//! something was served (`served > 0`), every OK answer carried a prediction id (`served` ==
+//! OK answers), no id reached the client twice, every served id is in `predictions`, and the
+//! records carry their own serve time (`served_at`, the record's `time_unix_micros`): in the
+//! order the client received the answers, no record is stamped later than a following one by
+//! more than the longest OK latency (plus 100 ms), which a record stamped when it was written
+//! (after an outage, a replay) breaks.
+//!
 //! Every fault is real (processes killed or stopped, servers stopped) except one: the 500 ms
 //! latency of scenario 4 is added by a TCP proxy inside this process
 //! (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference replica 2.
@@ -15,6 +23,7 @@
 mod badinput;
 mod load;
 mod mesh;
+mod poison;
 mod probe;
 mod procs;
 
@@ -74,7 +83,7 @@ struct Opts {
     /// Where to write summary.md, chaos.json and logs/.
     #[arg(long, default_value = "chaos-results")]
     out: PathBuf,
-    /// Scenarios to run, e.g. `1,4` (default: all, 1-7).
+    /// Scenarios to run, e.g. `1,4` (default: all, 1-10).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Open-loop load, requests per second.
@@ -101,13 +110,15 @@ struct Opts {
     /// Exit non-zero if any target fails.
     #[arg(long)]
     enforce: bool,
-    /// Exit non-zero only if an invariant fails (found == served, no duplicates, no crashes,
-    /// scenario 6: every accepted request completes); the other targets are printed.
+    /// Exit non-zero only if an invariant fails (served > 0, served == OK answers, found ==
+    /// served, no id received twice, records keep their serve time, no crashes, scenario 6:
+    /// every accepted request completes, scenario 9: memory bounded, scenario 10: valid records
+    /// stored and poison ones kept as rejects); the other targets are printed.
     #[arg(long, conflicts_with = "enforce")]
     enforce_invariants: bool,
 }
 
-const NAMES: [&str; 8] = [
+const NAMES: [&str; 11] = [
     "",
     "kill -9 inference-1, restart",
     "Redis stopped, restarted",
@@ -116,7 +127,13 @@ const NAMES: [&str; 8] = [
     "kill -9 logger, restart",
     "SIGTERM gateway in flight, restart",
     "bad input at volume",
+    "kill -9 gateway under load, restart on its spool",
+    "PostgreSQL hung (SIGSTOP), resumed",
+    "poison records to the logger at volume",
 ];
+
+/// The highest scenario number.
+const LAST: u8 = 10;
 
 /// One target or invariant and whether it held.
 #[derive(Clone, serde::Serialize)]
@@ -138,11 +155,15 @@ struct Outcome {
     /// `None`: n/a (scenario 7) or not recovered within the bound (see `recovery`).
     time_to_recover_s: Option<f64>,
     recovery: String,
+    /// Prediction ids the client received in OK answers.
     served: usize,
+    /// OK answers the client received.
+    ok_answers: usize,
+    /// Distinct served ids found in `predictions`.
     found: i64,
     rows_added: i64,
-    duplicates: i64,
-    served_duplicate_ids: usize,
+    /// Served ids the client received more than once.
+    duplicates: usize,
     delivery: String,
     fault_s: f64,
     checks: Vec<Check>,
@@ -202,20 +223,20 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         repo.join(&opts.out)
     };
     let scenarios: Vec<u8> = if opts.only.is_empty() {
-        (1..=7).collect()
+        (1..=LAST).collect()
     } else {
         let mut s = opts.only.clone();
         s.sort_unstable();
         s.dedup();
-        if let Some(bad) = s.iter().find(|n| !(1..=7).contains(*n)) {
-            anyhow::bail!("--only: there is no scenario {bad} (1-7)");
+        if let Some(bad) = s.iter().find(|n| !(1..=LAST).contains(*n)) {
+            anyhow::bail!("--only: there is no scenario {bad} (1-{LAST})");
         }
         s
     };
     if out.join("logs").exists() {
         std::fs::remove_dir_all(out.join("logs"))?;
     }
-    for n in 1..=7 {
+    for n in 1..=LAST {
         let _ = std::fs::remove_dir_all(out.join(format!("scenario-{n}")));
     }
     std::fs::create_dir_all(out.join("logs"))?;
@@ -401,7 +422,6 @@ async fn scenario(
     }
     let pg_url = mesh.pg.url();
     let rows_before = probe::log_counts(&pg_url, &[]).await?.rows;
-    let scenario_started_unix = unix_ms();
     let max_secs = (opts.baseline_secs + opts.fault_secs + opts.recover_secs + 60) as f64;
     let mut load = Load::start(
         &mesh.bench(),
@@ -419,6 +439,9 @@ async fn scenario(
     let inject_unix = unix_ms();
     let mut details = json!({});
     let mut barrage = None;
+    let mut frozen = None;
+    let mut poisoner = None;
+    let mut memory = MemoryWatch::default();
     match n {
         1 => {
             mesh.inference1.kill9();
@@ -452,6 +475,7 @@ async fn scenario(
                     features: addr(mesh.features.port),
                     inference: addr(mesh.inference1.port),
                     logger: addr(mesh.logger.port),
+                    internal_token: mesh.internal_token.clone(),
                 },
                 opts.bad_requests,
             );
@@ -461,6 +485,32 @@ async fn scenario(
                 plan.len()
             );
             barrage = Some(tokio::spawn(badinput::run(plan, 4, until)));
+        }
+        8 => {
+            mesh.gateway.kill9();
+            say!("fault injected: kill -9 gateway (its spool stays on disk)");
+        }
+        9 => {
+            memory.sample(mesh).await;
+            let guard = mesh.freeze_pg()?;
+            say!(
+                "fault injected: PostgreSQL hung (SIGSTOP to the postmaster and {} children)",
+                guard.count().saturating_sub(1)
+            );
+            frozen = Some(guard);
+        }
+        10 => {
+            let plan = poison::Plan {
+                logger_url: mesh.logger.url(),
+                internal_token: mesh.internal_token.clone(),
+                records_per_call: 20,
+                poison_every: 5,
+                interval: Duration::from_millis(100),
+                until: tokio::time::Instant::now() + fault,
+                id_prefix: format!("chaos-poison-{inject_unix}"),
+            };
+            say!("fault injected: Record calls straight to the logger, 20 records each, 1 in 5 poison (timestamp i64::MAX or NaN score)");
+            poisoner = Some(tokio::spawn(poison::run(plan)));
         }
         _ => unreachable!(),
     }
@@ -495,6 +545,13 @@ async fn scenario(
             details["bad_request_outcomes"] = json!(result.outcomes);
             details["bad_request_outcomes_by_kind"] = json!(result.by_kind);
         }
+        9 => {
+            // Watch memory and the spool while PostgreSQL hangs.
+            while tokio::time::Instant::now() < hold_until {
+                memory.sample(mesh).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
         _ => tokio::time::sleep_until(hold_until).await,
     }
 
@@ -505,9 +562,15 @@ async fn scenario(
         3 => mesh.restart_pg()?,
         4 => mesh.proxy.set_delay(Duration::ZERO),
         5 => mesh.logger.start()?,
-        6 => mesh.gateway.start()?,
+        6 | 8 => mesh.gateway.start()?,
+        // SIGCONT to every process it stopped.
+        9 => drop(frozen.take()),
         _ => {}
     }
+    let poisoned = match poisoner.take() {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
     let lift_unix = unix_ms();
     let fault_s = (lift_unix - inject_unix) as f64 / 1000.0;
     say!(
@@ -518,7 +581,9 @@ async fn scenario(
             3 => ": PostgreSQL restarted",
             4 => ": delay 0",
             5 => ": logger restarted",
-            6 => ": gateway restarted with the same MESH_SPOOL_DIR",
+            6 | 8 => ": gateway restarted with the same MESH_SPOOL_DIR",
+            9 => ": PostgreSQL resumed (SIGCONT)",
+            10 => ": poison sender done",
             _ => "",
         }
     );
@@ -590,13 +655,18 @@ async fn scenario(
     }
 
     // Stop the load and let the records land.
+    let load_start_unix = load.start_unix_ms;
     let fin = load.finish().await?;
+    let load_end_unix = unix_ms();
     say!("load stopped: {} requests", fin.reqs.len());
     let delivery = wait_delivery(mesh, &fin.ids, Duration::from_secs(opts.deliver_secs)).await;
-    let duplicates = probe::duplicates_since(&pg_url, scenario_started_unix)
-        .await
-        .unwrap_or(-1);
     let served = fin.ids.len();
+    let distinct_served = {
+        let mut ids: Vec<&String> = fin.ids.iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    };
     let delivery_text = format!(
         "{}found {}/{} after {:.1} s; spool pending {}",
         if delivery.settled { "" } else { "NOT SETTLED: " },
@@ -629,7 +699,8 @@ async fn scenario(
         .collect();
     let p99 = load::quantile(&mut in_fault, 0.99);
     let ok_pct = pct(ok_within, requests);
-    let served_dups = load::duplicate_ids(&fin.ids);
+    let duplicates = load::duplicate_ids(&fin.ids);
+    let ok_answers = reqs.iter().filter(|r| r.code == 0).count();
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     for r in reqs {
         *codes
@@ -646,21 +717,51 @@ async fn scenario(
             .or_default() += 1;
     }
     details["answers"] = json!(codes);
-    details["ok"] = json!(reqs.iter().filter(|r| r.code == 0).count());
+    details["ok"] = json!(ok_answers);
     details["requests_during_fault"] = json!(in_fault.len());
     details["bench_report"] = fin.report.clone();
 
+    let order = serve_time_order(&pg_url, &fin.ids, reqs, load_start_unix, load_end_unix).await;
+    details["serve_time_order"] = json!({
+        "checked": order.checked,
+        "max_inversion_ms": order.max_inversion_ms,
+        "bound_ms": order.bound_ms,
+        "outside_run": order.outside_run,
+    });
     let mut checks = vec![
         Check {
-            what: format!("found == served ({} / {served})", delivery.found),
-            pass: delivery.found == served as i64,
+            what: format!("served > 0 ({served})"),
+            pass: served > 0,
             invariant: true,
         },
         Check {
             what: format!(
-                "duplicates == 0 ({duplicates} in PostgreSQL, {served_dups} among served ids)"
+                "served == OK answers the client received ({served} ids / {ok_answers} OK)"
             ),
-            pass: duplicates == 0 && served_dups == 0,
+            pass: served == ok_answers,
+            invariant: true,
+        },
+        Check {
+            what: format!(
+                "found == served: every served id in `predictions` ({} / {distinct_served} distinct)",
+                delivery.found
+            ),
+            pass: delivery.found == distinct_served as i64,
+            invariant: true,
+        },
+        Check {
+            what: format!("no prediction id received twice by the client ({duplicates})"),
+            pass: duplicates == 0,
+            invariant: true,
+        },
+        Check {
+            what: format!(
+                "records keep their serve time: {}/{served} checked, largest served_at inversion in the order answers arrived {:.1} ms (bound {:.0} ms), {} outside the load's run",
+                order.checked, order.max_inversion_ms, order.bound_ms, order.outside_run
+            ),
+            pass: order.checked == distinct_served
+                && order.max_inversion_ms <= order.bound_ms
+                && order.outside_run == 0,
             invariant: true,
         },
     ];
@@ -670,7 +771,7 @@ async fn scenario(
             pass: ok_pct >= 99.9,
             invariant: false,
         }),
-        3 => {
+        3 | 9 => {
             let slack = deadline_ms + 50.0;
             let answered = reqs
                 .iter()
@@ -798,6 +899,38 @@ async fn scenario(
         }
         _ => {}
     }
+    if n == 9 {
+        let growth = memory.max_growth_mib();
+        details["memory"] = json!({
+            "rss_kib_at_injection_and_peak": memory.rss.iter().map(|(s, a, p)| json!({"service": s, "at_injection": a, "peak": p})).collect::<Vec<_>>(),
+            "spool_pending_peak": memory.spool_peak,
+            "samples": memory.samples,
+        });
+        let rss: Vec<String> = memory
+            .rss
+            .iter()
+            .map(|(name, at, peak)| {
+                format!(
+                    "{name} {:.0} -> {:.0} MiB",
+                    *at as f64 / 1024.0,
+                    *peak as f64 / 1024.0
+                )
+            })
+            .collect();
+        checks.push(Check {
+            what: format!(
+                "memory bounded while PostgreSQL hangs: RSS growth < {MEMORY_GROWTH_BOUND_MIB:.0} MiB ({}; {} samples); spool pending peak {} records",
+                rss.join(", "),
+                memory.samples,
+                memory.spool_peak
+            ),
+            pass: memory.rss.len() == 3 && growth < MEMORY_GROWTH_BOUND_MIB,
+            invariant: true,
+        });
+    }
+    if let Some(sent) = &poisoned {
+        poison_checks(&pg_url, sent, opts, &mut checks, &mut details).await;
+    }
     if !delivery.settled {
         notes.push(format!(
             "delivery did not settle within {} s",
@@ -814,10 +947,10 @@ async fn scenario(
         time_to_recover_s,
         recovery,
         served,
+        ok_answers,
         found: delivery.found,
         rows_added: delivery.rows - rows_before,
         duplicates,
-        served_duplicate_ids: served_dups,
         delivery: delivery_text,
         fault_s,
         checks,
@@ -825,6 +958,189 @@ async fn scenario(
         notes,
     };
     Ok(outcome)
+}
+
+/// How the served records' `served_at` relates to the order the client received the answers.
+struct ServeTimeOrder {
+    /// Served ids (first occurrence) whose record was found.
+    checked: usize,
+    /// Largest amount by which a record's `served_at` exceeds that of a record answered later.
+    max_inversion_ms: f64,
+    /// The longest OK latency plus 100 ms: no inversion can exceed it if records carry their
+    /// serve time (a record answered earlier was stamped before its answer; one answered later
+    /// was stamped after its request started, at most one OK latency before its answer).
+    bound_ms: f64,
+    /// Records stamped more than 1 s outside the load's run.
+    outside_run: usize,
+}
+
+/// Reads `served_at` of the served ids and walks them in the order the client received the
+/// answers (`ids`), tracking the largest inversion.
+async fn serve_time_order(
+    url: &str,
+    ids: &[String],
+    reqs: &[load::Req],
+    run_start_unix_ms: u64,
+    run_end_unix_ms: u64,
+) -> ServeTimeOrder {
+    let longest_ok = reqs
+        .iter()
+        .filter(|r| r.code == 0)
+        .map(|r| r.latency_ms)
+        .fold(0.0, f64::max);
+    let mut order = ServeTimeOrder {
+        checked: 0,
+        max_inversion_ms: 0.0,
+        bound_ms: longest_ok + 100.0,
+        outside_run: 0,
+    };
+    let stamps = match probe::served_at_micros(url, ids).await {
+        Ok(stamps) => stamps,
+        Err(e) => {
+            say!("cannot read served_at: {e:#}");
+            return order;
+        }
+    };
+    let earliest = (run_start_unix_ms as i64 - 1000) * 1000;
+    let latest = (run_end_unix_ms as i64 + 1000) * 1000;
+    let mut seen = std::collections::HashSet::new();
+    let mut running_max: Option<i64> = None;
+    for id in ids {
+        if !seen.insert(id.as_str()) {
+            continue;
+        }
+        let Some(&t) = stamps.get(id) else { continue };
+        order.checked += 1;
+        if !(earliest..=latest).contains(&t) {
+            order.outside_run += 1;
+        }
+        if let Some(m) = running_max {
+            order.max_inversion_ms = order.max_inversion_ms.max((m - t) as f64 / 1000.0);
+        }
+        running_max = Some(running_max.map_or(t, |m| m.max(t)));
+    }
+    order
+}
+
+/// Peak memory of the gateway, logger and features and peak spool backlog while PostgreSQL
+/// hangs (scenario 9), against their values when the fault was injected.
+#[derive(Default)]
+struct MemoryWatch {
+    /// (service, RSS KiB at injection, peak RSS KiB).
+    rss: Vec<(String, u64, u64)>,
+    /// Peak `mesh_spool_pending_records`.
+    spool_peak: f64,
+    samples: usize,
+}
+
+impl MemoryWatch {
+    async fn sample(&mut self, mesh: &Mesh) {
+        for service in [&mesh.gateway, &mesh.logger, &mesh.features] {
+            let Some(kib) = service.pid().and_then(procs::rss_kib) else {
+                continue;
+            };
+            match self
+                .rss
+                .iter_mut()
+                .find(|(name, _, _)| *name == service.name)
+            {
+                Some((_, _, peak)) => *peak = (*peak).max(kib),
+                None => self.rss.push((service.name.clone(), kib, kib)),
+            }
+        }
+        if let Ok(Some(pending)) = probe::spool_pending(mesh.gateway.metrics_port).await {
+            self.spool_peak = self.spool_peak.max(pending);
+        }
+        self.samples += 1;
+    }
+
+    /// Largest RSS growth, MiB.
+    fn max_growth_mib(&self) -> f64 {
+        self.rss
+            .iter()
+            .map(|(_, at, peak)| peak.saturating_sub(*at) as f64 / 1024.0)
+            .fold(0.0, f64::max)
+    }
+}
+
+/// RSS growth allowed while PostgreSQL hangs: the queues in front of it are bounded, so memory
+/// must not grow with the length of the outage.
+const MEMORY_GROWTH_BOUND_MIB: f64 = 128.0;
+
+/// Scenario 10: every Record call answered OK, the valid records in `predictions`, the poison
+/// ones in `prediction_rejects` and not in `predictions` (waits up to half the delivery bound
+/// for them to land).
+async fn poison_checks(
+    pg_url: &str,
+    sent: &poison::Sent,
+    opts: &Opts,
+    checks: &mut Vec<Check>,
+    details: &mut serde_json::Value,
+) {
+    let until = Instant::now() + Duration::from_secs(opts.deliver_secs / 2);
+    let (mut valid_found, mut rejects, mut poison_logged) = (-1, -1, -1);
+    loop {
+        if let (Ok(v), Ok(r), Ok(p)) = (
+            probe::log_counts(pg_url, &sent.valid).await,
+            probe::rejects_found(pg_url, &sent.poison).await,
+            probe::log_counts(pg_url, &sent.poison).await,
+        ) {
+            (valid_found, rejects, poison_logged) = (v.found, r, p.found);
+        }
+        let complete =
+            valid_found == sent.valid.len() as i64 && rejects == sent.poison.len() as i64;
+        if complete || Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    say!(
+        "poison: {} calls ({} OK), valid {}/{} in predictions, poison {}/{} in prediction_rejects ({} in predictions)",
+        sent.calls,
+        sent.calls_ok,
+        valid_found,
+        sent.valid.len(),
+        rejects,
+        sent.poison.len(),
+        poison_logged
+    );
+    details["poison"] = json!({
+        "calls": sent.calls,
+        "calls_ok": sent.calls_ok,
+        "accepted": sent.accepted,
+        "outcomes": sent.outcomes,
+        "valid_sent": sent.valid.len(),
+        "valid_in_predictions": valid_found,
+        "poison_sent": sent.poison.len(),
+        "poison_in_prediction_rejects": rejects,
+        "poison_in_predictions": poison_logged,
+    });
+    checks.push(Check {
+        what: format!(
+            "every Record call with poison in it answered OK ({}/{}; answers {:?})",
+            sent.calls_ok, sent.calls, sent.outcomes
+        ),
+        pass: sent.calls > 0 && sent.calls_ok == sent.calls,
+        invariant: true,
+    });
+    checks.push(Check {
+        what: format!(
+            "every valid record sent with poison is in `predictions` ({valid_found}/{})",
+            sent.valid.len()
+        ),
+        pass: !sent.valid.is_empty() && valid_found == sent.valid.len() as i64,
+        invariant: true,
+    });
+    checks.push(Check {
+        what: format!(
+            "every poison record is in `prediction_rejects` ({rejects}/{}) and none in `predictions` ({poison_logged})",
+            sent.poison.len()
+        ),
+        pass: !sent.poison.is_empty()
+            && rejects == sent.poison.len() as i64
+            && poison_logged == 0,
+        invariant: true,
+    });
 }
 
 #[derive(Default)]
@@ -896,10 +1212,11 @@ fn fmt_opt(v: Option<f64>, unit: &str) -> String {
 
 fn print_row(o: &Outcome) {
     say!(
-        "scenario {} {}: {} requests, {:.2} % within deadline, p99 in fault {}, recover {}, served {} found {} (rows added {}, duplicates {}) → {}",
+        "scenario {} {}: {} requests, {} OK, {:.2} % within deadline, p99 in fault {}, recover {}, served {} found {} (rows added {}, received twice {}) → {}",
         o.scenario,
         o.name,
         o.requests,
+        o.ok_answers,
         o.ok_within_deadline_pct,
         fmt_opt(o.p99_during_fault_ms, " ms"),
         o.recovery,
@@ -926,7 +1243,7 @@ fn summarise(
     let enforce = if opts.enforce {
         "all targets"
     } else if opts.enforce_invariants {
-        "invariants only (found == served, no duplicates, no crashes, scenario 6: accepted requests complete)"
+        "invariants only (served > 0, served == OK answers, found == served, no id received twice, serve time kept, no crashes, scenario 6: accepted requests complete, scenario 9: memory bounded, scenario 10: valid stored and poison kept as rejects)"
     } else {
         "nothing (report only)"
     };
@@ -934,15 +1251,16 @@ fn summarise(
         "# Chaos suite\n\n{profile} build; open-loop load {} req/s, deadline {} ms; faults {} s; baseline {} s; recovery bound {} s; delivery bound {} s; suite took {:.0} s. Enforced: {enforce}.\n\n",
         opts.rate, opts.timeout_ms, opts.fault_secs, opts.baseline_secs, opts.recover_secs, opts.deliver_secs, total.as_secs_f64()
     ));
-    s.push_str("| # | scenario | requests | succeeded within deadline | p99 during fault | time to recover | served | found | rows added | duplicates | result |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| # | scenario | requests | OK answers | succeeded within deadline | p99 during fault | time to recover | served | found | rows added | received twice | result |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for o in outcomes {
         let result = if o.pass() { "PASS" } else { "FAIL" };
         s.push_str(&format!(
-            "| {} | {} | {} | {:.2} % | {} | {} | {} | {} | {} | {} | {result} |\n",
+            "| {} | {} | {} | {} | {:.2} % | {} | {} | {} | {} | {} | {} | {result} |\n",
             o.scenario,
             o.name,
             o.requests,
+            o.ok_answers,
             o.ok_within_deadline_pct,
             fmt_opt(o.p99_during_fault_ms, " ms"),
             match o.time_to_recover_s {
@@ -1013,15 +1331,20 @@ const DEFINITIONS: &str = "
   to 100 % (the first 1 s window of request starts, on a 100 ms grid, in which every request
   succeeded within its deadline), the later of the two, with 100 ms resolution; n/a for
   scenario 7; `> N s` when not reached within the recovery bound.
-- **served / found**: served = prediction ids the bench received in OK answers during the
-  scenario; found = how many of those ids are in PostgreSQL's `predictions` table after
-  delivery (the gateway's `mesh_spool_pending_records` at 0, or absent, and the table settled).
+- **OK answers / served / found**: OK answers = requests the bench got OK for; served =
+  prediction ids it received in those answers (must equal OK answers, and be > 0); found = how
+  many of the distinct served ids are in PostgreSQL's `predictions` table after delivery (the
+  gateway's `mesh_spool_pending_records` at 0, or absent, and the table settled).
 - **rows added**: rows the table gained during the scenario. It can exceed served: a prediction
   the gateway made and logged after the client had given up (deadline passed) is logged but not
   served.
-- **duplicates**: `count(*) - count(DISTINCT prediction_id)` over the rows logged since the
-  scenario started (the primary key makes it 0; checked anyway), plus ids the bench received
-  twice.
+- **received twice**: prediction ids the bench received in more than one OK answer. (Rows in
+  PostgreSQL are not counted: its primary key already makes them unique.)
+- **records keep their serve time**: every served record's `served_at` (the record's own
+  `time_unix_micros`) is read back and walked in the order the bench received the answers; no
+  record may be stamped later than a record answered after it by more than the longest OK
+  latency + 100 ms, and none more than 1 s outside the load's run. A record stamped when it was
+  written rather than when it was served (after an outage, a spool replay) fails this.
 - **scenario 3 answered**: the server's own status (OK or an error code), not a hang, arrived
   within deadline + 50 ms. The client also enforces the deadline itself, so a request with no
   answer by its deadline counts as not answered: the check is at least as strict as the target.
@@ -1031,6 +1354,18 @@ const DEFINITIONS: &str = "
   was handed to it (hyper: \"operation was canceled\", never sent). Every other request started
   from SIGTERM − deadline until the restart was accepted and must end OK; the client's error
   text of any that did not is printed.
+- **scenario 8**: the gateway is killed with SIGKILL (no drain) and restarted on the same
+  `MESH_SPOOL_DIR`; every OK answer's record must still reach `predictions` (found == served).
+- **scenario 9**: PostgreSQL's postmaster and its children are stopped with SIGSTOP (the server
+  hangs: connections stay open, nothing answers) for the fault time, then resumed with SIGCONT.
+  Every request must be answered (OK or an error status) within deadline + 50 ms (a target, like
+  scenario 3); the RSS of gateway, logger and features may not grow by 128 MiB or more during
+  the hang (invariant); everything served is delivered afterwards.
+- **scenario 10**: `Record` calls straight to the logger (with the internal token), 20 records
+  each, one in five poison (`time_unix_micros = i64::MAX`, or a NaN score), every 100 ms for the
+  fault time, while the gateway load goes on. Every call must be answered OK, every valid record
+  land in `predictions`, every poison one in `prediction_rejects` and none in `predictions`; the
+  gateway's records must all be delivered as in every scenario.
 - **scenario 7 crashes**: processes started by mesh-chaos that are no longer running
   (`kill -0` on their PIDs) after the bad input; each must also answer grpc.health.v1 SERVING
   and normal Predicts must still succeed.

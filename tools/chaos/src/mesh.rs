@@ -2,6 +2,8 @@
 //! free loopback ports: PostgreSQL and Redis (mesh-testkit), features, two inference replicas,
 //! logger and gateway. Dropping it stops everything it started, services first (by PID: SIGTERM,
 //! then SIGKILL after a timeout), then Redis and PostgreSQL; temporary directories go with it.
+//! Every service gets the same random `MESH_INTERNAL_TOKEN`; [`Mesh::internal_token`] is what
+//! the suite's direct calls to internal services send as `x-mesh-internal-token`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +12,7 @@ use anyhow::{bail, Context as _};
 use mesh_testkit::proxy::DelayProxy;
 use mesh_testkit::{free_port, PostgresServer, RedisServer};
 
-use crate::procs::{wait_serving, Service};
+use crate::procs::{wait_serving, Frozen, Service};
 use crate::say;
 
 /// Where the binaries and data are.
@@ -47,6 +49,8 @@ pub struct Mesh {
     pub redis_port: u16,
     /// PostgreSQL: the features' source of truth and the prediction log.
     pub pg: PostgresServer,
+    /// The internal credential every service was started with.
+    pub internal_token: String,
     /// Holds the gateway's spool (`MESH_SPOOL_DIR`).
     _tmp: tempfile::TempDir,
 }
@@ -86,11 +90,15 @@ impl Mesh {
         let spool = tmp.path().join("spool");
         std::fs::create_dir_all(&spool)?;
 
+        let internal_token = random_token()?;
         let common = |extra: &[(&str, String)]| -> Vec<(String, String)> {
-            let mut env = vec![(
-                "MESH_MODELS_DIR".to_owned(),
-                paths.repo.join("models").display().to_string(),
-            )];
+            let mut env = vec![
+                (
+                    "MESH_MODELS_DIR".to_owned(),
+                    paths.repo.join("models").display().to_string(),
+                ),
+                ("MESH_INTERNAL_TOKEN".to_owned(), internal_token.clone()),
+            ];
             env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
             env
         };
@@ -175,6 +183,7 @@ impl Mesh {
             redis: Some(redis),
             redis_port,
             pg,
+            internal_token,
             _tmp: tmp,
         };
         for service in mesh.services() {
@@ -238,6 +247,7 @@ impl Mesh {
         let out = tokio::process::Command::new(self.meshctl())
             .args(["seed", "--features-url", &self.features.url(), "--file"])
             .arg(file)
+            .env("MESH_INTERNAL_TOKEN", &self.internal_token)
             .kill_on_drop(true)
             .output()
             .await?;
@@ -278,6 +288,30 @@ impl Mesh {
         Ok(())
     }
 
+    /// SIGSTOPs PostgreSQL's postmaster and its children (the server hangs: connections stay
+    /// open, nothing answers) until the returned guard is dropped. The postmaster's PID comes
+    /// from `postmaster.pid` in the cluster this suite created, and must be our own child.
+    pub fn freeze_pg(&self) -> anyhow::Result<Frozen> {
+        let pid_file = self.pg.dir().join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("cannot read {}", pid_file.display()))?;
+        let pid: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("no PID in {}", pid_file.display()))?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let parent = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        anyhow::ensure!(
+            parent == Some(std::process::id()),
+            "postmaster {pid} is not a child of mesh-chaos (parent {parent:?}): not signalling it"
+        );
+        Ok(Frozen::stop(pid))
+    }
+
     /// Restarts any service that is not running (e.g. after a failed scenario); returns names.
     pub async fn revive(&mut self) -> anyhow::Result<Vec<String>> {
         let meshctl = self.meshctl();
@@ -292,6 +326,14 @@ impl Mesh {
         }
         Ok(revived)
     }
+}
+
+/// 32 random bytes from the kernel, as hex: the internal token for this run.
+fn random_token() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Drop for Mesh {

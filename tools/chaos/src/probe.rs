@@ -115,15 +115,42 @@ pub async fn log_counts(url: &str, ids: &[String]) -> anyhow::Result<LogCounts> 
     Ok(LogCounts { rows, found })
 }
 
-/// `count(*) - count(DISTINCT prediction_id)` over rows logged at or after `since_unix_ms`.
-pub async fn duplicates_since(url: &str, since_unix_ms: u64) -> anyhow::Result<i64> {
+/// `served_at` (the record's own `time_unix_micros`, not the time it was written) of each of
+/// `ids` found in `predictions`, in unix microseconds.
+pub async fn served_at_micros(
+    url: &str,
+    ids: &[String],
+) -> anyhow::Result<std::collections::HashMap<String, i64>> {
     let client = pg(url).await?;
-    let since = since_unix_ms as f64 / 1000.0;
+    let rows = client
+        .query(
+            "SELECT prediction_id, (extract(epoch FROM served_at) * 1e6)::int8
+             FROM predictions WHERE prediction_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// How many distinct ids of `ids` are in `prediction_rejects` (0 while the table does not
+/// exist: a logger without a rejects table has kept none).
+pub async fn rejects_found(url: &str, ids: &[String]) -> anyhow::Result<i64> {
+    let client = pg(url).await?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('public.prediction_rejects') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
     Ok(client
         .query_one(
-            "SELECT count(*) - count(DISTINCT prediction_id) FROM predictions
-             WHERE logged_at >= to_timestamp($1::float8)",
-            &[&since],
+            "SELECT count(DISTINCT prediction_id) FROM prediction_rejects
+             WHERE prediction_id = ANY($1)",
+            &[&ids],
         )
         .await?
         .get(0))

@@ -201,3 +201,74 @@ pub async fn wait_serving(meshctl: &Path, url: &str, wait_secs: u64) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`), if readable.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+/// The PIDs whose parent is `parent` (from `/proc/<pid>/stat`).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                // The command name is in parentheses and may contain spaces: parse after it.
+                .and_then(|stat| {
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// A process and its children stopped with SIGSTOP; dropping it sends SIGCONT to all of them,
+/// so the processes resume whatever happens to the scenario (error, Ctrl-C) in between.
+pub struct Frozen {
+    pids: Vec<u32>,
+}
+
+impl Frozen {
+    /// SIGSTOPs `pid` first (so it forks no new children), then each of its children.
+    /// `pid` must be a process this program started (or a child of one).
+    pub fn stop(pid: u32) -> Self {
+        let mut pids = Vec::new();
+        if send_signal(pid, libc::SIGSTOP) {
+            pids.push(pid);
+        }
+        // Twice: a child forked just before the parent stopped shows up on the second pass.
+        for _ in 0..2 {
+            for child in children_of(pid) {
+                if !pids.contains(&child) && send_signal(child, libc::SIGSTOP) {
+                    pids.push(child);
+                }
+            }
+        }
+        Self { pids }
+    }
+
+    /// How many processes are stopped.
+    pub fn count(&self) -> usize {
+        self.pids.len()
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // Children first, then the parent, so the parent finds them running when it resumes.
+        for pid in self.pids.iter().rev() {
+            send_signal(*pid, libc::SIGCONT);
+        }
+    }
+}
