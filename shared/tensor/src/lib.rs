@@ -200,6 +200,12 @@ fn strings(
             // whatever the shape declares.
             let mut out = Vec::with_capacity(rows.min(bytes.len() / 4));
             while !bytes.is_empty() {
+                if out.len() == rows {
+                    return Err(TensorError(format!(
+                        "input {} declares {rows} rows but carries more values",
+                        input.name
+                    )));
+                }
                 let Some((prefix, rest)) = bytes.split_first_chunk::<4>() else {
                     return Err(TensorError(format!(
                         "input {}: truncated BYTES length prefix",
