@@ -381,3 +381,94 @@ async fn internal_services_refuse_calls_without_the_token() {
         "stored features were read through the internal hop"
     );
 }
+
+/// A PostgreSQL that hangs (accepts bytes, answers nothing) used to block the logger's writer
+/// without bound: there was no statement or client-side timeout. Now a call waits at most its
+/// deadline, later calls are refused at once while the writer's bounded attempts fail, and once
+/// PostgreSQL answers again every record accepted is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_postgres_costs_a_bounded_wait_and_loses_nothing() {
+    use mesh_testkit::proxy::{DelayProxy, Fault};
+    telemetry();
+    let pg = mesh_testkit::PostgresServer::start().expect("postgres");
+    let proxy = DelayProxy::start(format!("127.0.0.1:{}", pg.port()).parse().expect("addr"))
+        .await
+        .expect("proxy");
+    let mut config = logger_config(&pg);
+    config.database.url = format!("postgres://postgres@{}/postgres", proxy.addr());
+    config.database.timeout = Duration::from_millis(500);
+    let logger = start_logger(config).await;
+    wait_serving(logger.addr, Duration::from_secs(30)).await;
+    let mut client = PredictionLogClient::new(internal_channel(logger.addr));
+    let call = |ids: std::ops::Range<usize>, timeout: Duration| {
+        let mut request = tonic::Request::new(RecordRequest {
+            records: ids.map(|i| record(&format!("hung-{i}"))).collect(),
+        });
+        request.set_timeout(timeout);
+        request
+    };
+    client
+        .record(call(0..10, Duration::from_secs(5)))
+        .await
+        .expect("before the hang");
+
+    proxy.set_fault(Fault::Hold);
+    let started = std::time::Instant::now();
+    let first = client.record(call(10..20, Duration::from_secs(1))).await;
+    let waited = started.elapsed();
+    assert!(first.is_err(), "nothing can commit while PostgreSQL hangs");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the call waited {waited:?}, past its 1 s deadline"
+    );
+    // The writer's attempt gives up after MESH_DB_TIMEOUT_MS; from then on calls are refused
+    // at once instead of queueing behind it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for batch in 0..5 {
+        let started = std::time::Instant::now();
+        let status = client
+            .record(call(
+                100 + batch * 10..110 + batch * 10,
+                Duration::from_secs(2),
+            ))
+            .await
+            .expect_err("refused while PostgreSQL hangs");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "refused at once"
+        );
+    }
+
+    proxy.set_fault(Fault::None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let result = client.record(call(20..30, Duration::from_secs(5))).await;
+        if result.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the logger did not recover: {result:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let db = connect_db(&pg).await;
+    let rows = db
+        .query(
+            "SELECT prediction_id FROM predictions WHERE prediction_id LIKE 'hung-%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("rows");
+    let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    // The first 10, the 10 accepted when the hang began (their caller timed out, the writer
+    // kept them), and the 10 after: each once. The refused calls' records were never taken.
+    let expected: Vec<String> = {
+        let mut v: Vec<String> = (0..30).map(|i| format!("hung-{i}")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids, expected);
+    logger.shutdown().await;
+}
