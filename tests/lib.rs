@@ -187,6 +187,7 @@ pub fn inference_config() -> mesh_inference::Config {
         },
         max_batch_rows: 4096,
         replica_id: "test".into(),
+        registry: Default::default(),
     }
 }
 

@@ -21,3 +21,35 @@ pub mod store;
 pub use follow::{follow, Following};
 pub use policy::{Policy, RegistryState, Rollout};
 pub use store::{AuditRecord, Change, RegistryStore, StoreError};
+
+/// Where the live registry is, for a service that follows it: `MESH_REGISTRY_DATABASE_URL`
+/// (unset: no live registry; models and the production alias come from the disk, read at
+/// start) and `MESH_REGISTRY_INTERVAL_MS` (the re-read interval behind `LISTEN/NOTIFY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrySettings {
+    /// PostgreSQL URL of the registry, if any.
+    pub url: Option<String>,
+    /// Longest a follower goes without re-reading.
+    pub interval: std::time::Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            interval: std::time::Duration::from_secs(1),
+        }
+    }
+}
+
+impl RegistrySettings {
+    /// Reads both settings (they must be in the service's table).
+    pub fn read(
+        s: &mesh_runtime::config::Settings<'_>,
+    ) -> Result<Self, mesh_runtime::config::ConfigError> {
+        Ok(Self {
+            url: s.optional("MESH_REGISTRY_DATABASE_URL"),
+            interval: s.millis("MESH_REGISTRY_INTERVAL_MS")?,
+        })
+    }
+}

@@ -386,3 +386,29 @@ fn changed(
         }
     }
 }
+
+/// Migrates the registry and seeds every model's production from the disk, retrying every
+/// 500 ms while PostgreSQL is unreachable (a service starts before its database).
+pub async fn prepare(store: &RegistryStore, seeds: &[(String, String)]) {
+    let mut attempt = 0u32;
+    loop {
+        let result = async {
+            store.migrate().await?;
+            for (model, production) in seeds {
+                if store.seed(model, production).await? {
+                    tracing::info!(%model, %production, "model registry seeded from aliases.json");
+                }
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                attempt += 1;
+                tracing::warn!(%error, attempt, "model registry not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
