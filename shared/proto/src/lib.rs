@@ -5,6 +5,7 @@
 //! - [`gateway`]: the public API (`mesh.gateway.v1.Gateway`).
 //! - [`features`]: the feature store (`mesh.features.v1.Features`).
 //! - [`logger`]: the prediction log (`mesh.logger.v1.PredictionLog`).
+//! - [`admin`]: model lifecycle administration on the gateway (`mesh.admin.v1.ModelAdmin`).
 //! - [`catalog`]: each inference replica's model versions and their state
 //!   (`mesh.catalog.v1.ModelCatalog`).
 //! - [`inference`]: the Open Inference Protocol / KServe V2 (`inference.GRPCInferenceService`),
@@ -43,6 +44,13 @@ pub mod mesh {
             tonic::include_proto!("mesh.logger.v1");
         }
     }
+    /// `mesh.admin.v1`.
+    pub mod admin {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mesh.admin.v1");
+        }
+    }
     /// `mesh.catalog.v1`.
     pub mod catalog {
         /// Version 1.
@@ -52,6 +60,7 @@ pub mod mesh {
     }
 }
 
+pub use mesh::admin::v1 as admin;
 pub use mesh::catalog::v1 as catalog;
 pub use mesh::features::v1 as features;
 pub use mesh::gateway::v1 as gateway;
@@ -77,4 +86,5 @@ pub mod service_names {
     /// `inference.GRPCInferenceService`.
     pub const INFERENCE: &str = "inference.GRPCInferenceService";
     pub const CATALOG: &str = "mesh.catalog.v1.ModelCatalog";
+    pub const ADMIN: &str = "mesh.admin.v1.ModelAdmin";
 }
