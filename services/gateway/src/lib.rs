@@ -141,6 +141,34 @@ fn follow_registry(
     Ok(Some((store, following)))
 }
 
+/// The spool and the task shipping it to the logger.
+fn spawn_shipping(
+    config: &Config,
+    metrics: &ServiceMetrics,
+    channels: &Channels,
+) -> Result<(logship::LogShipper, tokio::task::JoinHandle<()>), StartupError> {
+    let spool = &config.spool;
+    logship::spawn(
+        client::LoggerDownstream::new(channels.logger.clone()),
+        Bulkhead::new("logger", config.bulkheads.logger, &metrics.bulkheads),
+        logship::ShipConfig {
+            dir: spool.dir.clone(),
+            max_bytes: spool.max_bytes,
+            segment_bytes: spool.segment_bytes,
+            capacity: spool.queue,
+            batch_size: spool.batch_size,
+            flush_interval: spool.flush,
+            call_timeout: RECORD_TIMEOUT,
+            degraded_after: spool.delivery_degraded_after,
+        },
+        logship::ShipMetrics::register(&metrics.registry)?,
+    )
+    .map_err(|error| StartupError::Io {
+        what: format!("spool {} (MESH_SPOOL_DIR)", spool.dir.display()),
+        error,
+    })
+}
+
 /// The handlers wired to their downstreams: the gateway's dependency graph, in one place.
 fn wire(
     config: &Config,
@@ -171,26 +199,7 @@ fn wire(
         )
     };
     let margin = config.budgets.downstream_margin;
-    let spool = &config.spool;
-    let (log, shipping) = logship::spawn(
-        client::LoggerDownstream::new(channels.logger.clone()),
-        Bulkhead::new("logger", config.bulkheads.logger, bulkheads),
-        logship::ShipConfig {
-            dir: spool.dir.clone(),
-            max_bytes: spool.max_bytes,
-            segment_bytes: spool.segment_bytes,
-            capacity: spool.queue,
-            batch_size: spool.batch_size,
-            flush_interval: spool.flush,
-            call_timeout: RECORD_TIMEOUT,
-            degraded_after: spool.delivery_degraded_after,
-        },
-        logship::ShipMetrics::register(&metrics.registry)?,
-    )
-    .map_err(|error| StartupError::Io {
-        what: format!("spool {} (MESH_SPOOL_DIR)", spool.dir.display()),
-        error,
-    })?;
+    let (log, shipping) = spawn_shipping(config, metrics, channels)?;
     let replica_metrics = client::replicas::ReplicaMetrics::register(&metrics.registry)?;
     let replicas = client::replicas::ReplicaSet::start(
         &channels.inference,
