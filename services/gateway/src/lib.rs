@@ -52,6 +52,9 @@ struct Channels {
     features: InternalChannel,
     logger: InternalChannel,
     inference: Vec<(String, InternalChannel)>,
+    /// A second connection per replica for reading its catalog: polls never queue behind
+    /// (or in front of) predictions on a slow connection.
+    catalogs: Vec<(String, InternalChannel)>,
 }
 
 impl Channels {
@@ -80,6 +83,11 @@ impl Channels {
             features: channel(&downstreams.features_url, "MESH_FEATURES_URL")?,
             logger: channel(&downstreams.logger_url, "MESH_LOGGER_URL")?,
             inference: downstreams
+                .inference_urls
+                .iter()
+                .map(|url| Ok((url.clone(), channel(url, "MESH_INFERENCE_URLS")?)))
+                .collect::<Result<_, StartupError>>()?,
+            catalogs: downstreams
                 .inference_urls
                 .iter()
                 .map(|url| Ok((url.clone(), channel(url, "MESH_INFERENCE_URLS")?)))
@@ -177,7 +185,8 @@ fn wire(
 ) -> Result<Wired, StartupError> {
     let disk = Arc::new(ModelRegistry::load(&config.models_dir)?);
     let (store, following) = follow_registry(config, &disk)?.unzip();
-    let versions = lifecycle::readiness::ReplicaVersions::start(&channels.inference);
+    let versions =
+        lifecycle::readiness::ReplicaVersions::start(&channels.catalogs, &metrics.registry)?;
     let router = Arc::new(lifecycle::routing::Router::new(
         config.models_dir.clone(),
         disk,
