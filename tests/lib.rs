@@ -340,6 +340,20 @@ pub async fn wait_replicas_ready(http: SocketAddr, replicas: usize) {
     }
 }
 
+/// A built binary of the workspace: next to the test's `deps/` directory (`make test` builds
+/// them first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run `cargo build --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
 /// A lazily connecting channel to `addr`.
 pub fn channel(addr: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

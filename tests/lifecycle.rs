@@ -204,7 +204,17 @@ async fn a_replica_loads_and_unloads_versions_as_the_live_registry_changes() {
         .model_infer(infer_request("2"))
         .await
         .expect_err("unloaded");
-    assert_eq!(status.code(), Code::NotFound);
+    // On disk but not held here: the replica's state, not the caller's mistake.
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("not loaded on this replica"),
+        "{status:?}"
+    );
+    let status = inference_client(replica.addr)
+        .model_infer(infer_request("77"))
+        .await
+        .expect_err("no such version");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
     // Promotion moves what an empty version means, without a restart.
     store
         .apply(
@@ -486,4 +496,68 @@ async fn promotion_rollback_and_a_sticky_rollout_reach_every_gateway_without_a_f
     );
     eprintln!("promotion reached both gateways in {promoted_in:?}, rollback in {rolled_back_in:?}");
     mesh.assert_idle().await;
+}
+
+/// Runs `meshctl models <args>` against the gateway at `addr` with the test admin key; its
+/// standard output, or a panic with its error output.
+fn meshctl(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    let output = std::process::Command::new(binary("meshctl"))
+        .arg("models")
+        .args([
+            "--gateway-url",
+            &format!("http://{addr}"),
+            "--admin-key",
+            ADMIN_KEY,
+        ])
+        .args(args)
+        .output()
+        .expect("run meshctl");
+    assert!(
+        output.status.success(),
+        "meshctl models {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_models_promotes_rolls_back_and_shows_the_audit_log() {
+    let mesh = Mesh::start_live(|_| {}).await;
+    let addr = mesh.gateway.addr;
+    let listed = tokio::task::spawn_blocking(move || meshctl(addr, &["list"]))
+        .await
+        .expect("list");
+    assert!(
+        listed.contains("churn: versions [1, 2], production=1"),
+        "{listed}"
+    );
+    let promoted = tokio::task::spawn_blocking(move || {
+        meshctl(addr, &["promote", "churn", "2", "--reason", "better AUC"])
+    })
+    .await
+    .expect("promote");
+    assert!(
+        promoted.contains("production=2, rollback to 1"),
+        "{promoted}"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        meshctl(addr, &["rollback", "churn", "--reason", "slower"]);
+        meshctl(addr, &["status", "churn"])
+    })
+    .await
+    .expect("status");
+    assert!(status.contains("production=1"), "{status}");
+    assert!(status.contains("version 1 READY"), "{status}");
+    let history = tokio::task::spawn_blocking(move || meshctl(addr, &["history", "churn"]))
+        .await
+        .expect("history");
+    let lines: Vec<&str> = history.lines().collect();
+    assert!(
+        lines[0].contains("ops churn rollback: 2 -> 1 (slower)"),
+        "{history}"
+    );
+    assert!(
+        lines[1].contains("ops churn set_alias: 1 -> 2 (better AUC)"),
+        "{history}"
+    );
 }

@@ -110,19 +110,6 @@ impl Drop for Process {
     }
 }
 
-/// Built binaries live next to the test's `deps/` directory (`make test` builds them first).
-fn binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built; run `cargo build --bins` (make test does)",
-        path.display()
-    );
-    path
-}
-
 fn spawn(name: &'static str, bin: &str, port: u16, otlp: &str, env: &[(&str, String)]) -> Process {
     let mut cmd = Command::new(binary(bin));
     cmd.env("MESH_LISTEN_ADDR", format!("127.0.0.1:{port}"))

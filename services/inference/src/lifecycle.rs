@@ -70,6 +70,9 @@ pub async fn run(
     loop {
         let want = desired.borrow_and_update().clone();
         service.set_production(want.production.clone());
+        if let Ok(disk) = ModelRegistry::load(&service.config().models.dir) {
+            service.set_on_disk(from_disk(&disk).versions);
+        }
         for (model, version) in service.catalog().retain(&want.versions) {
             tracing::info!(%model, %version, "version no longer referenced: unloaded once its calls end");
         }

@@ -23,6 +23,8 @@ pub struct InferenceService {
     catalog: Catalog,
     /// Model → its production version, from the live registry (or the disk aliases).
     production: RwLock<BTreeMap<String, String>>,
+    /// Every (model, version) on disk, as of the last lifecycle round.
+    on_disk: RwLock<std::collections::BTreeSet<(String, String)>>,
     env: OnceLock<Environment>,
 }
 
@@ -33,6 +35,7 @@ impl InferenceService {
             config,
             catalog: Catalog::default(),
             production: RwLock::new(BTreeMap::new()),
+            on_disk: RwLock::new(Default::default()),
             env: OnceLock::new(),
         }
     }
@@ -45,6 +48,13 @@ impl InferenceService {
     /// Every version held, with its state.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// Sets which versions exist on disk (a version there that this replica does not hold is
+    /// this replica's state, not the caller's mistake: `UNAVAILABLE`, so a caller tries another
+    /// replica, rather than `NOT_FOUND`).
+    pub fn set_on_disk(&self, versions: std::collections::BTreeSet<(String, String)>) {
+        *self.on_disk.write().unwrap_or_else(|e| e.into_inner()) = versions;
     }
 
     /// Sets what an empty version (or `production`) means, per model.
@@ -72,7 +82,20 @@ impl InferenceService {
         } else {
             version.to_owned()
         };
-        self.catalog.get(name, &version)
+        match self.catalog.get(name, &version) {
+            Err(InferenceError::NotFound(_))
+                if self
+                    .on_disk
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&(name.to_owned(), version.clone())) =>
+            {
+                Err(InferenceError::VersionLoading(format!(
+                    "model {name} version {version} is not loaded on this replica"
+                )))
+            }
+            other => other,
+        }
     }
 
     /// Runs one ModelInfer request (the handler without the gRPC envelope).

@@ -3,6 +3,9 @@
 //! - `seed`: loads entities' features from a JSON-lines file through `Features/PutFeatures`.
 //! - `predict`: sends one `Gateway/Predict` and prints the answer.
 //! - `health`: exits 0 iff a server's `grpc.health.v1` says SERVING (container health checks).
+//! - `models`: list, status, promote, rollback, rollout, shadow, history ([`models`]).
+
+mod models;
 
 use std::collections::HashMap;
 use std::io::BufRead as _;
@@ -26,6 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Model lifecycle through the gateway's admin API: list, status, promote, rollback,
+    /// rollout, shadow, history.
+    Models(models::Admin),
     /// Load entity features from a JSON-lines file:
     /// {"entity_id": "cust-1", "features": {"tenure_months": 12, "contract": "one_year"}}
     Seed {
@@ -273,5 +279,6 @@ async fn main() -> anyhow::Result<()> {
             service,
             wait_secs,
         } => health(url, service, wait_secs).await,
+        Command::Models(admin) => admin.run().await,
     }
 }

@@ -204,7 +204,11 @@ impl ModelAdmin for AdminService {
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
         self.authorize(&request)?;
-        let state = self.router.state();
+        // The store is the truth; the followed copy can be a notification behind it.
+        let state = match &self.store {
+            Some(store) => Some(Arc::new(store.read().await.map_err(store_status)?)),
+            None => self.router.state(),
+        };
         let models = self
             .router
             .disk()

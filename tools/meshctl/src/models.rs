@@ -1,0 +1,279 @@
+//! `meshctl models …`: the model lifecycle through the gateway's admin API
+//! (`mesh.admin.v1.ModelAdmin`), with the admin key from `--admin-key` / `MESH_ADMIN_KEY`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use mesh_proto::admin::model_admin_client::ModelAdminClient;
+use mesh_proto::admin::{
+    AuditEntry, ChangeResponse, HistoryRequest, ListModelsRequest, ModelStatus, PromoteRequest,
+    RollbackRequest, SetRolloutRequest, SetShadowRequest, StopRequest,
+};
+
+/// Where the admin API is and who is asking.
+#[derive(Args)]
+pub struct Admin {
+    /// The gateway.
+    #[arg(
+        long,
+        env = "MESH_GATEWAY_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    gateway_url: String,
+    /// An admin key (MESH_ADMIN_KEYS on the gateway), sent as x-admin-key.
+    #[arg(long, env = "MESH_ADMIN_KEY", hide_env_values = true)]
+    admin_key: String,
+    #[command(subcommand)]
+    command: ModelsCommand,
+}
+
+/// What to do.
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Every model: versions, aliases, rollout, shadow.
+    List,
+    /// One model in detail, with each version's state on every inference replica.
+    Status { model: String },
+    /// Point production (or --alias) at a version.
+    Promote {
+        model: String,
+        version: String,
+        #[arg(long, default_value = "production")]
+        alias: String,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Production back to the version before the last promotion.
+    Rollback {
+        model: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Start or adjust a sticky percentage rollout, or stop it with --stop.
+    Rollout {
+        model: String,
+        /// The candidate version (not with --stop).
+        candidate: Option<String>,
+        /// Share of entities, 0 to 100.
+        #[arg(long, default_value_t = 10.0)]
+        percent: f64,
+        #[arg(long)]
+        stop: bool,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Copy live requests to a shadow version, or stop with --stop.
+    Shadow {
+        model: String,
+        version: Option<String>,
+        #[arg(long)]
+        stop: bool,
+        #[arg(long)]
+        reason: String,
+    },
+    /// The audit log, newest first.
+    History {
+        /// One model (default: all).
+        model: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+type Client = ModelAdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AdminKey>,
+>;
+
+/// Adds the admin key and a deadline to every call.
+#[derive(Clone)]
+struct AdminKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AdminKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("x-admin-key", self.0.clone());
+        request.set_timeout(Duration::from_secs(10));
+        Ok(request)
+    }
+}
+
+impl Admin {
+    async fn client(&self) -> anyhow::Result<Client> {
+        let key = self
+            .admin_key
+            .parse()
+            .context("--admin-key / MESH_ADMIN_KEY is not a valid metadata value")?;
+        let channel = tonic::transport::Endpoint::from_shared(self.gateway_url.clone())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", self.gateway_url))?;
+        Ok(ModelAdminClient::with_interceptor(channel, AdminKey(key)))
+    }
+
+    /// Runs the command and prints its result.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut client = self.client().await?;
+        match self.command {
+            ModelsCommand::List => {
+                let models = client.list_models(ListModelsRequest {}).await?.into_inner();
+                if !models.live_registry {
+                    println!("(no live registry: MESH_REGISTRY_DATABASE_URL is unset on the gateway; read-only)");
+                }
+                for model in &models.models {
+                    println!("{}", summary(model));
+                }
+            }
+            ModelsCommand::Status { model } => {
+                let models = client.list_models(ListModelsRequest {}).await?.into_inner();
+                let status = models
+                    .models
+                    .iter()
+                    .find(|m| m.model == model)
+                    .with_context(|| format!("no model {model:?} on the gateway"))?;
+                println!("{}", summary(status));
+                for r in &status.replicas {
+                    let reason = if r.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.reason)
+                    };
+                    println!("  {} version {} {}{reason}", r.replica, r.version, r.state);
+                }
+            }
+            ModelsCommand::Promote {
+                model,
+                version,
+                alias,
+                reason,
+            } => {
+                let change = client
+                    .promote(PromoteRequest {
+                        model,
+                        version,
+                        alias,
+                        reason,
+                    })
+                    .await?;
+                print_change(change.into_inner());
+            }
+            ModelsCommand::Rollback { model, reason } => {
+                let change = client.rollback(RollbackRequest { model, reason }).await?;
+                print_change(change.into_inner());
+            }
+            ModelsCommand::Rollout {
+                model,
+                candidate,
+                percent,
+                stop,
+                reason,
+            } => {
+                let change = if stop {
+                    client.stop_rollout(StopRequest { model, reason }).await?
+                } else {
+                    let candidate = candidate.context("give the candidate version, or --stop")?;
+                    client
+                        .set_rollout(SetRolloutRequest {
+                            model,
+                            candidate,
+                            percent,
+                            reason,
+                        })
+                        .await?
+                };
+                print_change(change.into_inner());
+            }
+            ModelsCommand::Shadow {
+                model,
+                version,
+                stop,
+                reason,
+            } => {
+                let change = if stop {
+                    client.stop_shadow(StopRequest { model, reason }).await?
+                } else {
+                    let version = version.context("give the shadow version, or --stop")?;
+                    client
+                        .set_shadow(SetShadowRequest {
+                            model,
+                            version,
+                            reason,
+                        })
+                        .await?
+                };
+                print_change(change.into_inner());
+            }
+            ModelsCommand::History { model, limit } => {
+                let history = client
+                    .history(HistoryRequest {
+                        model: model.unwrap_or_default(),
+                        limit,
+                    })
+                    .await?
+                    .into_inner();
+                for entry in &history.entries {
+                    println!("{}", audit_line(entry));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn summary(m: &ModelStatus) -> String {
+    let aliases: Vec<String> = m.aliases.iter().map(|(a, v)| format!("{a}={v}")).collect();
+    let mut line = format!(
+        "{}: versions [{}], {}",
+        m.model,
+        m.versions.join(", "),
+        aliases.join(" ")
+    );
+    if !m.previous_production.is_empty() {
+        line += &format!(", rollback to {}", m.previous_production);
+    }
+    if !m.rollout_candidate.is_empty() {
+        line += &format!(
+            ", rollout {} at {} %",
+            m.rollout_candidate, m.rollout_percent
+        );
+    }
+    if !m.shadow.is_empty() {
+        line += &format!(", shadow {}", m.shadow);
+    }
+    line
+}
+
+fn audit_line(e: &AuditEntry) -> String {
+    let at = e.at_unix_micros / 1_000_000;
+    format!(
+        "#{} at {at} (unix s) {} {} {}: {} -> {} ({})",
+        e.id,
+        e.actor,
+        e.model,
+        e.action,
+        if e.from_version.is_empty() {
+            "-"
+        } else {
+            &e.from_version
+        },
+        if e.to_version.is_empty() {
+            "-"
+        } else {
+            &e.to_version
+        },
+        e.reason
+    )
+}
+
+fn print_change(change: ChangeResponse) {
+    if let Some(model) = &change.model {
+        println!("{}", summary(model));
+    }
+    if let Some(audit) = &change.audit {
+        println!("{}", audit_line(audit));
+    }
+}
