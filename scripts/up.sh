@@ -93,6 +93,20 @@ fi
 export MESH_INTERNAL_TOKEN
 
 export MESH_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+# The live model registry (aliases, rollouts, shadows) lives in the same PostgreSQL; the gateway
+# and the inference replicas follow it, and the admin key below may change it.
+export MESH_REGISTRY_DATABASE_URL="$MESH_DATABASE_URL"
+admin_file="$run/admin-key"
+if [ -z "${MESH_ADMIN_KEYS:-}" ]; then
+  if [ ! -s "$admin_file" ]; then
+    (umask 077 && od -An -vtx1 -N24 /dev/urandom | tr -d ' \n' >"$admin_file")
+  fi
+  chmod 600 "$admin_file"
+  export MESH_ADMIN_KEYS="ops:$(cat "$admin_file")"
+  admin_hint="MESH_ADMIN_KEY=\$(cat $(show "$admin_file"))"
+else
+  admin_hint="MESH_ADMIN_KEY=<a secret from MESH_ADMIN_KEYS>"
+fi
 export MESH_REDIS_URL="redis://127.0.0.1:$redis_port"
 export MESH_MODELS_DIR="$root/models"
 export MESH_LOG_FORMAT="${MESH_LOG_FORMAT:-json}"
@@ -238,6 +252,14 @@ Try (grpcurl is in .tools/bin after bootstrap):
   grpcurl -plaintext -d '{"service":"mesh.gateway.v1.Gateway"}' 127.0.0.1:$gateway_port grpc.health.v1.Health/Check
   grpcurl -plaintext -H "x-mesh-internal-token: $token_hint" -d '{"name":"churn"}' 127.0.0.1:$inference1_port inference.GRPCInferenceService/ModelMetadata
   psql -h 127.0.0.1 -p $pg_port -U postgres -c 'SELECT prediction_id, entity_id, score, feature_tier, trace_id FROM predictions ORDER BY served_at DESC LIMIT 5'
+
+Model lifecycle (admin key: $(show "$admin_file"), id "ops"):
+
+  $admin_hint $(show "$bin")/meshctl models status churn
+  $admin_hint $(show "$bin")/meshctl models promote churn 2 --reason "v2 passed evaluation"
+  $admin_hint $(show "$bin")/meshctl models rollback churn --reason "back to v1"
+  $admin_hint $(show "$bin")/meshctl models rollout churn 2 --percent 10 --reason canary
+  $admin_hint $(show "$bin")/meshctl models history churn
 
 A process that exits is restarted (back-off 1 s doubling to ${backoff_max} s). Press Ctrl-C to stop everything.
 TXT
