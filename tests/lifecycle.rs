@@ -10,6 +10,7 @@ use mesh_proto::catalog::version_state::State;
 use mesh_proto::catalog::{ListVersionsRequest, VersionState};
 use mesh_proto::inference::{ModelInferRequest, ModelReadyRequest};
 use mesh_registry::{Change, RegistryStore};
+use futures::StreamExt as _;
 use mesh_tests::*;
 use tonic::Code;
 
@@ -560,4 +561,96 @@ async fn meshctl_models_promotes_rolls_back_and_shows_the_audit_log() {
         lines[1].contains("ops churn set_alias: 1 -> 2 (better AUC)"),
         "{history}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_is_compared_and_shed_but_never_seen_by_callers() {
+    let mesh = Mesh::start_live(|c| c.bulkheads.shadow = 1).await;
+    mesh.seed(50).await;
+    let mut ops = admin(mesh.gateway.addr, Some(ADMIN_KEY));
+    ops.set_shadow(mesh_proto::admin::SetShadowRequest {
+        model: "churn".into(),
+        version: "2".into(),
+        reason: "compare v2 on live traffic".into(),
+    })
+    .await
+    .expect("shadow");
+    // Wait until a replica has the shadow ready (the gateway sends copies only then).
+    let started = Instant::now();
+    loop {
+        let models = ops
+            .list_models(mesh_proto::admin::ListModelsRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        if models.models[0]
+            .replicas
+            .iter()
+            .any(|r| r.version == "2" && r.state == "READY")
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await; // one readiness poll
+
+    // 200 predictions, 16 at a time: every one answered by production, as if there were no
+    // shadow; the shadow's single place sheds some copies.
+    let calls = futures::stream::iter(0..200)
+        .map(|i| {
+            let mut client = mesh.gateway_client();
+            async move {
+                client
+                    .predict(predict(&format!("cust-{:05}", 1 + i % 50)))
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .buffer_unordered(16);
+    let answers: Vec<_> = futures::StreamExt::collect(calls).await;
+    for answer in &answers {
+        let answer = answer
+            .as_ref()
+            .expect("the primary never fails because of a shadow");
+        assert_eq!(answer.model_version, "1", "the caller sees production only");
+        assert!(
+            answer.degraded.iter().all(|d| !d.contains("shadow")),
+            "{answer:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // the last copies are scored
+    let report = ops
+        .shadow_report(mesh_proto::admin::ShadowReportRequest {
+            model: "churn".into(),
+        })
+        .await
+        .expect("report")
+        .into_inner();
+    let shadow = report
+        .shadows
+        .iter()
+        .find(|s| s.shadow_version == "2")
+        .expect("a shadow summary");
+    assert!(shadow.count > 0, "{shadow:?}");
+    assert_eq!(shadow.errors, 0, "{shadow:?}");
+    assert_eq!(
+        shadow.count + shadow.shed,
+        200,
+        "every copy compared or shed: {shadow:?}"
+    );
+    assert!(
+        shadow.shed > 0,
+        "one place for 16 concurrent copies sheds some: {shadow:?}"
+    );
+    // Version 2 is a different model: its scores differ, and mostly agree at 0.5.
+    assert!(shadow.mean_abs_diff > 0.001, "{shadow:?}");
+    assert!(shadow.agreement > 0.5, "{shadow:?}");
+    let shed = metric(
+        mesh.gateway_http,
+        r#"mesh_shadow_predictions_total{model="churn",outcome="shed",version="2"}"#,
+    )
+    .await;
+    assert_eq!(shed as u64, shadow.shed);
+    mesh.assert_idle().await;
 }

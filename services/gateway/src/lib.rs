@@ -216,10 +216,18 @@ fn wire(
         replica_metrics,
     );
     let limits = &config.bulkheads;
+    let inference =
+        client::InferenceDownstream::new(replicas, versions, margin, downstream("inference"));
+    let shadow = lifecycle::shadow::Shadow::new(
+        inference.clone(),
+        Bulkhead::new("shadow", limits.shadow, bulkheads),
+        &metrics.registry,
+    )?;
     let admin = lifecycle::admin::AdminService::new(
         config.lifecycle.admin_keys.clone(),
         store,
         router.clone(),
+        shadow.clone(),
         config.downstreams.inference_urls.clone(),
     );
     let service = service::GatewayService {
@@ -229,12 +237,8 @@ fn wire(
             margin,
             downstream("features"),
         ),
-        inference: client::InferenceDownstream::new(
-            replicas,
-            versions,
-            margin,
-            downstream("inference"),
-        ),
+        inference,
+        shadow,
         log,
         online: compartments("", limits.features, limits.inference),
         batch: compartments("batch-", limits.batch, limits.batch),

@@ -26,6 +26,8 @@ pub struct GatewayService {
     pub features: FeaturesDownstream,
     /// The inference replicas.
     pub inference: InferenceDownstream,
+    /// Shadow copies of predictions.
+    pub shadow: Arc<crate::lifecycle::shadow::Shadow>,
     /// Where records go.
     pub log: LogShipper,
     /// Bulkheads for online traffic (`Predict`).

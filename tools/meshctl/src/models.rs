@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use mesh_proto::admin::model_admin_client::ModelAdminClient;
 use mesh_proto::admin::{
     AuditEntry, ChangeResponse, HistoryRequest, ListModelsRequest, ModelStatus, PromoteRequest,
-    RollbackRequest, SetRolloutRequest, SetShadowRequest, StopRequest,
+    RollbackRequest, SetRolloutRequest, SetShadowRequest, ShadowReportRequest, StopRequest,
 };
 
 /// Where the admin API is and who is asking.
@@ -72,6 +72,11 @@ enum ModelsCommand {
         stop: bool,
         #[arg(long)]
         reason: String,
+    },
+    /// How each shadow compares with the versions it shadows (this gateway's window).
+    ShadowReport {
+        /// One model (default: all).
+        model: Option<String>,
     },
     /// The audit log, newest first.
     History {
@@ -206,6 +211,24 @@ impl Admin {
                         .await?
                 };
                 print_change(change.into_inner());
+            }
+            ModelsCommand::ShadowReport { model } => {
+                let report = client
+                    .shadow_report(ShadowReportRequest {
+                        model: model.unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                if report.shadows.is_empty() {
+                    println!("no shadow comparisons on this gateway yet");
+                }
+                for s in &report.shadows {
+                    println!(
+                        "{} shadow {}: {} compared, {} failed, {} shed; |diff| mean {:.4} p99 {:.4}; agreement at {} {:.2} %; shadow p99 {:.1} ms",
+                        s.model, s.shadow_version, s.count, s.errors, s.shed, s.mean_abs_diff,
+                        s.p99_abs_diff, s.threshold, s.agreement * 100.0, s.shadow_p99_latency_ms
+                    );
+                }
             }
             ModelsCommand::History { model, limit } => {
                 let history = client

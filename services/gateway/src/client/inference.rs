@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::inference::{ModelInferRequest, ModelInferResponse};
+use mesh_runtime::bulkhead::BulkheadPermit;
 use mesh_runtime::resilience::{retry_kind, RetryKind};
 use mesh_runtime::{Bulkhead, Deadline};
 use mesh_telemetry::propagation::client_span;
@@ -55,7 +56,18 @@ impl InferenceDownstream {
         deadline: Deadline,
         bulkhead: &Bulkhead,
     ) -> Result<(ModelInferResponse, Vec<String>), tonic::Status> {
-        let _permit = bulkhead.try_enter()?;
+        let permit = bulkhead.try_enter()?;
+        self.infer_admitted(request, deadline, permit).await
+    }
+
+    /// Like [`InferenceDownstream::infer`], for a call already admitted to its bulkhead: it
+    /// holds `permit` until it ends.
+    pub async fn infer_admitted(
+        &self,
+        request: ModelInferRequest,
+        deadline: Deadline,
+        _permit: BulkheadPermit,
+    ) -> Result<(ModelInferResponse, Vec<String>), tonic::Status> {
         // Replicas that do not have the version ready count as already failed for this
         // request: it goes to those that have it.
         let lacking = self

@@ -76,6 +76,8 @@ pub struct Bulkheads {
     pub batch: usize,
     /// `MESH_LOGGER_CONCURRENCY`: `Record` calls in flight.
     pub logger: usize,
+    /// `MESH_SHADOW_CONCURRENCY`: shadow scoring calls in flight; more are shed (counted).
+    pub shadow: usize,
     /// `MESH_MAX_BATCH_ITEMS`: items per `PredictBatch`.
     pub max_batch_items: usize,
 }
@@ -157,6 +159,7 @@ impl FromSettings for Config {
                 inference: s.positive("MESH_INFERENCE_CONCURRENCY")?,
                 batch: s.positive("MESH_BATCH_CONCURRENCY")?,
                 logger: s.positive("MESH_LOGGER_CONCURRENCY")?,
+                shadow: s.positive("MESH_SHADOW_CONCURRENCY")?,
                 max_batch_items: s.positive("MESH_MAX_BATCH_ITEMS")?,
             },
             spool: SpoolSettings {

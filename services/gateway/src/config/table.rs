@@ -48,6 +48,11 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
             "`PredictBatch` calls in flight, and the size of each batch compartment",
         ),
         Setting::value("MESH_LOGGER_CONCURRENCY", "4", "`Record` calls in flight"),
+        Setting::value(
+            "MESH_SHADOW_CONCURRENCY",
+            "8",
+            "shadow scoring calls in flight; beyond, shadow copies are shed (counted), never the primary",
+        ),
         Setting::value("MESH_MAX_BATCH_ITEMS", "1000", "items per `PredictBatch`"),
         Setting::value(
             "MESH_LOG_QUEUE",

@@ -11,12 +11,13 @@ use mesh_proto::admin::model_admin_server::ModelAdmin;
 use mesh_proto::admin::{
     AuditEntry, ChangeResponse, HistoryRequest, HistoryResponse, ListModelsRequest,
     ListModelsResponse, ModelStatus, PromoteRequest, ReplicaVersion, RollbackRequest,
-    SetRolloutRequest, SetShadowRequest, StopRequest,
+    SetRolloutRequest, SetShadowRequest, ShadowReportRequest, ShadowReportResponse, StopRequest,
 };
 use mesh_registry::{AuditRecord, Change, Policy, RegistryStore, StoreError};
 use tonic::{Request, Response, Status};
 
 use super::routing::Router;
+use super::shadow::Shadow;
 use crate::auth::{constant_time_eq, ApiKey};
 
 /// The metadata entry carrying the admin key.
@@ -27,6 +28,7 @@ pub struct AdminService {
     keys: Arc<Vec<ApiKey>>,
     store: Option<RegistryStore>,
     router: Arc<Router>,
+    shadow: Arc<Shadow>,
     replica_urls: Vec<String>,
 }
 
@@ -36,12 +38,14 @@ impl AdminService {
         keys: Vec<ApiKey>,
         store: Option<RegistryStore>,
         router: Arc<Router>,
+        shadow: Arc<Shadow>,
         replica_urls: Vec<String>,
     ) -> Self {
         Self {
             keys: Arc::new(keys),
             store,
             router,
+            shadow,
             replica_urls,
         }
     }
@@ -316,5 +320,17 @@ impl ModelAdmin for AdminService {
             .map(entry)
             .collect();
         Ok(Response::new(HistoryResponse { entries }))
+    }
+
+    async fn shadow_report(
+        &self,
+        request: Request<ShadowReportRequest>,
+    ) -> Result<Response<ShadowReportResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let model = (!r.model.is_empty()).then_some(r.model.as_str());
+        Ok(Response::new(ShadowReportResponse {
+            shadows: self.shadow.report(model),
+        }))
     }
 }

@@ -5,11 +5,13 @@
 //! - [`readiness`]: which versions each inference replica reports ready (its catalog, polled).
 //! - [`routing`]: the version for a request: a pinned version or alias, else the live
 //!   registry's policy for the entity (a sticky rollout), never a version no replica has ready.
+//! - [`shadow`]: copies of live predictions scored by a shadow version, compared, never waited for.
 //! - [`admin`]: `mesh.admin.v1.ModelAdmin`, behind the admin keys.
 
 pub mod admin;
 pub mod readiness;
 pub mod routing;
+pub mod shadow;
 
 use mesh_registry::RegistrySettings;
 use mesh_runtime::config::Settings;

@@ -97,6 +97,21 @@ impl Router {
         Ok(self.disk().resolve(model, version)?.clone())
     }
 
+    /// The shadow version's manifest for requests that `primary` scored, if the policy names a
+    /// shadow other than `primary` and some replica has it ready.
+    pub fn shadow_for(
+        &self,
+        model: &str,
+        primary: &str,
+    ) -> Option<mesh_runtime::registry::ModelManifest> {
+        let state = self.state()?;
+        let shadow = state.policy(model)?.shadow.clone()?;
+        if shadow == primary || !self.ready.ready_anywhere(model, &shadow) {
+            return None;
+        }
+        self.version(model, &shadow).ok().map(|v| v.manifest)
+    }
+
     /// The version that scores `entity_id` for a request of `model` naming `requested` (a
     /// version, an alias, or nothing).
     pub fn route(

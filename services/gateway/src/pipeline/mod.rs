@@ -177,7 +177,22 @@ impl GatewayService {
         }
         if !rows.is_empty() {
             let scored = self.score(manifest, &rows, call).await?;
+            // A copy for the shadow, if there is one: sent once the answers are known, never
+            // waited for.
+            let shadow = self
+                .router
+                .shadow_for(&manifest.name, &manifest.version)
+                .map(|m| {
+                    (
+                        m,
+                        rows.iter().map(|r| r.logged.clone()).collect(),
+                        scored.0.clone(),
+                    )
+                });
             let answers = self.record_and_answer(manifest, rows, scored, call).await;
+            if let Some((shadow_manifest, features, primary)) = shadow {
+                self.shadow.send(shadow_manifest, features, primary);
+            }
             for (i, answer) in row_of.into_iter().zip(answers) {
                 results[i] = Some(Ok(answer));
             }

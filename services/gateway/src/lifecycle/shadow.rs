@@ -1,0 +1,273 @@
+//! Shadow traffic: a copy of live predictions scored by a shadow version, compared with the
+//! primary answer, and never allowed to touch it.
+//!
+//! After a group of items is answered, the gateway hands their assembled feature vectors and
+//! primary scores to [`Shadow::send`], which returns at once: the copy takes a place in its own
+//! bulkhead (`shadow`, `MESH_SHADOW_CONCURRENCY`) or is shed and counted, and is scored on a
+//! task of its own with a budget of its own. The caller's answer is already on its way, so a slow
+//! or failing shadow cannot delay, fail or change it. Each comparison goes into a window per
+//! (model, shadow version), summarised by the admin API's `ShadowReport`, and into metrics.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mesh_proto::admin::ShadowSummary;
+use mesh_proto::types::{feature_value::Kind, FeatureValue};
+use mesh_runtime::registry::{FeatureKind, ModelManifest};
+use mesh_runtime::{Bulkhead, Deadline};
+use mesh_tensor::{decode_output_f32, encode_input, Column};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use crate::client::InferenceDownstream;
+
+/// Comparisons kept per shadow.
+const WINDOW: usize = 10_000;
+/// The budget of one shadow call.
+const BUDGET: Duration = Duration::from_secs(1);
+/// Scores on the same side of this agree.
+pub const THRESHOLD: f64 = 0.5;
+
+/// One comparison: the primary score, the shadow's (or its failure), the shadow's latency.
+#[derive(Debug, Clone, Copy)]
+struct Comparison {
+    primary: f64,
+    shadow: Option<f64>,
+    latency_ms: f64,
+}
+
+/// Shadow scoring and what it found.
+pub struct Shadow {
+    inference: InferenceDownstream,
+    bulkhead: Bulkhead,
+    windows: Mutex<HashMap<(String, String), VecDeque<Comparison>>>,
+    shed: Mutex<HashMap<(String, String), u64>>,
+    outcomes: IntCounterVec,
+    diffs: HistogramVec,
+}
+
+impl Shadow {
+    /// Shadow calls through `inference` within `bulkhead`; registers
+    /// `mesh_shadow_predictions_total{model,version,outcome}` and
+    /// `mesh_shadow_abs_diff{model,version}` in `registry`.
+    pub fn new(
+        inference: InferenceDownstream,
+        bulkhead: Bulkhead,
+        registry: &Registry,
+    ) -> prometheus::Result<Arc<Self>> {
+        let outcomes = IntCounterVec::new(
+            Opts::new(
+                "mesh_shadow_predictions_total",
+                "Shadow copies by outcome: scored, error (the shadow failed), shed (its bulkhead \
+                 was full), incompatible (the shadow needs a feature the primary did not have)",
+            ),
+            &["model", "version", "outcome"],
+        )?;
+        let diffs = HistogramVec::new(
+            HistogramOpts::new(
+                "mesh_shadow_abs_diff",
+                "|shadow score - primary score| per shadow prediction",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]),
+            &["model", "version"],
+        )?;
+        registry.register(Box::new(outcomes.clone()))?;
+        registry.register(Box::new(diffs.clone()))?;
+        Ok(Arc::new(Self {
+            inference,
+            bulkhead,
+            windows: Mutex::default(),
+            shed: Mutex::default(),
+            outcomes,
+            diffs,
+        }))
+    }
+
+    fn count(&self, manifest: &ModelManifest, outcome: &str, n: u64) {
+        self.outcomes
+            .with_label_values(&[manifest.name.as_str(), manifest.version.as_str(), outcome])
+            .inc_by(n);
+    }
+
+    /// Scores `rows` (each item's full feature map) with the shadow `manifest` in the
+    /// background, to compare with `primary` scores. Returns at once.
+    pub fn send(
+        self: &Arc<Self>,
+        manifest: ModelManifest,
+        rows: Vec<BTreeMap<String, FeatureValue>>,
+        primary: Vec<f64>,
+    ) {
+        let n = rows.len() as u64;
+        let Ok(permit) = self.bulkhead.try_enter() else {
+            self.count(&manifest, "shed", n);
+            let key = (manifest.name.clone(), manifest.version.clone());
+            *self
+                .shed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .or_default() += n;
+            return;
+        };
+        let Some(request) = request(&manifest, &rows) else {
+            self.count(&manifest, "incompatible", n);
+            return;
+        };
+        let shadow = self.clone();
+        tokio::spawn(async move {
+            // The place in the shadow bulkhead is held until the copy is scored or fails.
+            let started = Instant::now();
+            let result = shadow
+                .inference
+                .infer_admitted(request, Deadline::after(BUDGET), permit)
+                .await;
+            let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+            let scores = result.ok().and_then(|(response, _)| {
+                let (values, width) = decode_output_f32(&response, &manifest.output.name).ok()?;
+                (values.len() == primary.len() * width).then(|| {
+                    (0..primary.len())
+                        .map(|r| f64::from(values[r * width + manifest.output.index]))
+                        .collect::<Vec<f64>>()
+                })
+            });
+            shadow.record(&manifest, &primary, scores.as_deref(), latency_ms);
+        });
+    }
+
+    fn record(
+        &self,
+        manifest: &ModelManifest,
+        primary: &[f64],
+        shadow: Option<&[f64]>,
+        latency_ms: f64,
+    ) {
+        let n = primary.len() as u64;
+        match shadow {
+            Some(_) => self.count(manifest, "scored", n),
+            None => self.count(manifest, "error", n),
+        }
+        let key = (manifest.name.clone(), manifest.version.clone());
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let window = windows.entry(key).or_default();
+        for (i, p) in primary.iter().enumerate() {
+            let s = shadow.map(|s| s[i]);
+            if let Some(s) = s {
+                self.diffs
+                    .with_label_values(&[manifest.name.as_str(), manifest.version.as_str()])
+                    .observe((s - p).abs());
+            }
+            if window.len() == WINDOW {
+                window.pop_front();
+            }
+            window.push_back(Comparison {
+                primary: *p,
+                shadow: s,
+                latency_ms,
+            });
+        }
+    }
+
+    /// The window's summary for every shadow (of `model`, if given).
+    pub fn report(&self, model: Option<&str>) -> Vec<ShadowSummary> {
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let shed = self.shed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys: Vec<&(String, String)> = windows.keys().chain(shed.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|(m, _)| model.is_none_or(|want| want == m))
+            .map(|key| {
+                let empty = VecDeque::new();
+                let mut summary = summarise(windows.get(key).unwrap_or(&empty));
+                summary.model = key.0.clone();
+                summary.shadow_version = key.1.clone();
+                summary.shed = shed.get(key).copied().unwrap_or(0);
+                summary
+            })
+            .collect()
+    }
+}
+
+fn summarise(window: &VecDeque<Comparison>) -> ShadowSummary {
+    let mut diffs: Vec<f64> = Vec::new();
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut agree = 0u64;
+    for c in window {
+        latencies.push(c.latency_ms);
+        if let Some(s) = c.shadow {
+            diffs.push((s - c.primary).abs());
+            agree += u64::from((s >= THRESHOLD) == (c.primary >= THRESHOLD));
+        }
+    }
+    let p99 = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64) * 0.99).ceil() as usize)
+            .or(v.last())
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let scored = diffs.len();
+    ShadowSummary {
+        count: window.len() as u64,
+        errors: (window.len() - scored) as u64,
+        mean_abs_diff: if scored == 0 {
+            0.0
+        } else {
+            diffs.iter().sum::<f64>() / scored as f64
+        },
+        p99_abs_diff: p99(&mut diffs),
+        agreement: if scored == 0 {
+            0.0
+        } else {
+            agree as f64 / scored as f64
+        },
+        threshold: THRESHOLD,
+        shadow_p99_latency_ms: p99(&mut latencies),
+        ..Default::default()
+    }
+}
+
+/// The KServe request for `rows` in the shadow manifest's order; `None` if a row lacks one of
+/// its features or has one of the wrong type.
+fn request(
+    manifest: &ModelManifest,
+    rows: &[BTreeMap<String, FeatureValue>],
+) -> Option<mesh_proto::inference::ModelInferRequest> {
+    let mut inputs = Vec::with_capacity(manifest.features.len());
+    for spec in &manifest.features {
+        let values = rows
+            .iter()
+            .map(|r| r.get(&spec.name).and_then(|v| v.kind.as_ref()));
+        let column = match spec.kind {
+            FeatureKind::Number => Column::Numbers(
+                values
+                    .map(|v| match v {
+                        Some(Kind::Number(n)) => Some(*n as f32),
+                        _ => None,
+                    })
+                    .collect::<Option<_>>()?,
+            ),
+            FeatureKind::Category => Column::Categories(
+                values
+                    .map(|v| match v {
+                        Some(Kind::Category(c)) if spec.allows_category(c) => Some(c.clone()),
+                        _ => None,
+                    })
+                    .collect::<Option<_>>()?,
+            ),
+        };
+        inputs.push(encode_input(&spec.name, column));
+    }
+    Some(mesh_proto::inference::ModelInferRequest {
+        model_name: manifest.name.clone(),
+        model_version: manifest.version.clone(),
+        inputs,
+        outputs: vec![
+            mesh_proto::inference::model_infer_request::InferRequestedOutputTensor {
+                name: manifest.output.name.clone(),
+                parameters: Default::default(),
+            },
+        ],
+        ..Default::default()
+    })
+}
