@@ -185,7 +185,7 @@ pub async fn serve(
     let name = mesh_proto::service_names::GATEWAY;
     let tls = config.access.tls.as_ref().map(TlsFiles::load).transpose()?;
     let health = Health::new(&[name]).await;
-    let metrics = ServiceMetrics::new()?;
+    let metrics = ServiceMetrics::new("gateway")?;
     let channels = Channels::connect(&config.downstreams, config.server.internal_token.as_ref())?;
     let (service, shipping) = wire(&config, &metrics, &channels)?;
     let probe = health::probe(

@@ -39,7 +39,7 @@ pub async fn serve(
 ) -> Result<(), StartupError> {
     let name = mesh_proto::service_names::INFERENCE;
     let health = Health::new(&[name]).await;
-    let metrics = ServiceMetrics::new()?;
+    let metrics = ServiceMetrics::new("inference")?;
     let service = Arc::new(InferenceService::new(config.clone()));
 
     let loader = service.clone();

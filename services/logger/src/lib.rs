@@ -74,7 +74,7 @@ pub async fn serve(
 ) -> Result<(), StartupError> {
     let name = mesh_proto::service_names::LOGGER;
     let health = Health::new(&[name]).await;
-    let metrics = ServiceMetrics::new()?;
+    let metrics = ServiceMetrics::new("logger")?;
     let writer_metrics = writer::WriterMetrics::register(&metrics.registry)?;
     let db = mesh_runtime::postgres::pool(
         &config.database.url,
