@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`config`]: settings in sections, every default in one table.
 //! - [`auth`]: API keys and per-key rate limits.
-//! - [`service`]: the handlers; [`pipeline`]: the one prediction pipeline both RPCs run.
+//! - [`service`]: the handlers; [`pipeline`]: the one prediction pipeline both RPCs run;
+//!   [`prediction_metrics`]: predictions by model version, tier and outcome.
 //! - [`validate`]: request features against the manifest; assembling the feature vector.
 //! - [`client`]: the outbound stack (deadline share → retry → breaker → balance → traced call)
 //!   and one client per downstream.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod health;
 pub mod logship;
 pub mod pipeline;
+pub mod prediction_metrics;
 pub mod service;
 pub mod spool;
 pub mod validate;
@@ -165,6 +167,7 @@ fn wire(
         ),
         inference: client::InferenceDownstream::new(replicas, margin, downstream("inference")),
         log,
+        predictions: prediction_metrics::PredictionMetrics::register(&metrics.registry)?,
         online: compartments("", limits.features, limits.inference),
         batch: compartments("batch-", limits.batch, limits.batch),
         batch_calls: Bulkhead::new("batch-calls", limits.batch, bulkheads),

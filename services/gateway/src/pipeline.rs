@@ -104,6 +104,19 @@ impl GatewayService {
         validate::model_ref(model, version)?;
         let version = self.registry.resolve(model, version)?;
         let manifest = &version.manifest;
+        let observed = self
+            .predictions
+            .observe(manifest, items.len(), call.started);
+        observed.finish(self.score_items(manifest, items, call).await)
+    }
+
+    /// Steps 2 to 7, for the version resolved in step 1.
+    async fn score_items(
+        &self,
+        manifest: &ModelManifest,
+        items: Vec<Item>,
+        call: Call<'_>,
+    ) -> Result<Outcome, GatewayError> {
         let slots = plan(manifest, items);
         let stored = self.fetch(&slots, &call).await?;
         let mut rows = Vec::new();

@@ -17,6 +17,7 @@ use crate::client::{Compartments, FeaturesDownstream, InferenceDownstream};
 use crate::error::GatewayError;
 use crate::logship::LogShipper;
 use crate::pipeline::{Call, Item};
+use crate::prediction_metrics::PredictionMetrics;
 
 /// Everything a handler needs.
 pub struct GatewayService {
@@ -28,6 +29,8 @@ pub struct GatewayService {
     pub inference: InferenceDownstream,
     /// Where records go.
     pub log: LogShipper,
+    /// Predictions by model version, tier and outcome.
+    pub predictions: PredictionMetrics,
     /// Bulkheads for online traffic (`Predict`).
     pub online: Compartments,
     /// Bulkheads for batch traffic (`PredictBatch`).
