@@ -49,6 +49,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::client::LoggerDownstream;
 use crate::spool::{CursorFound, Disk, Reader, RealDisk, Recovered, Spool, SEGMENT_HEADER_LEN};
 
+mod age;
 mod ship;
 #[cfg(test)]
 mod tests;
@@ -75,6 +76,9 @@ pub struct ShipConfig {
     pub degraded_after: Duration,
 }
 
+/// Buckets of `mesh_spool_delivery_delay_seconds`: 300 s is the log-completeness objective.
+const DELIVERY_DELAY_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+
 /// Counters of the spool and its delivery.
 #[derive(Clone)]
 pub struct ShipMetrics {
@@ -85,6 +89,8 @@ pub struct ShipMetrics {
     pending_records: IntGauge,
     pending_bytes: IntGauge,
     sync_seconds: Histogram,
+    oldest: age::OldestRecord,
+    delivery_delay: Histogram,
 }
 
 impl ShipMetrics {
@@ -138,6 +144,17 @@ impl ShipMetrics {
         registry.register(Box::new(pending_records.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(sync_seconds.clone()))?;
+        let oldest = age::OldestRecord::new()?;
+        registry.register(Box::new(oldest.clone()))?;
+        let delivery_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "mesh_spool_delivery_delay_seconds",
+                "From serving a prediction to the logger committing its record (the \
+                 log-completeness SLI counts those over 300 s)",
+            )
+            .buckets(DELIVERY_DELAY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(delivery_delay.clone()))?;
         Ok(Self {
             appended,
             delivered,
@@ -146,6 +163,8 @@ impl ShipMetrics {
             pending_records,
             pending_bytes,
             sync_seconds,
+            oldest,
+            delivery_delay,
         })
     }
 }
