@@ -50,6 +50,7 @@ use crate::client::LoggerDownstream;
 use crate::spool::{CursorFound, Disk, Reader, RealDisk, Recovered, Spool, SEGMENT_HEADER_LEN};
 
 mod age;
+mod disk_space;
 mod ship;
 #[cfg(test)]
 mod tests;
@@ -91,6 +92,7 @@ pub struct ShipMetrics {
     sync_seconds: Histogram,
     oldest: age::OldestRecord,
     delivery_delay: Histogram,
+    disk: disk_space::SpoolDisk,
 }
 
 impl ShipMetrics {
@@ -155,6 +157,8 @@ impl ShipMetrics {
             .buckets(DELIVERY_DELAY_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(delivery_delay.clone()))?;
+        let disk = disk_space::SpoolDisk::new()?;
+        registry.register(Box::new(disk.clone()))?;
         Ok(Self {
             appended,
             delivered,
@@ -165,6 +169,7 @@ impl ShipMetrics {
             sync_seconds,
             oldest,
             delivery_delay,
+            disk,
         })
     }
 }
@@ -350,6 +355,7 @@ fn spawn_on(
     metrics: ShipMetrics,
 ) -> std::io::Result<(LogShipper, JoinHandle<()>)> {
     let recovered = Spool::open(&config.dir, config.segment_bytes, disk.clone())?;
+    metrics.disk.watch(&config.dir, config.max_bytes);
     report_recovery(&recovered, &config, &metrics);
     let reader = Reader::new(&config.dir, recovered.cursor)?;
     let shared = Arc::new(Shared {
