@@ -77,7 +77,8 @@ impl Collector for SpoolDisk {
 }
 
 /// Bytes available to an unprivileged process, and the size, of the file system holding `path`.
-#[allow(unsafe_code)]
+// The statvfs fields are u64 here but narrower on other targets, hence the casts.
+#[allow(unsafe_code, clippy::unnecessary_cast)]
 fn space(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt as _;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
