@@ -150,6 +150,9 @@ pub fn test_server(max_concurrency: usize) -> mesh_runtime::config::ServerConfig
     }
 }
 
+/// The admin key of [`Mesh::start_live`] (id `ops`).
+pub const ADMIN_KEY: &str = "admin-secret-for-tests";
+
 /// The internal token every test service shares (`MESH_INTERNAL_TOKEN` of spawned binaries).
 pub const TEST_TOKEN: &str = "mesh-tests-internal-token";
 
@@ -187,6 +190,7 @@ pub fn inference_config() -> mesh_inference::Config {
         },
         max_batch_rows: 4096,
         replica_id: "test".into(),
+        registry: Default::default(),
     }
 }
 
@@ -386,13 +390,32 @@ impl Mesh {
 
     /// Like [`Mesh::start`], with `replicas` inference replicas.
     pub async fn start_with(replicas: usize, tune: impl FnOnce(&mut mesh_gateway::Config)) -> Self {
+        Self::start_inner(replicas, false, tune).await
+    }
+
+    /// Like [`Mesh::start`], with the live model registry in the mesh's PostgreSQL: the
+    /// gateway and every inference replica follow it, and [`ADMIN_KEY`] may change it.
+    pub async fn start_live(tune: impl FnOnce(&mut mesh_gateway::Config)) -> Self {
+        Self::start_inner(2, true, tune).await
+    }
+
+    async fn start_inner(
+        replicas: usize,
+        live: bool,
+        tune: impl FnOnce(&mut mesh_gateway::Config),
+    ) -> Self {
         telemetry();
         let redis = RedisServer::start().expect("redis");
         let pg = PostgresServer::start().expect("postgres");
         let features = start_features(features_config(Some(&redis), &pg)).await;
         let mut inference = Vec::new();
         for _ in 0..replicas {
-            inference.push(start_inference(inference_config()).await);
+            let mut config = inference_config();
+            if live {
+                config.registry.url = Some(pg.url());
+                config.models.warmup_iterations = 1;
+            }
+            inference.push(start_inference(config).await);
         }
         let logger = start_logger(logger_config(&pg)).await;
         let features_proxy = DelayProxy::start(features.addr).await.expect("proxy");
@@ -405,6 +428,12 @@ impl Mesh {
             inference_proxies.iter().map(DelayProxy::url).collect(),
             logger.url(),
         );
+        if live {
+            config.lifecycle.registry.url = Some(pg.url());
+            config.lifecycle.admin_keys =
+                mesh_gateway::auth::parse_key_list("MESH_ADMIN_KEYS", &format!("ops:{ADMIN_KEY}"))
+                    .expect("admin key");
+        }
         tune(&mut config);
         let spool_dir = config.spool.dir.clone();
         let plaintext = config.access.tls.is_none();

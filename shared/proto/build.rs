@@ -8,6 +8,8 @@ const PROTOS: &[&str] = &[
     "mesh/gateway/v1/gateway.proto",
     "mesh/features/v1/features.proto",
     "mesh/logger/v1/logger.proto",
+    "mesh/catalog/v1/catalog.proto",
+    "mesh/admin/v1/admin.proto",
     "inference/grpc_predict_v2.proto",
 ];
 

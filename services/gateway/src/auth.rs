@@ -33,6 +33,11 @@ impl std::fmt::Debug for ApiKey {
 
 /// Parses `MESH_API_KEYS`: comma-separated `id:secret` pairs.
 pub fn parse_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
+    parse_key_list("MESH_API_KEYS", raw)
+}
+
+/// Parses comma-separated `id:secret` pairs read from `variable` (named in errors).
+pub fn parse_key_list(variable: &str, raw: &str) -> Result<Vec<ApiKey>, String> {
     let mut keys = Vec::new();
     for (i, part) in raw
         .split(',')
@@ -41,16 +46,16 @@ pub fn parse_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
         .enumerate()
     {
         let Some((id, secret)) = part.split_once(':') else {
-            return Err(format!("MESH_API_KEYS entry #{} is not id:secret", i + 1));
+            return Err(format!("{variable} entry #{} is not id:secret", i + 1));
         };
         if id.is_empty() || secret.len() < 8 {
             return Err(format!(
-                "MESH_API_KEYS entry #{} needs an id and a secret of at least 8 characters",
+                "{variable} entry #{} needs an id and a secret of at least 8 characters",
                 i + 1
             ));
         }
         if keys.iter().any(|k: &ApiKey| k.id == id) {
-            return Err(format!("MESH_API_KEYS names the id {id:?} twice"));
+            return Err(format!("{variable} names the id {id:?} twice"));
         }
         keys.push(ApiKey {
             id: id.to_owned(),
@@ -84,7 +89,7 @@ pub struct AccessControl {
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
     for i in 0..a.len().max(b.len()) {
         let x = a.get(i).copied().unwrap_or(0);

@@ -13,6 +13,8 @@
 //!   and one client per downstream.
 //! - [`spool`]: the on-disk spool of prediction records; [`logship`]: writing to it and
 //!   shipping it to the logger.
+//! - [`lifecycle`]: the version for each request (live registry, sticky rollouts, readiness)
+//!   and the admin API.
 //! - [`health`]: the `/health` report; [`error`]: request errors (one mapping to
 //!   `tonic::Status`) and startup errors.
 
@@ -21,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod lifecycle;
 pub mod logship;
 pub mod pipeline;
 pub mod prediction_metrics;
@@ -32,6 +35,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_proto::admin::model_admin_server::ModelAdminServer;
 use mesh_proto::gateway::gateway_server::GatewayServer;
 use mesh_runtime::internal::{InternalChannel, InternalToken};
 use mesh_runtime::registry::ModelRegistry;
@@ -110,13 +114,51 @@ impl Channels {
     }
 }
 
+/// What [`wire`] builds.
+struct Wired {
+    service: service::GatewayService,
+    shipping: tokio::task::JoinHandle<()>,
+    admin: lifecycle::admin::AdminService,
+}
+
+/// The live registry, if configured: its store (for the admin API) and a follower of its state.
+fn follow_registry(
+    config: &Config,
+    disk: &ModelRegistry,
+) -> Result<Option<(mesh_registry::RegistryStore, mesh_registry::Following)>, StartupError> {
+    let settings = &config.lifecycle.registry;
+    let Some(url) = settings.url.clone() else {
+        return Ok(None);
+    };
+    let pool = mesh_runtime::postgres::pool(&url, 2, Duration::from_secs(2))?;
+    let store = mesh_registry::RegistryStore::new(pool, Duration::from_secs(2));
+    let seeds: Vec<(String, String)> = disk
+        .models
+        .values()
+        .map(|m| (m.name.clone(), m.production.clone()))
+        .collect();
+    let preparing = store.clone();
+    tokio::spawn(async move { mesh_registry::store::prepare(&preparing, &seeds).await });
+    let following = mesh_registry::follow(store.clone(), url, settings.interval);
+    Ok(Some((store, following)))
+}
+
 /// The handlers wired to their downstreams: the gateway's dependency graph, in one place.
 fn wire(
     config: &Config,
     metrics: &ServiceMetrics,
     channels: &Channels,
-) -> Result<(service::GatewayService, tokio::task::JoinHandle<()>), StartupError> {
-    let registry = Arc::new(ModelRegistry::load(&config.models_dir)?);
+) -> Result<Wired, StartupError> {
+    let disk = Arc::new(ModelRegistry::load(&config.models_dir)?);
+    let (store, following) = follow_registry(config, &disk)?.unzip();
+    let versions = lifecycle::readiness::ReplicaVersions::start(&channels.inference);
+    let router = Arc::new(lifecycle::routing::Router::new(
+        config.models_dir.clone(),
+        disk,
+        following,
+        versions.clone(),
+        &metrics.registry,
+    )?);
     let bulkheads = &metrics.bulkheads;
     let compartments = |prefix: &str, features: usize, inference: usize| client::Compartments {
         features: Bulkhead::new(&format!("{prefix}features"), features, bulkheads),
@@ -158,14 +200,25 @@ fn wire(
         replica_metrics,
     );
     let limits = &config.bulkheads;
+    let admin = lifecycle::admin::AdminService::new(
+        config.lifecycle.admin_keys.clone(),
+        store,
+        router.clone(),
+        config.downstreams.inference_urls.clone(),
+    );
     let service = service::GatewayService {
-        registry,
+        router,
         features: client::FeaturesDownstream::new(
             channels.features.clone(),
             margin,
             downstream("features"),
         ),
-        inference: client::InferenceDownstream::new(replicas, margin, downstream("inference")),
+        inference: client::InferenceDownstream::new(
+            replicas,
+            versions,
+            margin,
+            downstream("inference"),
+        ),
         log,
         predictions: prediction_metrics::PredictionMetrics::register(&metrics.registry)?,
         online: compartments("", limits.features, limits.inference),
@@ -174,7 +227,11 @@ fn wire(
         max_batch_items: limits.max_batch_items,
         default_budget: config.budgets.default,
     };
-    Ok((service, shipping))
+    Ok(Wired {
+        service,
+        shipping,
+        admin,
+    })
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then delivers what the spool
@@ -190,7 +247,11 @@ pub async fn serve(
     let health = Health::new(&[name]).await;
     let metrics = ServiceMetrics::new("gateway")?;
     let channels = Channels::connect(&config.downstreams, config.server.internal_token.as_ref())?;
-    let (service, shipping) = wire(&config, &metrics, &channels)?;
+    let Wired {
+        service,
+        shipping,
+        admin,
+    } = wire(&config, &metrics, &channels)?;
     let probe = health::probe(
         channels.dependencies(&config.downstreams),
         service.inference.clone(),
@@ -208,10 +269,14 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
         GatewayServer::new(service).max_decoding_message_size(4 * 1024 * 1024),
         move |request| access.check(request),
-    ));
+    ))
+    // The admin API checks its own keys (MESH_ADMIN_KEYS), never the API keys.
+    .add_service(ModelAdminServer::new(admin));
     // The gateway's own readiness: its configuration loaded. Dependencies are judged per call.
     health.set_serving().await;
-    let mut options = config.server.serve_options(vec![name]);
+    let mut options = config
+        .server
+        .serve_options(vec![name, mesh_proto::service_names::ADMIN]);
     options.health_probe = Some(probe);
     options.default_budget = Some(config.budgets.default);
     options.max_budget = config.budgets.max;

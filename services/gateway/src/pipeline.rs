@@ -1,7 +1,10 @@
 //! One pipeline serves `Predict` and `PredictBatch`: a prediction is a batch of one. Its named
 //! steps, in order:
 //!
-//! 1. **resolve** the model version the request names (or the production alias);
+//! 1. **resolve** each item's model version: the one the request pins or names by alias, else
+//!    the live registry's policy for its entity (a sticky rollout), never one no replica has
+//!    ready (see [`crate::lifecycle::routing`]); items sharing a version go through the
+//!    following steps together, the groups side by side;
 //! 2. **plan**: check each item (entity id, request features) and note which need stored
 //!    features;
 //! 3. **fetch** stored features for those entities in one `GetFeatures` call;
@@ -57,7 +60,7 @@ pub struct Call<'a> {
 
 /// Each item's answer or error, in the items' order, and the model version that scored them.
 pub struct Outcome {
-    /// The version resolved in step 1.
+    /// The version that scored the most items (each answer names its own).
     pub model_version: String,
     /// One result per item.
     pub results: Vec<Result<PredictResponse, GatewayError>>,
@@ -93,7 +96,9 @@ struct Row {
 }
 
 impl GatewayService {
-    /// Runs the pipeline for `items` of `model` (at `version`, or the production alias).
+    /// Runs the pipeline for `items` of `model`: each item at the version the router picks for
+    /// it (`version` pinned or named by alias, else the policy for its entity); items sharing a
+    /// version are scored together, the groups side by side.
     pub async fn run(
         &self,
         model: &str,
@@ -102,23 +107,62 @@ impl GatewayService {
         call: Call<'_>,
     ) -> Result<Outcome, GatewayError> {
         validate::model_ref(model, version)?;
-        let version = self.registry.resolve(model, version)?;
-        let manifest = &version.manifest;
-        let observed = self
-            .predictions
-            .observe(manifest, items.len(), call.started);
-        observed.finish(self.score_items(manifest, items, call).await)
+        let count = items.len();
+        let mut groups: BTreeMap<String, Vec<(usize, Item)>> = BTreeMap::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let chosen = self.router.route(model, version, &item.entity_id)?;
+            groups.entry(chosen).or_default().push((i, item));
+        }
+        let mut manifests = Vec::with_capacity(groups.len());
+        for chosen in groups.keys() {
+            manifests.push(self.router.version(model, chosen)?.manifest);
+        }
+        let call = &call;
+        let runs = groups
+            .into_values()
+            .zip(&manifests)
+            .map(|(members, manifest)| async move {
+                let (positions, items): (Vec<usize>, Vec<Item>) = members.into_iter().unzip();
+                let observed = self
+                    .predictions
+                    .observe(manifest, items.len(), call.started);
+                let results = observed.finish(self.run_version(manifest, items, call).await)?;
+                Ok::<_, GatewayError>((positions, results))
+            });
+        let mut results: Vec<Option<Result<PredictResponse, GatewayError>>> =
+            (0..count).map(|_| None).collect();
+        let mut largest = (0, String::new());
+        for (run, manifest) in futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .zip(&manifests)
+        {
+            let (positions, group) = run?;
+            if positions.len() > largest.0 {
+                largest = (positions.len(), manifest.version.clone());
+            }
+            for (position, result) in positions.into_iter().zip(group) {
+                results[position] = Some(result);
+            }
+        }
+        Ok(Outcome {
+            model_version: largest.1,
+            results: results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(GatewayError::Internal("item not scored".into()))))
+                .collect(),
+        })
     }
 
-    /// Steps 2 to 7, for the version resolved in step 1.
-    async fn score_items(
+    /// Steps 2 to 7 for `items` that one version (`manifest`) scores.
+    async fn run_version(
         &self,
         manifest: &ModelManifest,
         items: Vec<Item>,
-        call: Call<'_>,
-    ) -> Result<Outcome, GatewayError> {
+        call: &Call<'_>,
+    ) -> Result<Vec<Result<PredictResponse, GatewayError>>, GatewayError> {
         let slots = plan(manifest, items);
-        let stored = self.fetch(&slots, &call).await?;
+        let stored = self.fetch(&slots, call).await?;
         let mut rows = Vec::new();
         let mut results: Vec<Option<Result<PredictResponse, GatewayError>>> = Vec::new();
         let mut row_of = Vec::new();
@@ -133,20 +177,16 @@ impl GatewayService {
             }
         }
         if !rows.is_empty() {
-            let scored = self.score(manifest, &rows, &call).await?;
-            let answers = self.record_and_answer(manifest, rows, scored, &call).await;
+            let scored = self.score(manifest, &rows, call).await?;
+            let answers = self.record_and_answer(manifest, rows, scored, call).await;
             for (i, answer) in row_of.into_iter().zip(answers) {
                 results[i] = Some(Ok(answer));
             }
         }
-        let results = results
+        Ok(results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(GatewayError::Internal("item not scored".into()))))
-            .collect();
-        Ok(Outcome {
-            model_version: manifest.version.clone(),
-            results,
-        })
+            .collect())
     }
 
     /// Step 3: one `GetFeatures` for the entities that need stored features. Out of time or

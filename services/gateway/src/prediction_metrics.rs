@@ -5,15 +5,18 @@
 //!   item's gRPC code (`OK`, `NOT_FOUND`, `UNAVAILABLE`, …), or `CANCELLED` for items whose call
 //!   was dropped before it answered (deadline or caller gone); `tier` is where its features came
 //!   from (`memory`, `redis`, `database`, `request`), `none` for an item that failed.
-//! - `mesh_prediction_duration_seconds{model,version}`: one per call, from arrival to answer.
+//! - `mesh_prediction_duration_seconds{model,version}`: one per call and version (a batch the
+//!   router splits across versions counts once per version), from arrival to answer.
 //! - `mesh_prediction_score{model,version}`: each score served.
 //!
-//! Labels are only ever the name and version of a manifest the registry loaded from the models
-//! directory, never what the request said: a call naming an unknown model fails in step 1 of the
-//! pipeline, before anything is recorded here (it is counted in `mesh_rpc_requests_total`).
+//! Labels are only ever the name and version of a manifest the router resolved (a version the
+//! registry knows and a replica has ready), never what the request said: a call naming an
+//! unknown model or version fails in step 1 of the pipeline, before anything is recorded here
+//! (it is counted in `mesh_rpc_requests_total`).
 //!
-//! Recording is a guard ([`Observation`]) taken once the version is resolved: a call dropped
-//! before it answers (the deadline layer drops handlers, callers cancel) is still counted.
+//! Recording is a guard ([`Observation`]) taken once a group of items has its version: a call
+//! dropped before it answers (the deadline layer drops handlers, callers cancel) is still
+//! counted.
 
 use std::time::Instant;
 
@@ -24,7 +27,6 @@ use mesh_telemetry::metrics::{code_label, LATENCY_BUCKETS};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::error::GatewayError;
-use crate::pipeline::Outcome;
 
 /// Score buckets: the models serve probabilities, so tenths of [0, 1].
 const SCORE_BUCKETS: &[f64] = &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
@@ -73,7 +75,7 @@ impl PredictionMetrics {
         })
     }
 
-    /// Starts observing a call of `items` items scored by `manifest`'s version.
+    /// Starts observing `items` items of a call, scored by `manifest`'s version.
     pub fn observe(&self, manifest: &ModelManifest, items: usize, started: Instant) -> Observation {
         Observation {
             metrics: self.clone(),
@@ -92,6 +94,9 @@ impl PredictionMetrics {
     }
 }
 
+/// Each item's result, or the error that failed them all.
+pub type Results = Result<Vec<Result<PredictResponse, GatewayError>>, GatewayError>;
+
 /// One call being observed: [`Observation::finish`] records its outcome; dropped unfinished,
 /// it records its items as `CANCELLED`.
 pub struct Observation {
@@ -104,16 +109,14 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// Records `outcome` (each item's, or the whole call's error) and hands it back.
-    pub fn finish(
-        mut self,
-        outcome: Result<Outcome, GatewayError>,
-    ) -> Result<Outcome, GatewayError> {
+    /// Records `outcome` (each item's result, or the error that failed them all) and hands it
+    /// back.
+    pub fn finish(mut self, outcome: Results) -> Results {
         self.finished = true;
         let (model, version) = (self.model.as_str(), self.version.as_str());
         match &outcome {
-            Ok(outcome) => {
-                for result in &outcome.results {
+            Ok(results) => {
+                for result in results {
                     match result {
                         Ok(answer) => self.record_answer(answer),
                         Err(error) => {
@@ -211,14 +214,11 @@ mod tests {
     #[test]
     fn items_are_counted_by_tier_and_outcome() {
         let metrics = PredictionMetrics::register(&Registry::new()).expect("register");
-        let outcome = Outcome {
-            model_version: "v2".into(),
-            results: vec![
-                Ok(answer(FeatureTier::Redis, 0.7)),
-                Ok(answer(FeatureTier::Request, 0.2)),
-                Err(GatewayError::NotFound("entity".into())),
-            ],
-        };
+        let outcome = vec![
+            Ok(answer(FeatureTier::Redis, 0.7)),
+            Ok(answer(FeatureTier::Request, 0.2)),
+            Err(GatewayError::NotFound("entity".into())),
+        ];
         let _ = metrics
             .observe(&manifest(), 3, Instant::now())
             .finish(Ok(outcome));

@@ -9,20 +9,20 @@ use mesh_proto::gateway::{
     batch_result, BatchResult, ItemError, PredictBatchRequest, PredictBatchResponse,
     PredictRequest, PredictResponse,
 };
-use mesh_runtime::registry::ModelRegistry;
 use mesh_runtime::{Bulkhead, Deadline};
 use tonic::{Request, Response, Status};
 
 use crate::client::{Compartments, FeaturesDownstream, InferenceDownstream};
 use crate::error::GatewayError;
+use crate::lifecycle::routing::Router;
 use crate::logship::LogShipper;
 use crate::pipeline::{Call, Item};
 use crate::prediction_metrics::PredictionMetrics;
 
 /// Everything a handler needs.
 pub struct GatewayService {
-    /// Models and their manifests.
-    pub registry: Arc<ModelRegistry>,
+    /// The version for each request, and the manifests.
+    pub router: Arc<Router>,
     /// The features service.
     pub features: FeaturesDownstream,
     /// The inference replicas.

@@ -16,6 +16,8 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
     Setting::value("MESH_WARMUP_ITERATIONS", "20", "warm-up runs per session before `SERVING`"),
     Setting::value("MESH_MAX_BATCH_ROWS", "4096", "rows per `ModelInfer`"),
     Setting::derived("MESH_REPLICA_ID", "the listen address", "reported in `ServerMetadata`"),
+    Setting::unset("MESH_REGISTRY_DATABASE_URL", "unset: every version on disk, production from aliases.json", "PostgreSQL of the live model registry, followed for what to load"),
+    Setting::value("MESH_REGISTRY_INTERVAL_MS", "1000", "re-read the live registry at least this often (changes are notified at once)"),
 );
 
 /// The inference service's configuration.
@@ -29,6 +31,8 @@ pub struct Config {
     pub max_batch_rows: usize,
     /// `MESH_REPLICA_ID`, reported in `ServerMetadata`; default the listen address.
     pub replica_id: String,
+    /// `MESH_REGISTRY_*`: the live model registry to follow, if any.
+    pub registry: mesh_registry::RegistrySettings,
 }
 
 /// Where the models are and how they are run.
@@ -64,6 +68,7 @@ impl FromSettings for Config {
                 warmup_iterations: s.parse("MESH_WARMUP_ITERATIONS")?,
             },
             max_batch_rows: s.positive("MESH_MAX_BATCH_ROWS")?,
+            registry: mesh_registry::RegistrySettings::read(s)?,
             replica_id: s
                 .raw("MESH_REPLICA_ID")
                 .unwrap_or_else(|| server.listen_addr.clone()),

@@ -12,6 +12,12 @@ pub enum InferenceError {
     /// Models are still loading or warming up.
     #[error("models are not loaded yet; retry shortly")]
     NotReady,
+    /// This version is loading on this replica (another may have it).
+    #[error("{0}")]
+    VersionLoading(String),
+    /// This version failed to load or failed its golden fixture here: it takes no traffic.
+    #[error("{0}")]
+    VersionFailed(String),
     /// ONNX Runtime failed (details are logged, not returned).
     #[error("onnx runtime: {0}")]
     Runtime(String),
@@ -28,7 +34,10 @@ impl From<InferenceError> for tonic::Status {
                 tracing::info!(error = %msg, "unknown model");
                 tonic::Status::not_found(msg)
             }
-            InferenceError::NotReady => tonic::Status::unavailable(e.to_string()),
+            InferenceError::NotReady | InferenceError::VersionLoading(_) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            InferenceError::VersionFailed(msg) => tonic::Status::failed_precondition(msg),
             InferenceError::Runtime(msg) => {
                 tracing::error!(error = %msg, "inference failed");
                 tonic::Status::internal("inference failed")

@@ -5,25 +5,35 @@
 //! # Layout
 //! - [`config`]: settings in sections, every default in one table.
 //! - [`model`]: ONNX Runtime environment, loaded models, the session pool.
+//! - [`catalog`]: the versions held and their state (loading, ready, failed with the reason).
+//! - [`lifecycle`]: what to hold (the live registry, or the disk) and the task that loads and
+//!   unloads; [`golden`]: the golden fixture a version passes before it serves.
 //! - [`kserve`]: a request matched against the manifest (tensors through `mesh_tensor`).
 //! - [`service`]: the gRPC handlers.
 //! - [`error`]: one error enum, one mapping to `tonic::Status`.
 //!
-//! Start-up: the server answers health checks at once with NOT_SERVING while models load and
-//! warm up on a blocking thread; only then does health say SERVING.
+//! Start-up: the server answers health checks at once with NOT_SERVING while models load, warm
+//! up and pass their golden fixtures on a blocking thread; health says SERVING once one version
+//! is ready. Versions then come and go with the live registry, without a restart.
 
+pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod golden;
 pub mod kserve;
+pub mod lifecycle;
 pub mod model;
 pub mod service;
 
 use std::future::Future;
 use std::sync::Arc;
 
+use mesh_proto::catalog::model_catalog_server::ModelCatalogServer;
 use mesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use mesh_runtime::registry::ModelRegistry;
 use mesh_runtime::{serve_grpc, Health, ServiceMetrics, StartupError};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 pub use config::{default_parallelism, Config, SETTINGS};
 pub use error::InferenceError;
@@ -41,26 +51,19 @@ pub async fn serve(
     let health = Health::new(&[name]).await;
     let metrics = ServiceMetrics::new("inference")?;
     let service = Arc::new(InferenceService::new(config.clone()));
-
-    let loader = service.clone();
-    let loader_health = health.clone();
-    tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        let load = tokio::task::spawn_blocking(move || loader.load_and_warm()).await;
-        match load {
-            Ok(Ok(())) => {
-                tracing::info!(elapsed = ?started.elapsed(), "models loaded and warm: SERVING");
-                loader_health.set_serving().await;
-            }
-            Ok(Err(e)) => tracing::error!(error = %e, "model loading failed; staying NOT_SERVING"),
-            Err(e) => tracing::error!(error = %e, "model loading panicked; staying NOT_SERVING"),
-        }
-    });
+    // Fail fast on an unreadable registry directory, before binding anything else.
+    let disk = ModelRegistry::load(&config.models.dir)?;
+    let desired = desired_versions(&config, &disk);
+    tokio::spawn(lifecycle::run(service.clone(), desired, health.clone()));
 
     let routes = tonic::service::Routes::new(
-        GrpcInferenceServiceServer::from_arc(service).max_decoding_message_size(64 * 1024 * 1024),
-    );
-    let options = config.server.internal_serve_options(vec![name])?;
+        GrpcInferenceServiceServer::from_arc(service.clone())
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
+    .add_service(ModelCatalogServer::from_arc(service));
+    let options = config
+        .server
+        .internal_serve_options(vec![name, mesh_proto::service_names::CATALOG])?;
     serve_grpc(
         routes,
         options,
@@ -72,4 +75,48 @@ pub async fn serve(
     )
     .await
     .map_err(StartupError::from)
+}
+
+/// What to hold: the disk's versions at once, then, with a live registry, what its policies
+/// reference, for as long as the process runs.
+fn desired_versions(config: &Config, disk: &ModelRegistry) -> watch::Receiver<lifecycle::Desired> {
+    let (sender, receiver) = watch::channel(lifecycle::from_disk(disk));
+    let Some(url) = config.registry.url.clone() else {
+        // No live registry: the disk's versions, for the life of the process.
+        std::mem::forget(sender);
+        return receiver;
+    };
+    let seeds: Vec<(String, String)> = disk
+        .models
+        .values()
+        .map(|m| (m.name.clone(), m.production.clone()))
+        .collect();
+    let interval = config.registry.interval;
+    tokio::spawn(async move {
+        let store = match mesh_runtime::postgres::pool(&url, 2, std::time::Duration::from_secs(2)) {
+            Ok(pool) => mesh_registry::RegistryStore::new(pool, std::time::Duration::from_secs(2)),
+            Err(error) => {
+                tracing::error!(%error, "MESH_REGISTRY_DATABASE_URL unusable; holding the disk's versions");
+                return;
+            }
+        };
+        mesh_registry::store::prepare(&store, &seeds).await;
+        let mut following = mesh_registry::follow(store, url, interval);
+        loop {
+            let state = following.state.borrow_and_update().clone();
+            // An empty state is "not read yet": keep what is held rather than unload it all.
+            if !state.policies.is_empty() {
+                sender.send_if_modified(|current| {
+                    let next = lifecycle::from_registry(&state);
+                    let changed = *current != next;
+                    *current = next;
+                    changed
+                });
+            }
+            if following.state.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    receiver
 }

@@ -1,29 +1,29 @@
 //! The `inference.GRPCInferenceService` handlers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use mesh_proto::inference as pb;
 use mesh_proto::inference::grpc_inference_service_server::GrpcInferenceService;
-use mesh_runtime::registry::{FeatureKind, ModelRegistry};
+use mesh_runtime::registry::FeatureKind;
 use mesh_runtime::Deadline;
+use ort::environment::Environment;
 use tonic::{Request, Response, Status};
 
+use crate::catalog::{Catalog, State};
 use crate::error::InferenceError;
 use crate::kserve::{decode_inputs, encode_outputs};
 use crate::model::{environment, LoadedModel};
 use crate::Config;
 
-/// Everything loaded: the registry (for aliases) and every version's sessions.
-struct Loaded {
-    registry: ModelRegistry,
-    models: HashMap<(String, String), Arc<LoadedModel>>,
-}
-
-/// The gRPC service. Models appear once [`InferenceService::load_and_warm`] has run.
+/// The gRPC service. Versions appear in its [`Catalog`] as the lifecycle task loads them
+/// (see [`crate::lifecycle`]).
 pub struct InferenceService {
     config: Config,
-    loaded: OnceLock<Loaded>,
+    catalog: Catalog,
+    /// Model → its production version, from the live registry (or the disk aliases).
+    production: RwLock<BTreeMap<String, String>>,
+    env: OnceLock<Environment>,
 }
 
 impl InferenceService {
@@ -31,39 +31,48 @@ impl InferenceService {
     pub fn new(config: Config) -> Self {
         Self {
             config,
-            loaded: OnceLock::new(),
+            catalog: Catalog::default(),
+            production: RwLock::new(BTreeMap::new()),
+            env: OnceLock::new(),
         }
     }
 
-    /// Loads every model version of the registry and warms each session up. Blocking.
-    pub fn load_and_warm(&self) -> Result<(), InferenceError> {
-        let registry = ModelRegistry::load(&self.config.models.dir)?;
-        let env = environment(&self.config.models.ort_dylib)?;
-        let mut models = HashMap::new();
-        for model in registry.models.values() {
-            for (version, entry) in &model.versions {
-                let loaded = LoadedModel::load(&env, entry, self.config.models.sessions_per_model)?;
-                loaded.warm_up(self.config.models.warmup_iterations)?;
-                tracing::info!(model = %model.name, %version, sessions = self.config.models.sessions_per_model, "model loaded");
-                models.insert((model.name.clone(), version.clone()), Arc::new(loaded));
-            }
+    /// The service's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Every version held, with its state.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Sets what an empty version (or `production`) means, per model.
+    pub fn set_production(&self, production: BTreeMap<String, String>) {
+        *self.production.write().unwrap_or_else(|e| e.into_inner()) = production;
+    }
+
+    /// The ONNX Runtime environment, created on first use. Blocking.
+    pub fn environment(&self) -> Result<&Environment, InferenceError> {
+        if let Some(env) = self.env.get() {
+            return Ok(env);
         }
-        let _ = self.loaded.set(Loaded { registry, models });
-        Ok(())
+        let env = environment(&self.config.models.ort_dylib)?;
+        Ok(self.env.get_or_init(|| env))
     }
 
     fn model(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, InferenceError> {
-        let loaded = self.loaded.get().ok_or(InferenceError::NotReady)?;
-        let resolved = loaded.registry.resolve(name, version)?;
-        loaded
-            .models
-            .get(&(name.to_owned(), resolved.manifest.version.clone()))
-            .cloned()
-            .ok_or_else(|| {
-                InferenceError::NotFound(format!(
-                    "model {name:?} version {version:?} is not loaded"
-                ))
-            })
+        let version = if version.is_empty() || version == "production" {
+            let production = self.production.read().unwrap_or_else(|e| e.into_inner());
+            match production.get(name) {
+                Some(v) => v.clone(),
+                None if !self.catalog.any_ready() => return Err(InferenceError::NotReady),
+                None => return Err(InferenceError::NotFound(format!("unknown model {name:?}"))),
+            }
+        } else {
+            version.to_owned()
+        };
+        self.catalog.get(name, &version)
     }
 
     /// Runs one ModelInfer request (the handler without the gRPC envelope).
@@ -116,7 +125,7 @@ impl GrpcInferenceService for InferenceService {
         _request: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
         Ok(Response::new(pb::ServerReadyResponse {
-            ready: self.loaded.get().is_some(),
+            ready: self.catalog.any_ready(),
         }))
     }
 
@@ -127,7 +136,11 @@ impl GrpcInferenceService for InferenceService {
         let r = request.into_inner();
         let ready = match self.model(&r.name, &r.version) {
             Ok(_) => true,
-            Err(InferenceError::NotReady) => false,
+            Err(
+                InferenceError::NotReady
+                | InferenceError::VersionLoading(_)
+                | InferenceError::VersionFailed(_),
+            ) => false,
             Err(e) => return Err(e.into()),
         };
         Ok(Response::new(pb::ModelReadyResponse { ready }))
@@ -150,13 +163,13 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
         let model = self.model(&r.name, &r.version)?;
-        let loaded = self.loaded.get().ok_or(InferenceError::NotReady)?;
-        let versions = loaded
-            .registry
-            .models
-            .get(&r.name)
-            .map(|m| m.versions.keys().cloned().collect())
-            .unwrap_or_default();
+        let versions = self
+            .catalog
+            .snapshot()
+            .into_iter()
+            .filter(|((name, _), slot)| name == &r.name && matches!(slot.state, State::Ready(..)))
+            .map(|((_, version), _)| version)
+            .collect();
         Ok(Response::new(pb::ModelMetadataResponse {
             name: model.manifest.name.clone(),
             versions,
@@ -193,5 +206,39 @@ impl GrpcInferenceService for InferenceService {
         }
         // Runs inline: for small models moving to another thread costs more than the inference.
         Ok(Response::new(self.infer(request.into_inner())?))
+    }
+}
+
+#[tonic::async_trait]
+impl mesh_proto::catalog::model_catalog_server::ModelCatalog for InferenceService {
+    async fn list_versions(
+        &self,
+        _request: Request<mesh_proto::catalog::ListVersionsRequest>,
+    ) -> Result<Response<mesh_proto::catalog::ListVersionsResponse>, Status> {
+        use mesh_proto::catalog::version_state::State as Pb;
+        let versions = self
+            .catalog
+            .snapshot()
+            .into_iter()
+            .map(|((model, version), slot)| {
+                let (state, reason, diff) = match slot.state {
+                    State::Loading => (Pb::Loading, String::new(), 0.0),
+                    State::Ready(_, diff) => (Pb::Ready, String::new(), diff.unwrap_or(0.0)),
+                    State::Failed(reason) => (Pb::Failed, reason, 0.0),
+                };
+                mesh_proto::catalog::VersionState {
+                    model,
+                    version,
+                    state: state as i32,
+                    reason,
+                    since_unix_micros: slot.since_unix_micros,
+                    golden_max_abs_diff: diff,
+                }
+            })
+            .collect();
+        Ok(Response::new(mesh_proto::catalog::ListVersionsResponse {
+            replica_id: self.config.replica_id.clone(),
+            versions,
+        }))
     }
 }

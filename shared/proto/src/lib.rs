@@ -5,6 +5,9 @@
 //! - [`gateway`]: the public API (`mesh.gateway.v1.Gateway`).
 //! - [`features`]: the feature store (`mesh.features.v1.Features`).
 //! - [`logger`]: the prediction log (`mesh.logger.v1.PredictionLog`).
+//! - [`admin`]: model lifecycle administration on the gateway (`mesh.admin.v1.ModelAdmin`).
+//! - [`catalog`]: each inference replica's model versions and their state
+//!   (`mesh.catalog.v1.ModelCatalog`).
 //! - [`inference`]: the Open Inference Protocol / KServe V2 (`inference.GRPCInferenceService`),
 //!   generated from the public `grpc_predict_v2.proto` so any KServe V2 client can call it.
 //! - [`FILE_DESCRIPTOR_SET`]: every file above, encoded, for server reflection.
@@ -41,8 +44,24 @@ pub mod mesh {
             tonic::include_proto!("mesh.logger.v1");
         }
     }
+    /// `mesh.admin.v1`.
+    pub mod admin {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mesh.admin.v1");
+        }
+    }
+    /// `mesh.catalog.v1`.
+    pub mod catalog {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("mesh.catalog.v1");
+        }
+    }
 }
 
+pub use mesh::admin::v1 as admin;
+pub use mesh::catalog::v1 as catalog;
 pub use mesh::features::v1 as features;
 pub use mesh::gateway::v1 as gateway;
 pub use mesh::logger::v1 as logger;
@@ -66,4 +85,6 @@ pub mod service_names {
     pub const LOGGER: &str = "mesh.logger.v1.PredictionLog";
     /// `inference.GRPCInferenceService`.
     pub const INFERENCE: &str = "inference.GRPCInferenceService";
+    pub const CATALOG: &str = "mesh.catalog.v1.ModelCatalog";
+    pub const ADMIN: &str = "mesh.admin.v1.ModelAdmin";
 }

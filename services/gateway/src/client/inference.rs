@@ -3,6 +3,7 @@
 //! another replica (never one that already failed this request while another is available),
 //! while the retry budget and the deadline allow.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::inference::{ModelInferRequest, ModelInferResponse};
@@ -13,20 +14,29 @@ use mesh_telemetry::propagation::client_span;
 use super::call::traced;
 use super::replicas::{ReplicaHandle, ReplicaState};
 use super::{Attempt, Attempts, Downstream};
+use crate::lifecycle::readiness::ReplicaVersions;
 
 /// The inference replicas behind one breaker and retry budget.
 #[derive(Clone)]
 pub struct InferenceDownstream {
     replicas: ReplicaHandle,
+    versions: Arc<ReplicaVersions>,
     margin: Duration,
     downstream: Downstream,
 }
 
 impl InferenceDownstream {
-    /// Calls to `replicas`; `margin` is kept back from each budget for the way back.
-    pub fn new(replicas: ReplicaHandle, margin: Duration, downstream: Downstream) -> Self {
+    /// Calls to `replicas`, each request only to those that report its version ready in
+    /// `versions` (when any does); `margin` is kept back from each budget for the way back.
+    pub fn new(
+        replicas: ReplicaHandle,
+        versions: Arc<ReplicaVersions>,
+        margin: Duration,
+        downstream: Downstream,
+    ) -> Self {
         Self {
             replicas,
+            versions,
             margin,
             downstream,
         }
@@ -46,10 +56,15 @@ impl InferenceDownstream {
         bulkhead: &Bulkhead,
     ) -> Result<(ModelInferResponse, Vec<String>), tonic::Status> {
         let _permit = bulkhead.try_enter()?;
+        // Replicas that do not have the version ready count as already failed for this
+        // request: it goes to those that have it.
+        let lacking = self
+            .versions
+            .lacking(&request.model_name, &request.model_version);
         let attempts = ReplicaAttempts {
             replicas: &self.replicas,
             request,
-            failed: Vec::new(),
+            failed: lacking,
             margin: self.margin,
         };
         self.downstream.call(deadline, attempts).await

@@ -1,0 +1,38 @@
+//! Model lifecycle on the gateway: which version scores each request, and the admin API that
+//! changes it.
+//!
+//! # Layout
+//! - [`readiness`]: which versions each inference replica reports ready (its catalog, polled).
+//! - [`routing`]: the version for a request: a pinned version or alias, else the live
+//!   registry's policy for the entity (a sticky rollout), never a version no replica has ready.
+//! - [`admin`]: `mesh.admin.v1.ModelAdmin`, behind the admin keys.
+
+pub mod admin;
+pub mod readiness;
+pub mod routing;
+
+use mesh_registry::RegistrySettings;
+use mesh_runtime::config::Settings;
+
+use crate::auth::{parse_key_list, ApiKey};
+use crate::error::StartupError;
+
+/// Where the live registry is and who may change it.
+#[derive(Debug, Clone, Default)]
+pub struct LifecycleSettings {
+    /// `MESH_REGISTRY_DATABASE_URL`, `MESH_REGISTRY_INTERVAL_MS`.
+    pub registry: RegistrySettings,
+    /// `MESH_ADMIN_KEYS`: who may call the admin API (none: nobody).
+    pub admin_keys: Vec<ApiKey>,
+}
+
+impl LifecycleSettings {
+    /// Reads the settings.
+    pub fn read(s: &Settings<'_>) -> Result<Self, StartupError> {
+        Ok(Self {
+            registry: RegistrySettings::read(s)?,
+            admin_keys: parse_key_list("MESH_ADMIN_KEYS", &s.string("MESH_ADMIN_KEYS"))
+                .map_err(StartupError::Config)?,
+        })
+    }
+}

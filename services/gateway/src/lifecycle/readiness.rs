@@ -1,0 +1,142 @@
+//! Which versions each inference replica has ready, from its `mesh.catalog.v1.ModelCatalog`,
+//! polled every half second. Routing uses it to send a request only to a version some replica
+//! has ready, and the balancer to send it only to replicas that have it.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use mesh_proto::catalog::model_catalog_client::ModelCatalogClient;
+use mesh_proto::catalog::version_state::State;
+use mesh_proto::catalog::{ListVersionsRequest, VersionState};
+use mesh_runtime::internal::InternalChannel;
+use tokio::task::JoinHandle;
+
+/// How often each replica's catalog is read.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// What one replica reported last: every version with its state; `None` until it answered.
+type Report = Option<Vec<VersionState>>;
+
+/// Every replica's last report, by replica index.
+#[derive(Default)]
+pub struct ReplicaVersions {
+    reports: RwLock<Vec<Report>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for ReplicaVersions {
+    fn drop(&mut self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
+impl ReplicaVersions {
+    /// Polls each replica at `channels` (URL and channel each).
+    pub fn start(channels: &[(String, InternalChannel)]) -> Arc<Self> {
+        let versions = Arc::new(Self {
+            reports: RwLock::new(vec![None; channels.len()]),
+            tasks: Default::default(),
+        });
+        let tasks = channels
+            .iter()
+            .enumerate()
+            .map(|(i, (_, channel))| {
+                tokio::spawn(poll(Arc::downgrade(&versions), i, channel.clone()))
+            })
+            .collect();
+        *versions.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        versions
+    }
+
+    fn reports(&self) -> std::sync::RwLockReadGuard<'_, Vec<Report>> {
+        self.reports.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether any replica has answered at all (before that, nothing is known: route as asked).
+    pub fn known(&self) -> bool {
+        self.reports().iter().any(Option::is_some)
+    }
+
+    /// Whether some replica has `model` `version` ready.
+    pub fn ready_anywhere(&self, model: &str, version: &str) -> bool {
+        self.reports()
+            .iter()
+            .flatten()
+            .any(|report| is_ready(report, model, version))
+    }
+
+    /// Replicas known not to have `model` `version` ready, if at least one has it; else none
+    /// (then every replica may be tried).
+    pub fn lacking(&self, model: &str, version: &str) -> Vec<usize> {
+        let reports = self.reports();
+        let (has, lacks): (Vec<usize>, Vec<usize>) = (0..reports.len()).partition(|&i| {
+            reports[i]
+                .as_ref()
+                .is_none_or(|r| is_ready(r, model, version))
+        });
+        if has.is_empty() {
+            Vec::new()
+        } else {
+            lacks
+        }
+    }
+
+    /// Every replica's last report, for the admin API.
+    pub fn snapshot(&self) -> Vec<Report> {
+        self.reports().clone()
+    }
+
+    /// Every (model, version) some replica has ready.
+    pub fn ready_versions(&self) -> BTreeSet<(String, String)> {
+        self.reports()
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|v| v.state == State::Ready as i32)
+            .map(|v| (v.model.clone(), v.version.clone()))
+            .collect()
+    }
+}
+
+fn is_ready(report: &[VersionState], model: &str, version: &str) -> bool {
+    report
+        .iter()
+        .any(|v| v.model == model && v.version == version && v.state == State::Ready as i32)
+}
+
+/// Reads replica `index`'s catalog every [`POLL`] while `versions` lives. A replica that does
+/// not answer keeps its last report for a few polls, then counts as unknown.
+async fn poll(versions: std::sync::Weak<ReplicaVersions>, index: usize, channel: InternalChannel) {
+    let mut client = ModelCatalogClient::new(channel);
+    let mut misses = 0u32;
+    loop {
+        let mut request = tonic::Request::new(ListVersionsRequest {});
+        request.set_timeout(Duration::from_millis(400));
+        let report = match client.list_versions(request).await {
+            Ok(response) => {
+                misses = 0;
+                Some(Some(response.into_inner().versions))
+            }
+            Err(_) => {
+                misses += 1;
+                (misses >= 4).then_some(None)
+            }
+        };
+        let Some(versions) = versions.upgrade() else {
+            return;
+        };
+        if let Some(report) = report {
+            versions.reports.write().unwrap_or_else(|e| e.into_inner())[index] = report;
+        }
+        drop(versions);
+        tokio::time::sleep(POLL).await;
+    }
+}

@@ -1,0 +1,141 @@
+//! Which versions a replica holds, and the task that makes it so.
+//!
+//! What is wanted comes from the live registry (every version some policy references: aliases,
+//! the rollback target, a rollout candidate, a shadow) or, without one, from the disk (every
+//! version, the `aliases.json` production). On every change the task unloads what is no longer
+//! wanted (calls still running on it finish first: they hold it) and loads what is new, one
+//! version at a time on a blocking thread: load, warm up, run the golden fixture, and only then
+//! mark it ready. A version that fails is marked failed with the reason and never serves; the
+//! others keep serving. The replica reports SERVING once the first round is done and at least
+//! one version is ready.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use mesh_registry::RegistryState;
+use mesh_runtime::registry::ModelRegistry;
+use mesh_runtime::Health;
+use tokio::sync::watch;
+
+use crate::catalog::{Key, State};
+use crate::golden::{self, Verdict};
+use crate::model::LoadedModel;
+use crate::InferenceService;
+
+/// What the replica should hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    /// Versions to hold.
+    pub versions: BTreeSet<Key>,
+    /// Model → production version.
+    pub production: BTreeMap<String, String>,
+}
+
+/// Every version on disk, production from `aliases.json`.
+pub fn from_disk(disk: &ModelRegistry) -> Desired {
+    Desired {
+        versions: disk
+            .models
+            .values()
+            .flat_map(|m| m.versions.keys().map(|v| (m.name.clone(), v.clone())))
+            .collect(),
+        production: disk
+            .models
+            .values()
+            .map(|m| (m.name.clone(), m.production.clone()))
+            .collect(),
+    }
+}
+
+/// Every version the registry's policies reference, production from the registry.
+pub fn from_registry(state: &RegistryState) -> Desired {
+    Desired {
+        versions: state.referenced().into_iter().collect(),
+        production: state
+            .policies
+            .values()
+            .filter_map(|p| Some((p.model.clone(), p.production()?.to_owned())))
+            .collect(),
+    }
+}
+
+/// Keeps `service`'s catalog equal to what `desired` says, until the sender is dropped.
+pub async fn run(
+    service: Arc<InferenceService>,
+    mut desired: watch::Receiver<Desired>,
+    health: Health,
+) {
+    let mut serving = false;
+    loop {
+        let want = desired.borrow_and_update().clone();
+        service.set_production(want.production.clone());
+        for (model, version) in service.catalog().retain(&want.versions) {
+            tracing::info!(%model, %version, "version no longer referenced: unloaded once its calls end");
+        }
+        let missing: Vec<Key> = want
+            .versions
+            .difference(&service.catalog().keys())
+            .cloned()
+            .collect();
+        for key in &missing {
+            service.catalog().set(key.clone(), State::Loading);
+        }
+        let loader = service.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for key in missing {
+                let state = load(&loader, &key);
+                loader.catalog().set(key, state);
+            }
+        })
+        .await;
+        if !serving && service.catalog().any_ready() {
+            serving = true;
+            tracing::info!("models loaded and warm: SERVING");
+            health.set_serving().await;
+        }
+        if desired.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Loads, warms and checks one version. Blocking.
+fn load(service: &InferenceService, (model, version): &Key) -> State {
+    let started = std::time::Instant::now();
+    let models = &service.config().models;
+    let result = (|| {
+        let disk = ModelRegistry::load(&models.dir).map_err(|e| e.to_string())?;
+        let entry = disk
+            .resolve(model, version)
+            .map_err(|e| format!("{e} on disk under {}", models.dir.display()))?;
+        let env = service.environment().map_err(|e| e.to_string())?;
+        let loaded =
+            LoadedModel::load(env, entry, models.sessions_per_model).map_err(|e| e.to_string())?;
+        loaded
+            .warm_up(models.warmup_iterations)
+            .map_err(|e| e.to_string())?;
+        let dir = entry.model_path.parent().unwrap_or(Path::new("."));
+        let diff = match golden::check(&loaded, dir)? {
+            Verdict::Passed { max_abs_diff, rows } => {
+                tracing::info!(%model, %version, rows, max_abs_diff, "golden fixture passed");
+                Some(max_abs_diff)
+            }
+            Verdict::Missing => {
+                tracing::warn!(%model, %version, "no golden.json beside the model: serving it unchecked");
+                None
+            }
+        };
+        Ok::<_, String>(State::Ready(Arc::new(loaded), diff))
+    })();
+    match result {
+        Ok(state) => {
+            tracing::info!(%model, %version, elapsed = ?started.elapsed(), "version ready");
+            state
+        }
+        Err(reason) => {
+            tracing::error!(%model, %version, %reason, "version failed to load; it takes no traffic");
+            State::Failed(reason)
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Model lifecycle on a real inference replica and a real PostgreSQL: a version that fails its
+//! golden fixture or fails to load never serves while the others do, and a replica loads and
+//! unloads versions as the live registry changes, without a restart.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mesh_proto::catalog::model_catalog_client::ModelCatalogClient;
+use mesh_proto::catalog::version_state::State;
+use mesh_proto::catalog::{ListVersionsRequest, VersionState};
+use mesh_proto::inference::{ModelInferRequest, ModelReadyRequest};
+use mesh_registry::{Change, RegistryStore};
+use mesh_tests::*;
+use tonic::Code;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// A models directory with churn's committed versions and the given broken test versions.
+fn models_with(broken: &[&str]) -> PathBuf {
+    let dir = scratch_dir("models");
+    copy_dir(&repo().join("models"), &dir);
+    for version in broken {
+        copy_dir(
+            &repo().join("tests/fixtures/models/churn").join(version),
+            &dir.join("churn").join(version),
+        );
+    }
+    dir
+}
+
+async fn versions(addr: std::net::SocketAddr) -> Vec<VersionState> {
+    ModelCatalogClient::new(internal_channel(addr))
+        .list_versions(ListVersionsRequest {})
+        .await
+        .expect("catalog")
+        .into_inner()
+        .versions
+}
+
+fn state_of<'a>(versions: &'a [VersionState], version: &str) -> Option<&'a VersionState> {
+    versions
+        .iter()
+        .find(|v| v.model == "churn" && v.version == version)
+}
+
+/// One row of fixture features as a typed KServe request for `version`.
+fn infer_request(version: &str) -> ModelInferRequest {
+    let row = &fixture()[0];
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("models/churn/1/manifest.json")).expect("manifest"),
+    )
+    .expect("json");
+    let columns = manifest["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .map(|f| {
+            let name = f["name"].as_str().expect("name");
+            let column = match &row.features[name] {
+                serde_json::Value::Number(n) => {
+                    mesh_tensor::Column::Numbers(vec![n.as_f64().expect("f64") as f32])
+                }
+                v => mesh_tensor::Column::Categories(vec![v.as_str().expect("str").to_owned()]),
+            };
+            mesh_tensor::encode_input(name, column)
+        })
+        .collect();
+    ModelInferRequest {
+        model_name: "churn".into(),
+        model_version: version.into(),
+        inputs: columns,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_failing_its_golden_fixture_or_its_load_never_serves_and_the_rest_do() {
+    telemetry();
+    let mut config = inference_config();
+    config.models.dir = models_with(&["90", "93"]);
+    config.models.warmup_iterations = 1;
+    let replica = start_inference(config).await;
+    wait_serving(replica.addr, Duration::from_secs(60)).await;
+    // SERVING comes after the first round, in which every version was tried.
+    let all = versions(replica.addr).await;
+    let one = state_of(&all, "1").expect("version 1");
+    assert_eq!(one.state, State::Ready as i32, "{one:?}");
+    assert!(one.golden_max_abs_diff < 1e-4, "{one:?}");
+    assert_eq!(
+        state_of(&all, "2").map(|v| v.state),
+        Some(State::Ready as i32)
+    );
+    let wrong = state_of(&all, "90").expect("version 90");
+    assert_eq!(wrong.state, State::Failed as i32);
+    assert!(
+        wrong.reason.contains("golden row") && wrong.reason.contains("skew"),
+        "{wrong:?}"
+    );
+    let garbage = state_of(&all, "93").expect("version 93");
+    assert_eq!(garbage.state, State::Failed as i32);
+    assert!(garbage.reason.contains("cannot load"), "{garbage:?}");
+
+    let mut client = inference_client(replica.addr);
+    for (version, ready) in [
+        ("1", true),
+        ("2", true),
+        ("90", false),
+        ("93", false),
+        ("", true),
+    ] {
+        let answer = client
+            .model_ready(ModelReadyRequest {
+                name: "churn".into(),
+                version: version.into(),
+            })
+            .await
+            .expect("model ready");
+        assert_eq!(answer.into_inner().ready, ready, "version {version:?}");
+    }
+    let status = client
+        .model_infer(infer_request("90"))
+        .await
+        .expect_err("a failed version takes no traffic");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("golden"), "{status:?}");
+    client
+        .model_infer(infer_request("1"))
+        .await
+        .expect("version 1 serves");
+    replica.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_loads_and_unloads_versions_as_the_live_registry_changes() {
+    telemetry();
+    let pg = mesh_testkit::PostgresServer::start().expect("postgres");
+    let mut config = inference_config();
+    config.models.warmup_iterations = 1;
+    config.registry.url = Some(pg.url());
+    let replica = start_inference(config).await;
+    wait_serving(replica.addr, Duration::from_secs(60)).await;
+    let pool = mesh_runtime::postgres::pool(&pg.url(), 2, Duration::from_secs(2)).expect("pool");
+    let store = RegistryStore::new(pool, Duration::from_secs(2));
+
+    // Seeded from aliases.json (production 1): version 2 is on disk but referenced by nothing.
+    let until = |want: &'static str, version: &'static str, limit: Duration| {
+        let addr = replica.addr;
+        async move {
+            let started = Instant::now();
+            loop {
+                let all = versions(addr).await;
+                let state = state_of(&all, version).map(|v| v.state);
+                let done = match want {
+                    "ready" => state == Some(State::Ready as i32),
+                    _ => state.is_none(),
+                };
+                if done {
+                    return started.elapsed();
+                }
+                assert!(
+                    started.elapsed() < limit,
+                    "version {version} not {want}: {all:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until("gone", "2", Duration::from_secs(10)).await;
+    let none = serde_json::json!({});
+    store
+        .apply(
+            "churn",
+            Change::SetRollout {
+                candidate: "2".into(),
+                percent: 10.0,
+            },
+            "test",
+            "canary",
+            none.clone(),
+        )
+        .await
+        .expect("rollout");
+    let loaded_in = until("ready", "2", Duration::from_secs(20)).await;
+    inference_client(replica.addr)
+        .model_infer(infer_request("2"))
+        .await
+        .expect("the candidate serves");
+    store
+        .apply("churn", Change::StopRollout, "test", "done", none.clone())
+        .await
+        .expect("stop");
+    let unloaded_in = until("gone", "2", Duration::from_secs(5)).await;
+    let status = inference_client(replica.addr)
+        .model_infer(infer_request("2"))
+        .await
+        .expect_err("unloaded");
+    assert_eq!(status.code(), Code::NotFound);
+    // Promotion moves what an empty version means, without a restart.
+    store
+        .apply(
+            "churn",
+            Change::SetAlias {
+                alias: "production".into(),
+                version: "2".into(),
+            },
+            "test",
+            "promote",
+            none,
+        )
+        .await
+        .expect("promote");
+    until("ready", "2", Duration::from_secs(20)).await;
+    let started = Instant::now();
+    loop {
+        let answer = inference_client(replica.addr)
+            .model_infer(infer_request(""))
+            .await
+            .expect("production serves")
+            .into_inner();
+        if answer.model_version == "2" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "production still {}",
+            answer.model_version
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("registry → replica: loaded in {loaded_in:?}, unloaded in {unloaded_in:?}");
+    replica.shutdown().await;
+}
+
+/// Adds `x-admin-key` (when there is one) and a 5 s deadline to every admin call.
+#[derive(Clone)]
+struct AdminKey(Option<&'static str>);
+
+impl tonic::service::Interceptor for AdminKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(key) = self.0 {
+            request
+                .metadata_mut()
+                .insert("x-admin-key", key.parse().expect("key"));
+        }
+        request.set_timeout(Duration::from_secs(5));
+        Ok(request)
+    }
+}
+
+type AdminClient = mesh_proto::admin::model_admin_client::ModelAdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AdminKey>,
+>;
+
+/// An admin client of the gateway at `addr`, presenting `key` (if any) as `x-admin-key`.
+fn admin(addr: std::net::SocketAddr, key: Option<&'static str>) -> AdminClient {
+    mesh_proto::admin::model_admin_client::ModelAdminClient::with_interceptor(
+        channel(addr),
+        AdminKey(key),
+    )
+}
+
+fn predict(entity: &str) -> mesh_proto::gateway::PredictRequest {
+    let row = &fixture()[0];
+    mesh_proto::gateway::PredictRequest {
+        model: "churn".into(),
+        entity_id: entity.into(),
+        // Demo entities lack these two; the request brings them.
+        features: json_features(&serde_json::json!({
+            "support_calls_30d": row.features["support_calls_30d"],
+            "channel": row.features["channel"],
+        })),
+        model_version: String::new(),
+    }
+}
+
+/// Predicts through every gateway in turn until each answers with `version`; every answer on
+/// the way must be OK (a switch costs no failed request). Returns how long it took.
+async fn until_version(gateways: &[std::net::SocketAddr], version: &str) -> Duration {
+    let started = Instant::now();
+    let mut done = vec![false; gateways.len()];
+    let mut n = 0;
+    while done.iter().any(|d| !d) {
+        for (i, addr) in gateways.iter().enumerate() {
+            n += 1;
+            let answer = mesh_proto::gateway::gateway_client::GatewayClient::new(channel(*addr))
+                .predict(predict(&format!("cust-{:05}", 1 + n % 50)))
+                .await
+                .expect("every prediction during a switch succeeds")
+                .into_inner();
+            done[i] |= answer.model_version == version;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "gateways did not all reach version {version}"
+        );
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_rollback_and_a_sticky_rollout_reach_every_gateway_without_a_failed_request() {
+    let mesh = Mesh::start_live(|_| {}).await;
+    mesh.seed(200).await;
+    // A second gateway on the same registry and replicas, as a second pod would be.
+    let mut second_config = gateway_config(
+        mesh.features_proxy.url(),
+        mesh.inference_proxies.iter().map(|p| p.url()).collect(),
+        mesh.logger.url(),
+    );
+    second_config.lifecycle.registry.url = Some(mesh.pg.url());
+    let second = start_gateway(second_config).await;
+    wait_serving(second.addr, Duration::from_secs(30)).await;
+    let gateways = [mesh.gateway.addr, second.addr];
+    until_version(&gateways, "1").await;
+
+    // The admin API wants its own key: none, a wrong one, an API key are all refused.
+    let status = admin(mesh.gateway.addr, None)
+        .list_models(mesh_proto::admin::ListModelsRequest {})
+        .await
+        .expect_err("no key");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = admin(mesh.gateway.addr, Some("not-the-admin-key"))
+        .list_models(mesh_proto::admin::ListModelsRequest {})
+        .await
+        .expect_err("wrong key");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // The second gateway has no admin keys: its admin API is off.
+    let status = admin(second.addr, Some(ADMIN_KEY))
+        .list_models(mesh_proto::admin::ListModelsRequest {})
+        .await
+        .expect_err("admin API off");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let mut ops = admin(mesh.gateway.addr, Some(ADMIN_KEY));
+    let status = ops
+        .promote(mesh_proto::admin::PromoteRequest {
+            model: "churn".into(),
+            version: "7".into(),
+            alias: String::new(),
+            reason: "typo".into(),
+        })
+        .await
+        .expect_err("no such version");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    // Promote 2: both gateways move to it, and no prediction fails while replicas load it.
+    let change = ops
+        .promote(mesh_proto::admin::PromoteRequest {
+            model: "churn".into(),
+            version: "2".into(),
+            alias: String::new(),
+            reason: "v2 passed offline evaluation".into(),
+        })
+        .await
+        .expect("promote")
+        .into_inner();
+    assert_eq!(change.audit.as_ref().map(|a| a.actor.as_str()), Some("ops"));
+    let promoted_in = until_version(&gateways, "2").await;
+
+    // Roll back in one call.
+    ops.rollback(mesh_proto::admin::RollbackRequest {
+        model: "churn".into(),
+        reason: "latency regression".into(),
+    })
+    .await
+    .expect("rollback");
+    let rolled_back_in = until_version(&gateways, "1").await;
+
+    // A sticky 50 % rollout of 2: once a replica has 2 ready, each entity's version is the
+    // policy's bucket for it, on both gateways, in Predict and in PredictBatch alike.
+    ops.set_rollout(mesh_proto::admin::SetRolloutRequest {
+        model: "churn".into(),
+        candidate: "2".into(),
+        percent: 50.0,
+        reason: "canary".into(),
+    })
+    .await
+    .expect("rollout");
+    let started = Instant::now();
+    loop {
+        let models = ops
+            .list_models(mesh_proto::admin::ListModelsRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        let churn = &models.models[0];
+        let ready_everywhere = churn
+            .replicas
+            .iter()
+            .filter(|r| r.version == "2" && r.state == "READY")
+            .count()
+            == 2;
+        if churn.rollout_candidate == "2" && ready_everywhere {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{churn:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await; // one readiness poll
+    let entities: Vec<String> = (1..=200).map(|i| format!("cust-{i:05}")).collect();
+    let mut on_candidate = 0;
+    for (i, entity) in entities.iter().enumerate() {
+        let want = if mesh_registry::policy::takes("churn", entity, 50.0) {
+            "2"
+        } else {
+            "1"
+        };
+        on_candidate += usize::from(want == "2");
+        let answer =
+            mesh_proto::gateway::gateway_client::GatewayClient::new(channel(gateways[i % 2]))
+                .predict(predict(entity))
+                .await
+                .expect("predict")
+                .into_inner();
+        assert_eq!(answer.model_version, want, "{entity}");
+    }
+    assert!(
+        (60..=140).contains(&on_candidate),
+        "{on_candidate} of 200 on the candidate"
+    );
+    let row = &fixture()[0];
+    let batch = mesh
+        .gateway_client()
+        .predict_batch(mesh_proto::gateway::PredictBatchRequest {
+            model: "churn".into(),
+            items: entities
+                .iter()
+                .map(|e| mesh_proto::gateway::BatchItem {
+                    entity_id: e.clone(),
+                    features: json_features(&serde_json::json!({
+                        "support_calls_30d": row.features["support_calls_30d"],
+                        "channel": row.features["channel"],
+                    })),
+                })
+                .collect(),
+            model_version: String::new(),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    for (entity, result) in entities.iter().zip(&batch.results) {
+        let Some(mesh_proto::gateway::batch_result::Result::Prediction(p)) = &result.result else {
+            panic!("{entity}: {result:?}");
+        };
+        let want = if mesh_registry::policy::takes("churn", entity, 50.0) {
+            "2"
+        } else {
+            "1"
+        };
+        assert_eq!(p.model_version, want, "{entity} in the batch");
+    }
+
+    let history = ops
+        .history(mesh_proto::admin::HistoryRequest {
+            model: "churn".into(),
+            limit: 10,
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .entries;
+    let actions: Vec<(&str, &str, &str)> = history
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        actions[..3],
+        [
+            ("set_rollout", "ops", "canary"),
+            ("rollback", "ops", "latency regression"),
+            ("set_alias", "ops", "v2 passed offline evaluation"),
+        ]
+    );
+    eprintln!("promotion reached both gateways in {promoted_in:?}, rollback in {rolled_back_in:?}");
+    mesh.assert_idle().await;
+}
