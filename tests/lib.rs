@@ -318,6 +318,28 @@ pub async fn start_gateway_with_http(config: mesh_gateway::Config) -> (Running, 
     (running, addr)
 }
 
+/// Waits (at most 60 s) until the gateway at `http` has seen each of its `replicas` report a
+/// ready model version (`mesh_replica_versions_ready`).
+pub async fn wait_replicas_ready(http: SocketAddr, replicas: usize) {
+    let started = std::time::Instant::now();
+    loop {
+        let (_, body) = http_get(http, "/metrics").await;
+        let ready = body
+            .lines()
+            .filter(|l| l.starts_with("mesh_replica_versions_ready{"))
+            .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0))
+            .count();
+        if ready >= replicas {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the gateway did not see {replicas} replicas ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A lazily connecting channel to `addr`.
 pub fn channel(addr: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -438,6 +460,11 @@ impl Mesh {
         let spool_dir = config.spool.dir.clone();
         let plaintext = config.access.tls.is_none();
         let (gateway, gateway_http) = start_gateway_with_http(config).await;
+        // The gateway routes only to replicas it has seen report a ready version: wait until
+        // it has (its catalog polls run every half second).
+        if plaintext {
+            wait_replicas_ready(gateway_http, inference.len()).await;
+        }
         // (A TLS gateway's health is checked by the test that configured it.)
         for addr in [features.addr, logger.addr]
             .into_iter()

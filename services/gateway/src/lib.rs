@@ -54,6 +54,9 @@ struct Channels {
     features: InternalChannel,
     logger: InternalChannel,
     inference: Vec<(String, InternalChannel)>,
+    /// A second connection per replica for reading its catalog: polls never queue behind
+    /// (or in front of) predictions on a slow connection.
+    catalogs: Vec<(String, InternalChannel)>,
 }
 
 impl Channels {
@@ -82,6 +85,11 @@ impl Channels {
             features: channel(&downstreams.features_url, "MESH_FEATURES_URL")?,
             logger: channel(&downstreams.logger_url, "MESH_LOGGER_URL")?,
             inference: downstreams
+                .inference_urls
+                .iter()
+                .map(|url| Ok((url.clone(), channel(url, "MESH_INFERENCE_URLS")?)))
+                .collect::<Result<_, StartupError>>()?,
+            catalogs: downstreams
                 .inference_urls
                 .iter()
                 .map(|url| Ok((url.clone(), channel(url, "MESH_INFERENCE_URLS")?)))
@@ -143,6 +151,34 @@ fn follow_registry(
     Ok(Some((store, following)))
 }
 
+/// The spool and the task shipping it to the logger.
+fn spawn_shipping(
+    config: &Config,
+    metrics: &ServiceMetrics,
+    channels: &Channels,
+) -> Result<(logship::LogShipper, tokio::task::JoinHandle<()>), StartupError> {
+    let spool = &config.spool;
+    logship::spawn(
+        client::LoggerDownstream::new(channels.logger.clone()),
+        Bulkhead::new("logger", config.bulkheads.logger, &metrics.bulkheads),
+        logship::ShipConfig {
+            dir: spool.dir.clone(),
+            max_bytes: spool.max_bytes,
+            segment_bytes: spool.segment_bytes,
+            capacity: spool.queue,
+            batch_size: spool.batch_size,
+            flush_interval: spool.flush,
+            call_timeout: RECORD_TIMEOUT,
+            degraded_after: spool.delivery_degraded_after,
+        },
+        logship::ShipMetrics::register(&metrics.registry)?,
+    )
+    .map_err(|error| StartupError::Io {
+        what: format!("spool {} (MESH_SPOOL_DIR)", spool.dir.display()),
+        error,
+    })
+}
+
 /// The handlers wired to their downstreams: the gateway's dependency graph, in one place.
 fn wire(
     config: &Config,
@@ -151,7 +187,8 @@ fn wire(
 ) -> Result<Wired, StartupError> {
     let disk = Arc::new(ModelRegistry::load(&config.models_dir)?);
     let (store, following) = follow_registry(config, &disk)?.unzip();
-    let versions = lifecycle::readiness::ReplicaVersions::start(&channels.inference);
+    let versions =
+        lifecycle::readiness::ReplicaVersions::start(&channels.catalogs, &metrics.registry)?;
     let router = Arc::new(lifecycle::routing::Router::new(
         config.models_dir.clone(),
         disk,
@@ -173,26 +210,7 @@ fn wire(
         )
     };
     let margin = config.budgets.downstream_margin;
-    let spool = &config.spool;
-    let (log, shipping) = logship::spawn(
-        client::LoggerDownstream::new(channels.logger.clone()),
-        Bulkhead::new("logger", config.bulkheads.logger, bulkheads),
-        logship::ShipConfig {
-            dir: spool.dir.clone(),
-            max_bytes: spool.max_bytes,
-            segment_bytes: spool.segment_bytes,
-            capacity: spool.queue,
-            batch_size: spool.batch_size,
-            flush_interval: spool.flush,
-            call_timeout: RECORD_TIMEOUT,
-            degraded_after: spool.delivery_degraded_after,
-        },
-        logship::ShipMetrics::register(&metrics.registry)?,
-    )
-    .map_err(|error| StartupError::Io {
-        what: format!("spool {} (MESH_SPOOL_DIR)", spool.dir.display()),
-        error,
-    })?;
+    let (log, shipping) = spawn_shipping(config, metrics, channels)?;
     let replica_metrics = client::replicas::ReplicaMetrics::register(&metrics.registry)?;
     let replicas = client::replicas::ReplicaSet::start(
         &channels.inference,

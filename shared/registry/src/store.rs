@@ -213,49 +213,21 @@ impl RegistryStore {
                 .ok_or_else(|| StoreError::UnknownModel(model.to_owned()))?;
             let before = policy_of(&row)?;
             let (after, from, to) = changed(&before, &change)?;
-            let aliases = serde_json::to_string(&after.aliases)
-                .map_err(|e| StoreError::Refused(e.to_string()))?;
-            let (candidate, percent) = match &after.rollout {
-                Some(r) => (Some(r.candidate.clone()), r.percent),
-                None => (None, 0.0),
-            };
-            tx.execute(
-                "UPDATE model_policies SET aliases = $2::text::jsonb, previous_production = $3,
-                        candidate = $4, candidate_percent = $5, shadow = $6,
-                        generation = generation + 1, updated_at = now()
-                 WHERE model = $1",
-                &[
-                    &model,
-                    &aliases,
-                    &after.previous_production,
-                    &candidate,
-                    &percent,
-                    &after.shadow,
-                ],
+            let (id, at_unix_micros, details) = record_change(
+                &tx,
+                model,
+                &after,
+                &change,
+                actor,
+                reason,
+                details,
+                (&from, &to),
             )
             .await?;
-            let mut details = details;
-            if let serde_json::Value::Object(map) = &mut details {
-                map.insert(
-                    "change".into(),
-                    serde_json::to_value(&change).unwrap_or_default(),
-                );
-            }
-            let details = details.to_string();
-            let audit = tx
-                .query_one(
-                    "INSERT INTO model_audit (actor, model, action, from_version, to_version, reason, details)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb)
-                     RETURNING id, (extract(epoch FROM at) * 1e6)::int8",
-                    &[&actor, &model, &change.action(), &from, &to, &reason, &details],
-                )
-                .await?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &model])
-                .await?;
             tx.commit().await?;
             let record = AuditRecord {
-                id: audit.get(0),
-                at_unix_micros: audit.get(1),
+                id,
+                at_unix_micros,
                 actor: actor.to_owned(),
                 model: model.to_owned(),
                 action: change.action().to_owned(),
@@ -310,6 +282,60 @@ impl RegistryStore {
             })
             .collect())
     }
+}
+
+/// Writes `after` as `model`'s policy and the audit record of `change`; returns the record's
+/// id, time and details as stored.
+#[allow(clippy::too_many_arguments)]
+async fn record_change(
+    tx: &deadpool_postgres::Transaction<'_>,
+    model: &str,
+    after: &Policy,
+    change: &Change,
+    actor: &str,
+    reason: &str,
+    mut details: serde_json::Value,
+    (from, to): (&Option<String>, &Option<String>),
+) -> Result<(i64, i64, String), StoreError> {
+    let aliases =
+        serde_json::to_string(&after.aliases).map_err(|e| StoreError::Refused(e.to_string()))?;
+    let (candidate, percent) = match &after.rollout {
+        Some(r) => (Some(r.candidate.clone()), r.percent),
+        None => (None, 0.0),
+    };
+    tx.execute(
+        "UPDATE model_policies SET aliases = $2::text::jsonb, previous_production = $3,
+                candidate = $4, candidate_percent = $5, shadow = $6,
+                generation = generation + 1, updated_at = now()
+         WHERE model = $1",
+        &[
+            &model,
+            &aliases,
+            &after.previous_production,
+            &candidate,
+            &percent,
+            &after.shadow,
+        ],
+    )
+    .await?;
+    if let serde_json::Value::Object(map) = &mut details {
+        map.insert(
+            "change".into(),
+            serde_json::to_value(change).unwrap_or_default(),
+        );
+    }
+    let details = details.to_string();
+    let audit = tx
+        .query_one(
+            "INSERT INTO model_audit (actor, model, action, from_version, to_version, reason, details)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb)
+             RETURNING id, (extract(epoch FROM at) * 1e6)::int8",
+            &[&actor, &model, &change.action(), from, to, &reason, &details],
+        )
+        .await?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &model])
+        .await?;
+    Ok((audit.get(0), audit.get(1), details))
 }
 
 /// `before` with `change` applied, and the (from, to) versions for the audit record; or why

@@ -10,19 +10,23 @@ use mesh_proto::catalog::model_catalog_client::ModelCatalogClient;
 use mesh_proto::catalog::version_state::State;
 use mesh_proto::catalog::{ListVersionsRequest, VersionState};
 use mesh_runtime::internal::InternalChannel;
+use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::task::JoinHandle;
 
 /// How often each replica's catalog is read.
 pub const POLL: Duration = Duration::from_millis(500);
 
+/// Longest wait for one read of a catalog.
+const POLL_TIMEOUT: Duration = Duration::from_millis(400);
+
 /// What one replica reported last: every version with its state; `None` until it answered.
 type Report = Option<Vec<VersionState>>;
 
 /// Every replica's last report, by replica index.
-#[derive(Default)]
 pub struct ReplicaVersions {
     reports: RwLock<Vec<Report>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    ready: IntGaugeVec,
 }
 
 impl Drop for ReplicaVersions {
@@ -39,21 +43,40 @@ impl Drop for ReplicaVersions {
 }
 
 impl ReplicaVersions {
-    /// Polls each replica at `channels` (URL and channel each).
-    pub fn start(channels: &[(String, InternalChannel)]) -> Arc<Self> {
+    /// Polls each replica at `channels` (URL and channel each); exports
+    /// `mesh_replica_versions_ready{replica}` (versions the replica last reported ready, -1
+    /// while its catalog cannot be read) in `registry`.
+    pub fn start(
+        channels: &[(String, InternalChannel)],
+        registry: &Registry,
+    ) -> prometheus::Result<Arc<Self>> {
+        let ready = IntGaugeVec::new(
+            Opts::new(
+                "mesh_replica_versions_ready",
+                "Model versions the inference replica last reported ready; -1 while its \
+                 catalog cannot be read",
+            ),
+            &["replica"],
+        )?;
+        registry.register(Box::new(ready.clone()))?;
+        for (url, _) in channels {
+            ready.with_label_values(&[url.as_str()]).set(-1);
+        }
         let versions = Arc::new(Self {
             reports: RwLock::new(vec![None; channels.len()]),
             tasks: Default::default(),
+            ready,
         });
         let tasks = channels
             .iter()
             .enumerate()
-            .map(|(i, (_, channel))| {
-                tokio::spawn(poll(Arc::downgrade(&versions), i, channel.clone()))
+            .map(|(i, (url, channel))| {
+                let gauge = versions.ready.with_label_values(&[url.as_str()]);
+                tokio::spawn(poll(Arc::downgrade(&versions), i, channel.clone(), gauge))
             })
             .collect();
         *versions.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
-        versions
+        Ok(versions)
     }
 
     fn reports(&self) -> std::sync::RwLockReadGuard<'_, Vec<Report>> {
@@ -112,30 +135,33 @@ fn is_ready(report: &[VersionState], model: &str, version: &str) -> bool {
         .any(|v| v.model == model && v.version == version && v.state == State::Ready as i32)
 }
 
-/// Reads replica `index`'s catalog every [`POLL`] while `versions` lives. A replica that does
-/// not answer keeps its last report for a few polls, then counts as unknown.
-async fn poll(versions: std::sync::Weak<ReplicaVersions>, index: usize, channel: InternalChannel) {
+/// Reads replica `index`'s catalog every [`POLL`] while `versions` lives. A replica whose
+/// catalog cannot be read counts as unknown at once (not filtered out): a stale report could
+/// keep a replica out after it became ready, and one that cannot answer is judged by the
+/// health watch and outlier ejection instead.
+async fn poll(
+    versions: std::sync::Weak<ReplicaVersions>,
+    index: usize,
+    channel: InternalChannel,
+    gauge: IntGauge,
+) {
     let mut client = ModelCatalogClient::new(channel);
-    let mut misses = 0u32;
     loop {
         let mut request = tonic::Request::new(ListVersionsRequest {});
-        request.set_timeout(Duration::from_millis(400));
-        let report = match client.list_versions(request).await {
-            Ok(response) => {
-                misses = 0;
-                Some(Some(response.into_inner().versions))
-            }
-            Err(_) => {
-                misses += 1;
-                (misses >= 4).then_some(None)
-            }
-        };
+        request.set_timeout(POLL_TIMEOUT);
+        // `grpc-timeout` bounds the server; this bounds the wait here (a hung peer, a slow link).
+        let report = tokio::time::timeout(POLL_TIMEOUT, client.list_versions(request))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|response| response.into_inner().versions);
+        gauge.set(report.as_ref().map_or(-1, |r| {
+            r.iter().filter(|v| v.state == State::Ready as i32).count() as i64
+        }));
         let Some(versions) = versions.upgrade() else {
             return;
         };
-        if let Some(report) = report {
-            versions.reports.write().unwrap_or_else(|e| e.into_inner())[index] = report;
-        }
+        versions.reports.write().unwrap_or_else(|e| e.into_inner())[index] = report;
         drop(versions);
         tokio::time::sleep(POLL).await;
     }
