@@ -9,7 +9,7 @@ up:
 test:
 	bash scripts/test.sh
 
-## Only install the prerequisites (Redis, PostgreSQL, ONNX Runtime, grpcurl, check-jsonschema).
+## Only install the prerequisites (Redis, PostgreSQL, ONNX Runtime, grpcurl, check-jsonschema, promtool, amtool).
 bootstrap:
 	bash scripts/bootstrap.sh
 
@@ -27,7 +27,11 @@ fmt:
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
-.PHONY: chaos chaos-short check-supervise
+.PHONY: chaos chaos-short check-supervise check-alerts
+## Check and unit-test the alert rules, the Alertmanager config and the runbooks (offline, seconds).
+check-alerts:
+	bash scripts/check-alerts.sh
+
 ## The chaos suite: the real mesh as processes, faults injected under load (release, 30 s faults).
 chaos:
 	bash scripts/chaos.sh

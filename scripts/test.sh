@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make test` (and CI): installs what is missing, then runs every test against real Redis,
-# PostgreSQL and ONNX Runtime (started by the test harness on loopback ports), and validates
-# the deployment files, then checks that `make up` restarts a crashed service
-# (scripts/check-supervise.sh) and runs the short chaos suite (scripts/chaos.sh --short). Debug builds:
-# fast to compile, and the targets here are behaviour.
+# PostgreSQL and ONNX Runtime (started by the test harness on loopback ports), validates the
+# deployment files and the alert rules (scripts/check-alerts.sh), then checks that `make up`
+# restarts a crashed service (scripts/check-supervise.sh) and runs the short chaos suite
+# (scripts/chaos.sh --short). Debug builds: fast to compile, and the targets here are behaviour.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -29,6 +29,9 @@ cargo test --workspace --locked -- --test-threads="${MESH_TEST_THREADS:-2}"
 
 step "deployment files"
 bash scripts/check-deploy.sh
+
+step "alerts as code (promtool check/test rules, amtool check-config, a runbook per alert)"
+bash scripts/check-alerts.sh
 
 step "chaos: make up restarts a kill -9'd replica (about 10 s), then the short chaos suite (the real mesh as processes, faults under load; invariants enforced)"
 bash scripts/check-supervise.sh

@@ -56,7 +56,7 @@ pub async fn serve(
 ) -> Result<(), StartupError> {
     let name = mesh_proto::service_names::FEATURES;
     let health = Health::new(&[name]).await;
-    let metrics = ServiceMetrics::new()?;
+    let metrics = ServiceMetrics::new("features")?;
     let feature_metrics = metrics::FeatureMetrics::register(&metrics.registry)?;
 
     let database = &config.database;

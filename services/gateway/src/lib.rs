@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`config`]: settings in sections, every default in one table.
 //! - [`auth`]: API keys and per-key rate limits.
-//! - [`service`]: the handlers; [`pipeline`]: the one prediction pipeline both RPCs run.
+//! - [`service`]: the handlers; [`pipeline`]: the one prediction pipeline both RPCs run;
+//!   [`prediction_metrics`]: predictions by model version, tier and outcome.
 //! - [`validate`]: request features against the manifest; assembling the feature vector.
 //! - [`client`]: the outbound stack (deadline share → retry → breaker → balance → traced call)
 //!   and one client per downstream.
@@ -25,6 +26,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod logship;
 pub mod pipeline;
+pub mod prediction_metrics;
 pub mod service;
 pub mod spool;
 pub mod validate;
@@ -240,6 +242,7 @@ fn wire(
         inference,
         shadow,
         log,
+        predictions: prediction_metrics::PredictionMetrics::register(&metrics.registry)?,
         online: compartments("", limits.features, limits.inference),
         batch: compartments("batch-", limits.batch, limits.batch),
         batch_calls: Bulkhead::new("batch-calls", limits.batch, bulkheads),
@@ -264,7 +267,7 @@ pub async fn serve(
     let name = mesh_proto::service_names::GATEWAY;
     let tls = config.access.tls.as_ref().map(TlsFiles::load).transpose()?;
     let health = Health::new(&[name]).await;
-    let metrics = ServiceMetrics::new()?;
+    let metrics = ServiceMetrics::new("gateway")?;
     let channels = Channels::connect(&config.downstreams, config.server.internal_token.as_ref())?;
     let Wired {
         service,

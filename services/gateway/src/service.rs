@@ -17,6 +17,7 @@ use crate::error::GatewayError;
 use crate::lifecycle::routing::Router;
 use crate::logship::LogShipper;
 use crate::pipeline::{Call, Item};
+use crate::prediction_metrics::PredictionMetrics;
 
 /// Everything a handler needs.
 pub struct GatewayService {
@@ -30,6 +31,8 @@ pub struct GatewayService {
     pub shadow: Arc<crate::lifecycle::shadow::Shadow>,
     /// Where records go.
     pub log: LogShipper,
+    /// Predictions by model version, tier and outcome.
+    pub predictions: PredictionMetrics,
     /// Bulkheads for online traffic (`Predict`).
     pub online: Compartments,
     /// Bulkheads for batch traffic (`PredictBatch`).

@@ -49,7 +49,7 @@ pub async fn serve(
 ) -> Result<(), StartupError> {
     let name = mesh_proto::service_names::INFERENCE;
     let health = Health::new(&[name]).await;
-    let metrics = ServiceMetrics::new()?;
+    let metrics = ServiceMetrics::new("inference")?;
     let service = Arc::new(InferenceService::new(config.clone()));
     // Fail fast on an unreadable registry directory, before binding anything else.
     let disk = ModelRegistry::load(&config.models.dir)?;

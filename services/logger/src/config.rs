@@ -14,6 +14,7 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
     Setting::value("MESH_LOG_FLUSH_MS", "100", "longest wait before a partial batch is written"),
     Setting::value("MESH_LOG_QUEUE", "100000", "records held in memory before shedding with `RESOURCE_EXHAUSTED`"),
     Setting::value("MESH_DB_TIMEOUT_MS", "2000", "one PostgreSQL write or connection attempt"),
+    Setting::value("MESH_LOG_RETENTION_DAYS", "30", "days of `predictions` and `prediction_rejects` kept; older daily partitions are dropped whole"),
 );
 
 /// Connections the logger keeps to PostgreSQL (one writer, plus reads).
@@ -28,6 +29,8 @@ pub struct Config {
     pub database: DatabaseSettings,
     /// The queue and its batches.
     pub batching: Batching,
+    /// `MESH_LOG_RETENTION_DAYS`: days of records kept (see [`crate::retention`]).
+    pub retention_days: u32,
 }
 
 /// PostgreSQL.
@@ -64,6 +67,17 @@ impl FromSettings for Config {
                 batch_size: s.positive("MESH_LOG_BATCH_SIZE")?,
                 flush_interval: s.millis("MESH_LOG_FLUSH_MS")?,
                 queue_capacity: s.positive("MESH_LOG_QUEUE")?,
+            },
+            retention_days: match s.parse::<u32>("MESH_LOG_RETENTION_DAYS")? {
+                0 => {
+                    return Err(mesh_runtime::config::ConfigError {
+                        variable: "MESH_LOG_RETENTION_DAYS".into(),
+                        value: "0".into(),
+                        problem: "must be at least 1 day".into(),
+                    }
+                    .into())
+                }
+                days => days,
             },
         })
     }

@@ -1,13 +1,14 @@
 //! The prediction log: `mesh.logger.v1.PredictionLog` takes prediction records and writes them
 //! to PostgreSQL in batches (one multi-row `INSERT … SELECT FROM UNNEST`, idempotent on the
-//! prediction id). `Record` answers once its records are committed, so a sender (the gateway's
-//! spool) may forget exactly what was acknowledged; a record sent twice is stored once. A record
-//! that is invalid or that PostgreSQL refuses is committed to `prediction_rejects` with its
-//! reason instead, so no record can stop the others.
+//! prediction id and its serve time). `Record` answers once its records are committed, so a
+//! sender (the gateway's spool) may forget exactly what was acknowledged; a record sent twice is
+//! stored once. A record that is invalid or that PostgreSQL refuses is committed to
+//! `prediction_rejects` with its reason instead, so no record can stop the others.
 //!
 //! # Layout
 //! - [`config`]: settings in sections, every default in one table.
 //! - [`writer`]: the queue and the batching writer task.
+//! - [`retention`]: daily partitions created ahead and dropped past `MESH_LOG_RETENTION_DAYS`.
 //! - [`service`]: the gRPC handlers; [`error`]: status mapping.
 //!
 //! Start-up: the schema is migrated (retrying while PostgreSQL is unreachable); health says
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod error;
+pub mod retention;
 pub mod service;
 pub mod writer;
 
@@ -63,6 +65,52 @@ pub const MIGRATIONS: &[Migration] = &[
               );
               CREATE INDEX prediction_rejects_time ON prediction_rejects (rejected_at);",
     },
+    Migration {
+        version: 3,
+        name: "partition by day",
+        // Both tables become range-partitioned by day so that retention drops whole partitions
+        // ([`retention`]). A partitioned table's primary key must include the partition key:
+        // `predictions` is unique on (prediction_id, served_at), which keeps the writer's
+        // `ON CONFLICT` idempotent because a record's served_at is stamped once by the gateway
+        // and travels with it. The existing tables are kept, whole, as each one's first
+        // partition (`*_legacy`, from the beginning of time to the end of today, or of the
+        // latest day they hold), and are dropped like any other partition once all of it is
+        // older than the retention window. Attaching builds the new key's index on them (their
+        // old key is dropped first: a partition takes its parent's).
+        sql: "ALTER TABLE predictions RENAME TO predictions_legacy;
+              -- Attaching gives it the parent's key, (prediction_id, served_at), in place of this one.
+              ALTER TABLE predictions_legacy DROP CONSTRAINT predictions_pkey;
+              ALTER INDEX predictions_model_time RENAME TO predictions_legacy_model_time;
+              CREATE TABLE predictions (LIKE predictions_legacy INCLUDING DEFAULTS)
+                  PARTITION BY RANGE (served_at);
+              ALTER TABLE predictions ADD PRIMARY KEY (prediction_id, served_at);
+              CREATE INDEX predictions_model_time ON predictions (model, model_version, served_at);
+
+              ALTER TABLE prediction_rejects RENAME TO prediction_rejects_legacy;
+              ALTER TABLE prediction_rejects_legacy DROP CONSTRAINT prediction_rejects_pkey;
+              ALTER INDEX prediction_rejects_time RENAME TO prediction_rejects_legacy_time;
+              CREATE TABLE prediction_rejects (LIKE prediction_rejects_legacy INCLUDING DEFAULTS)
+                  PARTITION BY RANGE (rejected_at);
+              ALTER TABLE prediction_rejects ADD PRIMARY KEY (id, rejected_at);
+              CREATE INDEX prediction_rejects_time ON prediction_rejects (rejected_at);
+              -- The id sequence must outlive the legacy partition, which owned it.
+              ALTER SEQUENCE prediction_rejects_id_seq OWNED BY prediction_rejects.id;
+
+              DO $$
+              DECLARE
+                  tomorrow timestamptz := date_trunc('day', now(), 'UTC') + interval '1 day';
+                  upper timestamptz;
+              BEGIN
+                  SELECT greatest(tomorrow, date_trunc('day', max(served_at), 'UTC') + interval '1 day')
+                      INTO upper FROM predictions_legacy;
+                  EXECUTE format('ALTER TABLE predictions ATTACH PARTITION predictions_legacy
+                                  FOR VALUES FROM (MINVALUE) TO (%L)', upper);
+                  SELECT greatest(tomorrow, date_trunc('day', max(rejected_at), 'UTC') + interval '1 day')
+                      INTO upper FROM prediction_rejects_legacy;
+                  EXECUTE format('ALTER TABLE prediction_rejects ATTACH PARTITION prediction_rejects_legacy
+                                  FOR VALUES FROM (MINVALUE) TO (%L)', upper);
+              END $$;",
+    },
 ];
 
 /// Serves the prediction log on `listener` until `shutdown` resolves, then flushes.
@@ -74,7 +122,7 @@ pub async fn serve(
 ) -> Result<(), StartupError> {
     let name = mesh_proto::service_names::LOGGER;
     let health = Health::new(&[name]).await;
-    let metrics = ServiceMetrics::new()?;
+    let metrics = ServiceMetrics::new("logger")?;
     let writer_metrics = writer::WriterMetrics::register(&metrics.registry)?;
     let db = mesh_runtime::postgres::pool(
         &config.database.url,
@@ -94,6 +142,12 @@ pub async fn serve(
         },
         writer_metrics,
     );
+    // Bounds the log's disk: partitions ahead, whole partitions dropped past the window.
+    let retention = tokio::spawn(retention::run(
+        db.clone(),
+        config.retention_days,
+        retention::RetentionMetrics::register(&metrics.registry)?,
+    ));
     let routes = tonic::service::Routes::new(PredictionLogServer::new(
         service::PredictionLogService::new(queue, db),
     ));
@@ -108,6 +162,7 @@ pub async fn serve(
         shutdown,
     )
     .await;
+    retention.abort();
     // The routes (and with them the queue's sender) are gone: the writer flushes and ends.
     match tokio::time::timeout(config.server.grace, writer).await {
         Ok(_) => tracing::info!("prediction log flushed"),

@@ -90,9 +90,11 @@ pub struct ServiceMetrics {
 }
 
 impl ServiceMetrics {
-    /// A fresh registry with RPC and bulkhead metrics registered.
-    pub fn new() -> Result<Self, prometheus::Error> {
+    /// A fresh registry for `service` (e.g. `gateway`) with the process, build-info, RPC,
+    /// bulkhead and connection metrics registered.
+    pub fn new(service: &str) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        mesh_telemetry::process::register(&registry, service)?;
         let rpc = RpcMetrics::register(&registry)?;
         let bulkheads = BulkheadMetrics::register(&registry)?;
         let connections = ConnectionMetrics::register(&registry)?;

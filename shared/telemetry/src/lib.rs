@@ -6,8 +6,10 @@
 //! - [`init`]: installs the global `tracing` subscriber and the OpenTelemetry tracer provider.
 //! - [`propagation`]: W3C `traceparent` into and out of gRPC metadata; server and client spans.
 //! - [`metrics`]: per-service Prometheus registry, RPC metrics, and the `/metrics` HTTP endpoint.
+//! - [`process`]: the process collector (CPU, memory, fds, threads) and the build-info gauge.
 
 pub mod metrics;
+pub mod process;
 pub mod propagation;
 
 use std::sync::OnceLock;

@@ -49,6 +49,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::client::LoggerDownstream;
 use crate::spool::{CursorFound, Disk, Reader, RealDisk, Recovered, Spool, SEGMENT_HEADER_LEN};
 
+mod age;
+mod disk_space;
 mod ship;
 #[cfg(test)]
 mod tests;
@@ -75,6 +77,9 @@ pub struct ShipConfig {
     pub degraded_after: Duration,
 }
 
+/// Buckets of `mesh_spool_delivery_delay_seconds`: 300 s is the log-completeness objective.
+const DELIVERY_DELAY_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+
 /// Counters of the spool and its delivery.
 #[derive(Clone)]
 pub struct ShipMetrics {
@@ -85,6 +90,9 @@ pub struct ShipMetrics {
     pending_records: IntGauge,
     pending_bytes: IntGauge,
     sync_seconds: Histogram,
+    oldest: age::OldestRecord,
+    delivery_delay: Histogram,
+    disk: disk_space::SpoolDisk,
 }
 
 impl ShipMetrics {
@@ -138,6 +146,19 @@ impl ShipMetrics {
         registry.register(Box::new(pending_records.clone()))?;
         registry.register(Box::new(pending_bytes.clone()))?;
         registry.register(Box::new(sync_seconds.clone()))?;
+        let oldest = age::OldestRecord::new()?;
+        registry.register(Box::new(oldest.clone()))?;
+        let delivery_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "mesh_spool_delivery_delay_seconds",
+                "From serving a prediction to the logger committing its record (the \
+                 log-completeness SLI counts those over 300 s)",
+            )
+            .buckets(DELIVERY_DELAY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(delivery_delay.clone()))?;
+        let disk = disk_space::SpoolDisk::new()?;
+        registry.register(Box::new(disk.clone()))?;
         Ok(Self {
             appended,
             delivered,
@@ -146,6 +167,9 @@ impl ShipMetrics {
             pending_records,
             pending_bytes,
             sync_seconds,
+            oldest,
+            delivery_delay,
+            disk,
         })
     }
 }
@@ -331,6 +355,7 @@ fn spawn_on(
     metrics: ShipMetrics,
 ) -> std::io::Result<(LogShipper, JoinHandle<()>)> {
     let recovered = Spool::open(&config.dir, config.segment_bytes, disk.clone())?;
+    metrics.disk.watch(&config.dir, config.max_bytes);
     report_recovery(&recovered, &config, &metrics);
     let reader = Reader::new(&config.dir, recovered.cursor)?;
     let shared = Arc::new(Shared {

@@ -55,6 +55,10 @@ pub(super) async fn ship_loop(
         };
         last_was_full = frames.len() == config.batch_size;
         let records = decode(&frames, &metrics);
+        if let Some(first) = records.first() {
+            metrics.oldest.delivering(first.time_unix_micros);
+        }
+        let served: Vec<i64> = records.iter().map(|r| r.time_unix_micros).collect();
         let position = reader.position();
         let contexts = take_contexts(&shared, position);
         let count = frames.len() as u64;
@@ -64,6 +68,8 @@ pub(super) async fn ship_loop(
         .await;
         let segment = reader.segment_start();
         advance(&shared, &metrics, position, segment, &mut progress).await;
+        metrics.oldest.delivered();
+        observe_delays(&metrics, &served);
         metrics.delivered.inc_by(count);
         metrics.pending_records.sub(count as i64);
         metrics
@@ -115,6 +121,18 @@ async fn read_batch(
         return Some((reader, None));
     }
     Some((reader, Some(frames)))
+}
+
+/// Observes, for each record just committed, how long after its serving that was.
+fn observe_delays(metrics: &ShipMetrics, served: &[i64]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    for micros in served {
+        let delay = now.saturating_sub(*micros).max(0) as f64 / 1e6;
+        metrics.delivery_delay.observe(delay);
+    }
 }
 
 /// The records in `frames`; one that does not decode is counted as dropped.

@@ -125,7 +125,10 @@ impl GatewayService {
             .zip(&manifests)
             .map(|(members, manifest)| async move {
                 let (positions, items): (Vec<usize>, Vec<Item>) = members.into_iter().unzip();
-                let results = self.run_version(manifest, items, call).await?;
+                let observed = self
+                    .predictions
+                    .observe(manifest, items.len(), call.started);
+                let results = observed.finish(self.run_version(manifest, items, call).await)?;
                 Ok::<_, GatewayError>((positions, results))
             });
         let mut results: Vec<Option<Result<PredictResponse, GatewayError>>> =

@@ -227,7 +227,7 @@ async fn insert_predictions(
                  FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
                              $7::float8[], $8::int8[], $9::text[], $10::text[])
                       AS x(id, t, m, v, e, f, s, l, tier, tr)
-                 ON CONFLICT (prediction_id) DO NOTHING",
+                 ON CONFLICT (prediction_id, served_at) DO NOTHING",
             )
             .await?;
         Ok(client
