@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use mesh_proto::catalog::model_catalog_client::ModelCatalogClient;
 use mesh_proto::catalog::version_state::State;
 use mesh_proto::catalog::{ListVersionsRequest, VersionState};
 use mesh_proto::inference::{ModelInferRequest, ModelReadyRequest};
 use mesh_registry::{Change, RegistryStore};
-use futures::StreamExt as _;
 use mesh_tests::*;
 use tonic::Code;
 
