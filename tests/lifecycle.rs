@@ -283,6 +283,29 @@ fn admin(addr: std::net::SocketAddr, key: Option<&'static str>) -> AdminClient {
     )
 }
 
+/// Waits (at most 20 s) until the admin API shows churn `version` READY on `replicas` replicas.
+async fn until_ready_on(ops: &mut AdminClient, version: &str, replicas: usize) {
+    let started = Instant::now();
+    loop {
+        let models = ops
+            .list_models(mesh_proto::admin::ListModelsRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        let churn = &models.models[0];
+        let ready = churn
+            .replicas
+            .iter()
+            .filter(|r| r.version == version && r.state == "READY")
+            .count();
+        if ready >= replicas {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{churn:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn predict(entity: &str) -> mesh_proto::gateway::PredictRequest {
     let row = &fixture()[0];
     mesh_proto::gateway::PredictRequest {
@@ -400,26 +423,7 @@ async fn promotion_rollback_and_a_sticky_rollout_reach_every_gateway_without_a_f
     })
     .await
     .expect("rollout");
-    let started = Instant::now();
-    loop {
-        let models = ops
-            .list_models(mesh_proto::admin::ListModelsRequest {})
-            .await
-            .expect("list")
-            .into_inner();
-        let churn = &models.models[0];
-        let ready_everywhere = churn
-            .replicas
-            .iter()
-            .filter(|r| r.version == "2" && r.state == "READY")
-            .count()
-            == 2;
-        if churn.rollout_candidate == "2" && ready_everywhere {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{churn:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_ready_on(&mut ops, "2", 2).await;
     tokio::time::sleep(Duration::from_millis(600)).await; // one readiness poll
     let entities: Vec<String> = (1..=200).map(|i| format!("cust-{i:05}")).collect();
     let mut on_candidate = 0;
@@ -576,23 +580,7 @@ async fn a_shadow_is_compared_and_shed_but_never_seen_by_callers() {
     .await
     .expect("shadow");
     // Wait until a replica has the shadow ready (the gateway sends copies only then).
-    let started = Instant::now();
-    loop {
-        let models = ops
-            .list_models(mesh_proto::admin::ListModelsRequest {})
-            .await
-            .expect("list")
-            .into_inner();
-        if models.models[0]
-            .replicas
-            .iter()
-            .any(|r| r.version == "2" && r.state == "READY")
-        {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_ready_on(&mut ops, "2", 1).await;
     tokio::time::sleep(Duration::from_millis(600)).await; // one readiness poll
 
     // 200 predictions, 16 at a time: every one answered by production, as if there were no
