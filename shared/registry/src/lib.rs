@@ -11,7 +11,7 @@
 //! - [`schema`]: the tables and their migrations.
 //! - [`policy`]: one model's policy, and routing an entity by a stable hash (sticky rollouts).
 //! - [`store`]: reading the state, and every change as one transaction with its audit record.
-//! - [`follow`]: a task that keeps a current copy of the state (`LISTEN` + periodic re-read).
+//! - [`follow`](mod@follow): a task that keeps a current copy of the state (`LISTEN` + periodic re-read).
 
 pub mod follow;
 pub mod policy;

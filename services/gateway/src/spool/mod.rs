@@ -3,7 +3,7 @@
 //! Every byte ever appended has a global offset. A segment file is named after the offset of
 //! its first byte (`00000000000000123456.spool`): an 8-byte header naming the format, then
 //! frames back to back, each one encoded `PredictionRecord` with its length and a checksum over
-//! both (see [`frame`](self::frame) for the bytes). Appends are written and `fdatasync`ed in
+//! both (see `frame` for the bytes). Appends are written and `fdatasync`ed in
 //! groups (one sync for every record that arrived while the previous sync ran). A new segment
 //! is synced, and so is the directory, before records go into it; a rotation that fails is
 //! tried again at the next append. The file `cursor` holds the offset up to which the logger
@@ -25,7 +25,7 @@
 //!
 //! # Layout
 //!
-//! - [`frame`](self::frame): segment header and frame bytes; reading a frame, scanning a segment.
+//! - `frame`: segment header and frame bytes; reading a frame, scanning a segment.
 //! - [`cursor`]: the self-checking cursor file.
 //! - [`disk`]: the writes and syncs, behind a trait for fault injection in tests.
 //! - `reader`: [`Reader`], the delivering side.

@@ -3,7 +3,7 @@
 //! A `Record` call is acknowledged only once its records are committed: the handler queues the
 //! call and waits for the batch that carries it. A batch is written when it holds `batch_size`
 //! records or its first call has waited `flush_interval`. A record PostgreSQL refuses goes to
-//! the rejects table with its reason and the rest of its batch commits ([`store`]). A write
+//! the rejects table with its reason and the rest of its batch commits (`store`). A write
 //! that fails because PostgreSQL is down or hung is retried with capped exponential back-off,
 //! keeping the batch; while it fails, new calls are refused at once with `UNAVAILABLE` (the
 //! sender keeps the records — the gateway's on-disk spool — and retries), so the queue never
