@@ -426,18 +426,28 @@ impl Mesh {
 
     /// Like [`Mesh::start`], with `replicas` inference replicas.
     pub async fn start_with(replicas: usize, tune: impl FnOnce(&mut mesh_gateway::Config)) -> Self {
-        Self::start_inner(replicas, false, tune).await
+        Self::start_inner(replicas, false, repo().join("models"), tune).await
     }
 
     /// Like [`Mesh::start`], with the live model registry in the mesh's PostgreSQL: the
     /// gateway and every inference replica follow it, and [`ADMIN_KEY`] may change it.
     pub async fn start_live(tune: impl FnOnce(&mut mesh_gateway::Config)) -> Self {
-        Self::start_inner(2, true, tune).await
+        Self::start_inner(2, true, repo().join("models"), tune).await
+    }
+
+    /// Like [`Mesh::start_live`], with the models in `models` (for every replica and the
+    /// gateway).
+    pub async fn start_live_with_models(
+        models: PathBuf,
+        tune: impl FnOnce(&mut mesh_gateway::Config),
+    ) -> Self {
+        Self::start_inner(2, true, models, tune).await
     }
 
     async fn start_inner(
         replicas: usize,
         live: bool,
+        models: PathBuf,
         tune: impl FnOnce(&mut mesh_gateway::Config),
     ) -> Self {
         telemetry();
@@ -447,6 +457,7 @@ impl Mesh {
         let mut inference = Vec::new();
         for _ in 0..replicas {
             let mut config = inference_config();
+            config.models.dir = models.clone();
             if live {
                 config.registry.url = Some(pg.url());
                 config.models.warmup_iterations = 1;
@@ -464,6 +475,7 @@ impl Mesh {
             inference_proxies.iter().map(DelayProxy::url).collect(),
             logger.url(),
         );
+        config.models_dir = models;
         if live {
             config.lifecycle.registry.url = Some(pg.url());
             config.lifecycle.admin_keys =

@@ -642,3 +642,100 @@ async fn a_shadow_is_compared_and_shed_but_never_seen_by_callers() {
     assert_eq!(shed as u64, shadow.shed);
     mesh.assert_idle().await;
 }
+
+/// A complete request for `entity` that brings every feature, with `tenure_months` as given
+/// (version 91 of the test models scores NaN above 1,000).
+fn complete_predict(entity: &str, tenure: f64) -> mesh_proto::gateway::PredictRequest {
+    let mut features = fixture()[0].features.clone();
+    features["tenure_months"] = serde_json::json!(tenure);
+    mesh_proto::gateway::PredictRequest {
+        model: "churn".into(),
+        entity_id: entity.into(),
+        features: json_features(&features),
+        model_version: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_breaks_rolls_itself_back_and_callers_never_see_it() {
+    let mesh = Mesh::start_live_with_models(models_with(&["91"]), |_| {}).await;
+    let mut ops = admin(mesh.gateway.addr, Some(ADMIN_KEY));
+    ops.set_rollout(mesh_proto::admin::SetRolloutRequest {
+        model: "churn".into(),
+        candidate: "91".into(),
+        percent: 50.0,
+        reason: "canary of 91".into(),
+    })
+    .await
+    .expect("rollout");
+    until_ready_on(&mut ops, "91", 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // one readiness poll
+
+    // Every request's tenure is above 1,000: version 91 scores NaN for all of them. Half the
+    // entities are the candidate's; each of those fails there and is retried on production.
+    let started = Instant::now();
+    let mut rolled_back_after = None;
+    let mut gateway = mesh.gateway_client();
+    for i in 0..400 {
+        let answer = gateway
+            .predict(complete_predict(&format!("walk-in-{i}"), 5_000.0))
+            .await
+            .expect("callers never see the canary's failures")
+            .into_inner();
+        assert!(answer.score.is_finite(), "{answer:?}");
+        assert_eq!(
+            answer.model_version, "1",
+            "a failed candidate call is answered by production"
+        );
+        if rolled_back_after.is_none()
+            && metric(
+                mesh.gateway_http,
+                r#"mesh_canary_rollbacks_total{model="churn"}"#,
+            )
+            .await
+                >= 1.0
+        {
+            rolled_back_after = Some((i, started.elapsed()));
+            break;
+        }
+    }
+    let (calls, elapsed) = rolled_back_after.expect("the canary rolled itself back");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "rolled back after {elapsed:?}"
+    );
+    let history = ops
+        .history(mesh_proto::admin::HistoryRequest {
+            model: "churn".into(),
+            limit: 1,
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .entries;
+    let last = &history[0];
+    assert_eq!(
+        (last.action.as_str(), last.actor.as_str()),
+        ("stop_rollout", "mesh")
+    );
+    assert!(
+        last.reason.contains("canary breach: error rate 100.0 %"),
+        "{last:?}"
+    );
+    assert!(
+        last.details.contains("\"calls\""),
+        "the figures are kept: {}",
+        last.details
+    );
+    let models = ops
+        .list_models(mesh_proto::admin::ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        models.models[0].rollout_candidate, "",
+        "the rollout is over"
+    );
+    eprintln!("canary of a broken version rolled back after {calls} calls, {elapsed:?}");
+    mesh.assert_idle().await;
+}

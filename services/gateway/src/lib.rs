@@ -225,6 +225,10 @@ fn wire(
         Bulkhead::new("shadow", limits.shadow, bulkheads),
         &metrics.registry,
     )?;
+    let canary = lifecycle::canary::Canary::new(&metrics.registry)?;
+    let judging = store
+        .clone()
+        .map(|store| lifecycle::canary::spawn(canary.clone(), router.clone(), store));
     let admin = lifecycle::admin::AdminService::new(
         config.lifecycle.admin_keys.clone(),
         store,
@@ -241,6 +245,8 @@ fn wire(
         ),
         inference,
         shadow,
+        canary,
+        _judging: judging,
         log,
         predictions: prediction_metrics::PredictionMetrics::register(&metrics.registry)?,
         online: compartments("", limits.features, limits.inference),

@@ -29,6 +29,10 @@ pub struct GatewayService {
     pub inference: InferenceDownstream,
     /// Shadow copies of predictions.
     pub shadow: Arc<crate::lifecycle::shadow::Shadow>,
+    /// The canary judge's windows.
+    pub canary: Arc<crate::lifecycle::canary::Canary>,
+    /// Keeps the canary judging while the service lives (with a live registry).
+    pub _judging: Option<crate::lifecycle::canary::Judging>,
     /// Where records go.
     pub log: LogShipper,
     /// Predictions by model version, tier and outcome.

@@ -5,10 +5,13 @@
 //! - [`readiness`]: which versions each inference replica reports ready (its catalog, polled).
 //! - [`routing`]: the version for a request: a pinned version or alias, else the live
 //!   registry's policy for the entity (a sticky rollout), never a version no replica has ready.
+//! - [`canary`]: a rollout whose candidate breaches its error rate or latency against
+//!   production stops itself.
 //! - [`shadow`]: copies of live predictions scored by a shadow version, compared, never waited for.
 //! - [`admin`]: `mesh.admin.v1.ModelAdmin`, behind the admin keys.
 
 pub mod admin;
+pub mod canary;
 pub mod readiness;
 pub mod routing;
 pub mod shadow;

@@ -97,6 +97,16 @@ impl Router {
         Ok(self.disk().resolve(model, version)?.clone())
     }
 
+    /// The rollout candidate of `model` and its production version, while a rollout runs.
+    pub fn candidate_and_production(&self, model: &str) -> Option<(String, String)> {
+        let state = self.state()?;
+        let policy = state.policy(model)?;
+        Some((
+            policy.rollout.as_ref()?.candidate.clone(),
+            policy.production()?.to_owned(),
+        ))
+    }
+
     /// The shadow version's manifest for requests that `primary` scored, if the policy names a
     /// shadow other than `primary` and some replica has it ready.
     pub fn shadow_for(

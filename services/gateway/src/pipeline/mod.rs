@@ -43,6 +43,7 @@ pub const SPOOL_WAIT: std::time::Duration = std::time::Duration::from_millis(50)
 const SPOOL_WAIT_MARGIN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// One item to score: an entity and the features the caller supplied.
+#[derive(Clone)]
 pub struct Item {
     /// The entity.
     pub entity_id: String,
@@ -128,7 +129,8 @@ impl GatewayService {
                 let observed = self
                     .predictions
                     .observe(manifest, items.len(), call.started);
-                let results = observed.finish(self.run_version(manifest, items, call).await)?;
+                let results =
+                    observed.finish(self.run_judged(manifest, version, items, call).await)?;
                 Ok::<_, GatewayError>((positions, results))
             });
         let mut results: Vec<Option<Result<PredictResponse, GatewayError>>> =
@@ -156,12 +158,58 @@ impl GatewayService {
         })
     }
 
-    /// Steps 2 to 7 for `items` that one version (`manifest`) scores.
+    /// Steps 2 to 7 for a group, observed by the canary. A group routed to a rollout candidate
+    /// (the request named no version) that fails, or scores a non-finite number, is retried on
+    /// production within the same deadline: callers do not see a bad canary's failures.
+    async fn run_judged(
+        &self,
+        manifest: &ModelManifest,
+        requested: &str,
+        items: Vec<Item>,
+        call: &Call<'_>,
+    ) -> Result<Vec<Result<PredictResponse, GatewayError>>, GatewayError> {
+        let candidate = requested
+            .is_empty()
+            .then(|| self.router.candidate_and_production(&manifest.name))
+            .flatten()
+            .filter(|(c, _)| *c == manifest.version);
+        let started = Instant::now();
+        let Some((_, production)) = candidate else {
+            let result = self.run_version(manifest, items, call, false).await;
+            self.canary.observe(
+                &manifest.name,
+                &manifest.version,
+                result.is_err(),
+                started.elapsed(),
+            );
+            return result;
+        };
+        let result = self.run_version(manifest, items.clone(), call, true).await;
+        self.canary.observe(
+            &manifest.name,
+            &manifest.version,
+            result.is_err(),
+            started.elapsed(),
+        );
+        match result {
+            Ok(results) => Ok(results),
+            Err(error) if !call.deadline.expired() => {
+                tracing::warn!(%error, candidate = %manifest.version, %production, "candidate failed; retrying on production");
+                let production = self.router.version(&manifest.name, &production)?.manifest;
+                self.run_version(&production, items, call, false).await
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Steps 2 to 7 for `items` that one version (`manifest`) scores; `strict` (a candidate):
+    /// a non-finite score fails the group before anything is recorded or answered.
     async fn run_version(
         &self,
         manifest: &ModelManifest,
         items: Vec<Item>,
         call: &Call<'_>,
+        strict: bool,
     ) -> Result<Vec<Result<PredictResponse, GatewayError>>, GatewayError> {
         let slots = plan(manifest, items);
         let stored = self.fetch(&slots, call).await?;
@@ -180,6 +228,12 @@ impl GatewayService {
         }
         if !rows.is_empty() {
             let scored = self.score(manifest, &rows, call).await?;
+            if strict && scored.0.iter().any(|s| !s.is_finite()) {
+                return Err(GatewayError::Unavailable(format!(
+                    "version {} returned a score that is not a finite number",
+                    manifest.version
+                )));
+            }
             // A copy for the shadow, if there is one: sent once the answers are known, never
             // waited for.
             let shadow = self
