@@ -739,3 +739,33 @@ async fn a_canary_that_breaks_rolls_itself_back_and_callers_never_see_it() {
     eprintln!("canary of a broken version rolled back after {calls} calls, {elapsed:?}");
     mesh.assert_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_exported_against_the_versions_training_reference() {
+    let mesh = Mesh::start(|_| {}).await;
+    let mut gateway = mesh.gateway_client();
+    // Tenures far beyond anything in training: every one lands in the reference's last bin.
+    for i in 0..(mesh_gateway::lifecycle::drift::MIN_SAMPLE + 20) {
+        gateway
+            .predict(complete_predict(&format!("walk-in-{i}"), 500.0))
+            .await
+            .expect("predict");
+    }
+    let name = r#"mesh_model_drift_psi{feature="tenure_months",model="churn",version="1"}"#;
+    let started = Instant::now();
+    loop {
+        let psi = metric(mesh.gateway_http, name).await;
+        if psi > 0.2 {
+            eprintln!("PSI of the shifted tenure: {psi:.2}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "{name} = {psi}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The score is tracked too.
+    let (_, body) = http_get(mesh.gateway_http, "/metrics").await;
+    assert!(body.contains(r#"mesh_model_drift_psi{feature="score",model="churn",version="1"}"#));
+}

@@ -225,6 +225,8 @@ fn wire(
         Bulkhead::new("shadow", limits.shadow, bulkheads),
         &metrics.registry,
     )?;
+    let drift = lifecycle::drift::Drift::new(&config.models_dir, &metrics.registry)?;
+    let exporting = lifecycle::drift::spawn(drift.clone());
     let canary = lifecycle::canary::Canary::new(&metrics.registry)?;
     let judging = store
         .clone()
@@ -247,6 +249,8 @@ fn wire(
         shadow,
         canary,
         _judging: judging,
+        drift,
+        _exporting: exporting,
         log,
         predictions: prediction_metrics::PredictionMetrics::register(&metrics.registry)?,
         online: compartments("", limits.features, limits.inference),

@@ -29,6 +29,10 @@ pub struct GatewayService {
     pub inference: InferenceDownstream,
     /// Shadow copies of predictions.
     pub shadow: Arc<crate::lifecycle::shadow::Shadow>,
+    /// Drift of each version against its training reference.
+    pub drift: Arc<crate::lifecycle::drift::Drift>,
+    /// Keeps the drift gauges updated while the service lives.
+    pub _exporting: crate::lifecycle::drift::Exporting,
     /// The canary judge's windows.
     pub canary: Arc<crate::lifecycle::canary::Canary>,
     /// Keeps the canary judging while the service lives (with a live registry).

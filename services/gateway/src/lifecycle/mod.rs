@@ -7,11 +7,13 @@
 //!   registry's policy for the entity (a sticky rollout), never a version no replica has ready.
 //! - [`canary`]: a rollout whose candidate breaches its error rate or latency against
 //!   production stops itself.
+//! - [`drift`]: PSI of each version's recent scores and features against its training reference.
 //! - [`shadow`]: copies of live predictions scored by a shadow version, compared, never waited for.
 //! - [`admin`]: `mesh.admin.v1.ModelAdmin`, behind the admin keys.
 
 pub mod admin;
 pub mod canary;
+pub mod drift;
 pub mod readiness;
 pub mod routing;
 pub mod shadow;

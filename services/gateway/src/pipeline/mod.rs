@@ -234,6 +234,13 @@ impl GatewayService {
                     manifest.version
                 )));
             }
+            let observed: Vec<_> = scored
+                .0
+                .iter()
+                .copied()
+                .zip(rows.iter().map(|r| &r.logged))
+                .collect();
+            self.drift.observe(manifest, &observed);
             // A copy for the shadow, if there is one: sent once the answers are known, never
             // waited for.
             let shadow = self

@@ -1,0 +1,267 @@
+//! Drift per model version: the live distribution of the score and of every feature, over the
+//! last [`WINDOW`] predictions the gateway served with that version, against the reference
+//! distribution stored with the version at training time (`reference.json`, see
+//! `training/README.md`), as the population stability index (PSI), exported as
+//! `mesh_model_drift_psi{model,version,feature}` (`feature="score"` for the score) every
+//! [`EVERY`] once a version has [`MIN_SAMPLE`] predictions in its window.
+//!
+//! Binning follows the reference's rule: bin `i` holds `edges[i] <= v < edges[i+1]`, values below
+//! the first edge fall into the first bin and values above the last into the last. A category
+//! outside the reference counts in a bucket of its own with reference share 0. Shares are clamped
+//! to [`EPSILON`] so an empty bin stays finite.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_proto::types::{feature_value::Kind, FeatureValue};
+use mesh_runtime::registry::ModelManifest;
+use prometheus::{GaugeVec, Opts, Registry};
+use serde::Deserialize;
+
+/// Predictions per version the live distribution is taken over.
+pub const WINDOW: usize = 5_000;
+/// Predictions a version needs before its PSI is exported.
+pub const MIN_SAMPLE: usize = 200;
+/// How often PSI is recomputed.
+pub const EVERY: Duration = Duration::from_secs(5);
+/// The smallest share a bin is given.
+pub const EPSILON: f64 = 1e-4;
+
+/// One distribution of `reference.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Reference {
+    /// Numbers: bin edges and each bin's share.
+    Bins {
+        /// Ascending edges, one more than the bins.
+        edges: Vec<f64>,
+        /// Share per bin.
+        fractions: Vec<f64>,
+    },
+    /// Categories: each value's share.
+    Categories {
+        /// Value → share.
+        categories: BTreeMap<String, f64>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ReferenceFile {
+    score: Reference,
+    features: BTreeMap<String, Reference>,
+}
+
+/// A value to place in a distribution.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Number(f64),
+    Category(String),
+}
+
+/// The bucket `value` falls in (`None`: a category outside the reference, its own bucket).
+fn bucket(reference: &Reference, value: &Value) -> Option<usize> {
+    match (reference, value) {
+        (Reference::Bins { edges, .. }, Value::Number(v)) => {
+            let inner = edges.get(1..edges.len().saturating_sub(1)).unwrap_or(&[]);
+            Some(inner.iter().take_while(|e| **e <= *v).count())
+        }
+        (Reference::Categories { categories }, Value::Category(c)) => {
+            categories.keys().position(|k| k == c)
+        }
+        _ => None,
+    }
+}
+
+/// PSI of the live `buckets` (one count per reference bucket, plus the count outside) against
+/// `reference`.
+pub fn psi(reference: &Reference, counts: &[u64], outside: u64) -> f64 {
+    let total = counts.iter().sum::<u64>() + outside;
+    if total == 0 {
+        return 0.0;
+    }
+    let expected: Vec<f64> = match reference {
+        Reference::Bins { fractions, .. } => fractions.clone(),
+        Reference::Categories { categories } => categories.values().copied().collect(),
+    };
+    let term = |live: u64, e: f64| {
+        let a = (live as f64 / total as f64).max(EPSILON);
+        let e = e.max(EPSILON);
+        (a - e) * (a / e).ln()
+    };
+    let inside: f64 = expected
+        .iter()
+        .zip(counts.iter().chain(std::iter::repeat(&0)))
+        .map(|(e, c)| term(*c, *e))
+        .sum();
+    inside + if outside > 0 { term(outside, 0.0) } else { 0.0 }
+}
+
+/// One version's reference and recent values.
+struct Tracked {
+    reference: ReferenceFile,
+    recent: VecDeque<Vec<(String, Value)>>,
+}
+
+/// Drift of every version that has a reference.
+pub struct Drift {
+    versions: Mutex<HashMap<(String, String), Option<Tracked>>>,
+    psi: GaugeVec,
+    models_dir: std::path::PathBuf,
+}
+
+impl Drift {
+    /// Drift for the versions under `models_dir`; registers `mesh_model_drift_psi`.
+    pub fn new(models_dir: &Path, registry: &Registry) -> prometheus::Result<Arc<Self>> {
+        let psi = GaugeVec::new(
+            Opts::new(
+                "mesh_model_drift_psi",
+                "Population stability index of the last predictions' score (feature=\"score\") \
+                 or feature against the version's training reference; above 0.2 is drift",
+            ),
+            &["model", "version", "feature"],
+        )?;
+        registry.register(Box::new(psi.clone()))?;
+        Ok(Arc::new(Self {
+            versions: Mutex::default(),
+            psi,
+            models_dir: models_dir.to_owned(),
+        }))
+    }
+
+    /// Notes the score and features of predictions `manifest` made.
+    pub fn observe(
+        &self,
+        manifest: &ModelManifest,
+        rows: &[(f64, &BTreeMap<String, FeatureValue>)],
+    ) {
+        let key = (manifest.name.clone(), manifest.version.clone());
+        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        let tracked = versions.entry(key).or_insert_with(|| {
+            let path = self
+                .models_dir
+                .join(&manifest.name)
+                .join(&manifest.version)
+                .join("reference.json");
+            let text = std::fs::read_to_string(path).ok()?;
+            let reference = serde_json::from_str(&text).ok()?;
+            Some(Tracked {
+                reference,
+                recent: VecDeque::new(),
+            })
+        });
+        let Some(tracked) = tracked else { return };
+        for (score, features) in rows {
+            let mut values = vec![("score".to_owned(), Value::Number(*score))];
+            for (name, value) in features.iter() {
+                match &value.kind {
+                    Some(Kind::Number(n)) => values.push((name.clone(), Value::Number(*n))),
+                    Some(Kind::Category(c)) => {
+                        values.push((name.clone(), Value::Category(c.clone())))
+                    }
+                    None => {}
+                }
+            }
+            if tracked.recent.len() == WINDOW {
+                tracked.recent.pop_front();
+            }
+            tracked.recent.push_back(values);
+        }
+    }
+
+    /// Recomputes every version's PSI gauges.
+    pub fn export(&self) {
+        let versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        for ((model, version), tracked) in versions.iter() {
+            let Some(tracked) = tracked else { continue };
+            if tracked.recent.len() < MIN_SAMPLE {
+                continue;
+            }
+            let references = std::iter::once(("score", &tracked.reference.score)).chain(
+                tracked
+                    .reference
+                    .features
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v)),
+            );
+            for (name, reference) in references {
+                let size = match reference {
+                    Reference::Bins { fractions, .. } => fractions.len(),
+                    Reference::Categories { categories } => categories.len(),
+                };
+                let mut counts = vec![0u64; size];
+                let mut outside = 0u64;
+                for row in &tracked.recent {
+                    if let Some((_, value)) = row.iter().find(|(n, _)| n == name) {
+                        match bucket(reference, value) {
+                            Some(b) if b < size => counts[b] += 1,
+                            _ => outside += 1,
+                        }
+                    }
+                }
+                self.psi
+                    .with_label_values(&[model.as_str(), version.as_str(), name])
+                    .set(psi(reference, &counts, outside));
+            }
+        }
+    }
+}
+
+/// Exports PSI every [`EVERY`] while the returned guard lives.
+pub fn spawn(drift: Arc<Drift>) -> Exporting {
+    Exporting(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVERY);
+        loop {
+            tick.tick().await;
+            drift.export();
+        }
+    }))
+}
+
+/// The exporting task; dropping it stops the task.
+pub struct Exporting(tokio::task::JoinHandle<()>);
+
+impl Drop for Exporting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deciles() -> Reference {
+        Reference::Bins {
+            edges: (0..=10).map(f64::from).collect(),
+            fractions: vec![0.1; 10],
+        }
+    }
+
+    #[test]
+    fn psi_is_near_zero_on_the_reference_and_large_on_a_shift() {
+        assert!(psi(&deciles(), &[100; 10], 0) < 1e-9);
+        let shifted = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1000];
+        assert!(psi(&deciles(), &shifted, 0) > 0.2);
+        let categories = Reference::Categories {
+            categories: [("a".to_owned(), 0.5), ("b".to_owned(), 0.5)].into(),
+        };
+        assert!(psi(&categories, &[50, 50], 0) < 1e-9);
+        assert!(
+            psi(&categories, &[50, 0], 50) > 0.2,
+            "unseen categories count"
+        );
+    }
+
+    #[test]
+    fn values_are_binned_by_the_references_rule() {
+        let reference = deciles();
+        let at = |v: f64| bucket(&reference, &Value::Number(v));
+        assert_eq!(at(-5.0), Some(0), "below the first edge: the first bin");
+        assert_eq!(at(0.5), Some(0));
+        assert_eq!(at(1.0), Some(1), "an edge starts its bin");
+        assert_eq!(at(10.0), Some(9), "the last edge is in the last bin");
+        assert_eq!(at(99.0), Some(9), "above the last edge: the last bin");
+    }
+}
