@@ -50,7 +50,7 @@ trap finish EXIT
 inf1=$((base + 2))
 gateway=$base
 say "starting make up (debug) on ports $base..$((base + 11)), run directory $tmp"
-env -u MESH_INTERNAL_TOKEN MESH_PROFILE=debug MESH_RUN_DIR="$tmp/run" \
+env -u MESH_INTERNAL_TOKEN MESH_PROFILE=debug MESH_PROMETHEUS=off MESH_RUN_DIR="$tmp/run" \
   MESH_GATEWAY_PORT=$base MESH_FEATURES_PORT=$((base + 1)) MESH_INFERENCE1_PORT=$inf1 \
   MESH_INFERENCE2_PORT=$((base + 3)) MESH_LOGGER_PORT=$((base + 4)) MESH_PG_PORT=$((base + 5)) \
   MESH_REDIS_PORT=$((base + 6)) MESH_METRICS_BASE_PORT=$((base + 7)) \

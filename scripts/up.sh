@@ -18,6 +18,8 @@
 # comes from MESH_INTERNAL_TOKEN or, when that is unset, from .run/internal-token (32 random
 # bytes as hex, mode 0600, created on the first run and reused).
 #
+# Prometheus (Debian's, when installed) runs too, on MESH_PROMETHEUS_PORT (9090), with the rules
+# in deploy/prometheus/rules; MESH_PROMETHEUS=off skips it.
 # Ports (override by environment): MESH_GATEWAY_PORT 50051, MESH_FEATURES_PORT 50052,
 # MESH_INFERENCE1_PORT 50053, MESH_INFERENCE2_PORT 50054, MESH_LOGGER_PORT 50055,
 # MESH_PG_PORT 55432, MESH_REDIS_PORT 56379; metrics on MESH_METRICS_BASE_PORT (9101) for the
@@ -54,8 +56,15 @@ bash scripts/bootstrap.sh
 # shellcheck source=/dev/null
 source .tools/env
 
+# Prometheus with the shipped rules, scraping this mesh (MESH_PROMETHEUS=off skips it).
+prometheus_port="${MESH_PROMETHEUS_PORT:-9090}"
+prometheus_on=0
+if [ "${MESH_PROMETHEUS:-on}" != off ] && command -v prometheus >/dev/null 2>&1; then
+  prometheus_on=1
+fi
 for port in "$gateway_port" "$features_port" "$inference1_port" "$inference2_port" "$logger_port" \
-            "$pg_port" "$redis_port" $(seq "$metrics_base" $((metrics_base + 4))); do
+            "$pg_port" "$redis_port" $(seq "$metrics_base" $((metrics_base + 4))) \
+            $([ "$prometheus_on" = 1 ] && echo "$prometheus_port"); do
   if port_open "$port"; then
     say "port $port is already in use (is the mesh already running?). Stop that process or pick other ports (see scripts/up.sh)."
     exit 1
@@ -125,6 +134,7 @@ pgdata="$run/pg/data"
 
 # What this script supervises, in start order; they stop in the reverse order.
 names=(postgres redis features inference-1 inference-2 logger gateway)
+[ "$prometheus_on" = 1 ] && names+=(prometheus)
 declare -A pid=() starts=() started_at=() backoff=() due=()
 stopping=0
 
@@ -166,6 +176,11 @@ launch() {
         MESH_REPLICA_ID=inference-2 >>"$log" 2>&1 &
       ;;
     logger) service logger "$logger_port" $((metrics_base + 4)) mesh-logger >>"$log" 2>&1 & ;;
+    prometheus)
+      prometheus --config.file="$run/prometheus/prometheus.yml" \
+        --storage.tsdb.path="$run/prometheus/data" --storage.tsdb.retention.time=1d \
+        --web.listen-address="127.0.0.1:$prometheus_port" >>"$log" 2>&1 &
+      ;;
     gateway)
       service gateway "$gateway_port" "$metrics_base" mesh-gateway \
         MESH_FEATURES_URL="http://127.0.0.1:$features_port" \
@@ -226,6 +241,27 @@ done
 say "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
 
 for name in features inference-1 inference-2 logger gateway; do launch "$name"; done
+if [ "$prometheus_on" = 1 ]; then
+  mkdir -p "$run/prometheus"
+  cat >"$run/prometheus/prometheus.yml" <<YML
+# Written by scripts/up.sh: this mesh's metrics ports, the rules shipped in deploy/prometheus/rules.
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+rule_files:
+  - $root/deploy/prometheus/rules/*.yml
+scrape_configs:
+  - job_name: mesh-gateway
+    static_configs: [{targets: ["127.0.0.1:$metrics_base"]}]
+  - job_name: mesh-features
+    static_configs: [{targets: ["127.0.0.1:$((metrics_base + 1))"]}]
+  - job_name: mesh-inference
+    static_configs: [{targets: ["127.0.0.1:$((metrics_base + 2))", "127.0.0.1:$((metrics_base + 3))"]}]
+  - job_name: mesh-logger
+    static_configs: [{targets: ["127.0.0.1:$((metrics_base + 4))"]}]
+YML
+  launch prometheus
+fi
 
 for port in "$features_port" "$inference1_port" "$inference2_port" "$logger_port" "$gateway_port"; do
   if ! "$bin/meshctl" health --url "http://127.0.0.1:$port" --wait-secs 60 >/dev/null; then
@@ -240,6 +276,11 @@ say "one prediction:"
 "$bin/meshctl" predict --gateway-url "http://127.0.0.1:$gateway_port" --entity cust-00001 \
   --feature support_calls_30d=2 --feature channel=web
 
+if [ "$prometheus_on" = 1 ]; then
+  prometheus_hint="Prometheus: http://127.0.0.1:$prometheus_port (rules from deploy/prometheus/rules: Status > Rules, Alerts). To see the P0 alert fire in about two minutes: kill -STOP \$(cat $(show "$run")/pids/inference-1) \$(cat $(show "$run")/pids/inference-2); kill -CONT them to recover."
+else
+  prometheus_hint="Prometheus: not started (MESH_PROMETHEUS=off, or no prometheus binary)."
+fi
 say "internal token: $token_where. Calls straight to features, inference or logger need it: grpcurl -H \"x-mesh-internal-token: $token_hint\" …"
 cat <<TXT
 
@@ -253,6 +294,7 @@ Try (grpcurl is in .tools/bin after bootstrap):
   grpcurl -plaintext -H "x-mesh-internal-token: $token_hint" -d '{"name":"churn"}' 127.0.0.1:$inference1_port inference.GRPCInferenceService/ModelMetadata
   psql -h 127.0.0.1 -p $pg_port -U postgres -c 'SELECT prediction_id, entity_id, score, feature_tier, trace_id FROM predictions ORDER BY served_at DESC LIMIT 5'
 
+$prometheus_hint
 Model lifecycle (admin key: $(show "$admin_file"), id "ops"):
 
   $admin_hint $(show "$bin")/meshctl models status churn
