@@ -42,16 +42,6 @@ impl KnownMethods {
             .map(String::as_str)
             .unwrap_or(UNKNOWN_METHOD)
     }
-
-    /// How many paths are known.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether no path is known.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// Requests, errors and latency per RPC method, as seen by a server.

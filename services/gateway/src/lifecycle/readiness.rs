@@ -2,7 +2,6 @@
 //! polled every half second. Routing uses it to send a request only to a version some replica
 //! has ready, and the balancer to send it only to replicas that have it.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -115,17 +114,6 @@ impl ReplicaVersions {
     /// Every replica's last report, for the admin API.
     pub fn snapshot(&self) -> Vec<Report> {
         self.reports().clone()
-    }
-
-    /// Every (model, version) some replica has ready.
-    pub fn ready_versions(&self) -> BTreeSet<(String, String)> {
-        self.reports()
-            .iter()
-            .flatten()
-            .flatten()
-            .filter(|v| v.state == State::Ready as i32)
-            .map(|v| (v.model.clone(), v.version.clone()))
-            .collect()
     }
 }
 
