@@ -70,8 +70,12 @@ pub async fn run(
     loop {
         let want = desired.borrow_and_update().clone();
         service.set_production(want.production.clone());
-        if let Ok(disk) = ModelRegistry::load(&service.config().models.dir) {
-            service.set_on_disk(from_disk(&disk).versions);
+        // The disk is read once per round, for what is on it and for every version loaded.
+        let models_dir = &service.config().models.dir;
+        let disk = ModelRegistry::load(models_dir)
+            .map_err(|e| format!("{e} (models under {})", models_dir.display()));
+        if let Ok(disk) = &disk {
+            service.set_on_disk(from_disk(disk).versions);
         }
         for (model, version) in service.catalog().retain(&want.versions) {
             tracing::info!(%model, %version, "version no longer referenced: unloaded once its calls end");
@@ -87,7 +91,7 @@ pub async fn run(
         let loader = service.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for key in missing {
-                let state = load(&loader, &key);
+                let state = load(&loader, &disk, &key);
                 loader.catalog().set(key, state);
             }
         })
@@ -103,13 +107,18 @@ pub async fn run(
     }
 }
 
-/// Loads, warms and checks one version. Blocking.
-fn load(service: &InferenceService, (model, version): &Key) -> State {
+/// Loads, warms and checks one version of `disk` (the registry as read this round). Blocking.
+fn load(
+    service: &InferenceService,
+    disk: &Result<ModelRegistry, String>,
+    (model, version): &Key,
+) -> State {
     let started = std::time::Instant::now();
     let models = &service.config().models;
     let result = (|| {
-        let disk = ModelRegistry::load(&models.dir).map_err(|e| e.to_string())?;
         let entry = disk
+            .as_ref()
+            .map_err(Clone::clone)?
             .resolve(model, version)
             .map_err(|e| format!("{e} on disk under {}", models.dir.display()))?;
         let env = service.environment().map_err(|e| e.to_string())?;
