@@ -28,6 +28,9 @@ use crate::error::GatewayError;
 pub struct Router {
     models_dir: PathBuf,
     disk: RwLock<Arc<ModelRegistry>>,
+    /// When the disk was last re-read for an unknown version (at most once a second, so
+    /// requests naming invented versions cannot turn into a directory scan each).
+    reread_at: std::sync::Mutex<Option<std::time::Instant>>,
     state: Option<watch::Receiver<Arc<RegistryState>>>,
     /// Keeps the live registry followed while the router lives.
     _following: Option<Following>,
@@ -60,6 +63,7 @@ impl Router {
         Ok(Self {
             models_dir,
             disk: RwLock::new(disk),
+            reread_at: std::sync::Mutex::new(None),
             state: following.as_ref().map(|f| f.state.clone()),
             _following: following,
             ready,
@@ -82,14 +86,24 @@ impl Router {
         &self.ready
     }
 
-    /// The version on disk, re-reading the disk once if it is not known yet.
+    /// The version on disk, re-reading the disk (at most once a second) if it is not known yet.
     pub fn version(&self, model: &str, version: &str) -> Result<ModelVersion, GatewayError> {
         match self.disk().resolve(model, version) {
             Ok(found) => return Ok(found.clone()),
             Err(RegistryError::UnknownModel(_)) => {}
             Err(RegistryError::UnknownVersion { .. }) => {
-                if let Ok(fresh) = ModelRegistry::load(&self.models_dir) {
-                    *self.disk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+                let due = {
+                    let mut at = self.reread_at.lock().unwrap_or_else(|e| e.into_inner());
+                    let due = at.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+                    if due {
+                        *at = Some(std::time::Instant::now());
+                    }
+                    due
+                };
+                if due {
+                    if let Ok(fresh) = ModelRegistry::load(&self.models_dir) {
+                        *self.disk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+                    }
                 }
             }
             Err(other) => return Err(other.into()),
