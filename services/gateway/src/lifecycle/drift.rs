@@ -54,14 +54,14 @@ struct ReferenceFile {
 }
 
 /// A value to place in a distribution.
-#[derive(Debug, Clone, PartialEq)]
-enum Value {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Value<'a> {
     Number(f64),
-    Category(String),
+    Category(&'a str),
 }
 
 /// The bucket `value` falls in (`None`: a category outside the reference, its own bucket).
-fn bucket(reference: &Reference, value: &Value) -> Option<usize> {
+fn bucket(reference: &Reference, value: &Value<'_>) -> Option<usize> {
     match (reference, value) {
         (Reference::Bins { edges, .. }, Value::Number(v)) => {
             let inner = edges.get(1..edges.len().saturating_sub(1)).unwrap_or(&[]);
@@ -98,10 +98,78 @@ pub fn psi(reference: &Reference, counts: &[u64], outside: u64) -> f64 {
     inside + if outside > 0 { term(outside, 0.0) } else { 0.0 }
 }
 
-/// One version's reference and recent values.
+/// One version's distributions (the score first, then each reference feature), each with its
+/// live counts per bucket and outside the reference, kept equal to the window's contents: a
+/// prediction's buckets are counted when it enters the window and uncounted when it leaves.
 struct Tracked {
-    reference: ReferenceFile,
-    recent: VecDeque<Vec<(String, Value)>>,
+    distributions: Vec<(String, Reference)>,
+    counts: Vec<(Vec<u64>, u64)>,
+    /// Per prediction in the window, each distribution's place: `Some(Some(b))` bucket `b`,
+    /// `Some(None)` outside the reference, `None` the prediction had no such feature.
+    recent: VecDeque<Vec<Option<Option<usize>>>>,
+}
+
+impl Tracked {
+    fn new(reference: ReferenceFile) -> Self {
+        let distributions: Vec<(String, Reference)> =
+            std::iter::once(("score".to_owned(), reference.score))
+                .chain(reference.features)
+                .collect();
+        let counts = distributions
+            .iter()
+            .map(|(_, r)| (vec![0; size(r)], 0))
+            .collect();
+        Self {
+            distributions,
+            counts,
+            recent: VecDeque::new(),
+        }
+    }
+
+    fn count(&mut self, places: &[Option<Option<usize>>], delta: i64) {
+        for ((buckets, outside), place) in self.counts.iter_mut().zip(places) {
+            let counter = match place {
+                Some(Some(b)) => &mut buckets[*b],
+                Some(None) => outside,
+                None => continue,
+            };
+            *counter = counter.saturating_add_signed(delta);
+        }
+    }
+
+    fn push(&mut self, score: f64, features: &BTreeMap<String, FeatureValue>) {
+        let places: Vec<Option<Option<usize>>> = self
+            .distributions
+            .iter()
+            .enumerate()
+            .map(|(i, (name, reference))| {
+                let value = if i == 0 {
+                    Value::Number(score)
+                } else {
+                    match features.get(name)?.kind.as_ref()? {
+                        Kind::Number(n) => Value::Number(*n),
+                        Kind::Category(c) => Value::Category(c),
+                    }
+                };
+                Some(bucket(reference, &value).filter(|b| *b < size(reference)))
+            })
+            .collect();
+        if self.recent.len() == WINDOW {
+            if let Some(old) = self.recent.pop_front() {
+                self.count(&old, -1);
+            }
+        }
+        self.count(&places, 1);
+        self.recent.push_back(places);
+    }
+}
+
+/// How many buckets `reference` has (besides "outside").
+fn size(reference: &Reference) -> usize {
+    match reference {
+        Reference::Bins { fractions, .. } => fractions.len(),
+        Reference::Categories { categories } => categories.len(),
+    }
 }
 
 /// Drift of every version that has a reference.
@@ -145,28 +213,12 @@ impl Drift {
                 .join(&manifest.version)
                 .join("reference.json");
             let text = std::fs::read_to_string(path).ok()?;
-            let reference = serde_json::from_str(&text).ok()?;
-            Some(Tracked {
-                reference,
-                recent: VecDeque::new(),
-            })
+            let reference: ReferenceFile = serde_json::from_str(&text).ok()?;
+            Some(Tracked::new(reference))
         });
         let Some(tracked) = tracked else { return };
         for (score, features) in rows {
-            let mut values = vec![("score".to_owned(), Value::Number(*score))];
-            for (name, value) in features.iter() {
-                match &value.kind {
-                    Some(Kind::Number(n)) => values.push((name.clone(), Value::Number(*n))),
-                    Some(Kind::Category(c)) => {
-                        values.push((name.clone(), Value::Category(c.clone())))
-                    }
-                    None => {}
-                }
-            }
-            if tracked.recent.len() == WINDOW {
-                tracked.recent.pop_front();
-            }
-            tracked.recent.push_back(values);
+            tracked.push(*score, features);
         }
     }
 
@@ -178,31 +230,12 @@ impl Drift {
             if tracked.recent.len() < MIN_SAMPLE {
                 continue;
             }
-            let references = std::iter::once(("score", &tracked.reference.score)).chain(
-                tracked
-                    .reference
-                    .features
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v)),
-            );
-            for (name, reference) in references {
-                let size = match reference {
-                    Reference::Bins { fractions, .. } => fractions.len(),
-                    Reference::Categories { categories } => categories.len(),
-                };
-                let mut counts = vec![0u64; size];
-                let mut outside = 0u64;
-                for row in &tracked.recent {
-                    if let Some((_, value)) = row.iter().find(|(n, _)| n == name) {
-                        match bucket(reference, value) {
-                            Some(b) if b < size => counts[b] += 1,
-                            _ => outside += 1,
-                        }
-                    }
-                }
+            for ((name, reference), (counts, outside)) in
+                tracked.distributions.iter().zip(&tracked.counts)
+            {
                 self.psi
                     .with_label_values(&[model.as_str(), version.as_str(), name])
-                    .set(psi(reference, &counts, outside));
+                    .set(psi(reference, counts, *outside));
             }
         }
     }
