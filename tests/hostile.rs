@@ -24,6 +24,7 @@ fn record(id: &str) -> PredictionRecord {
         latency_micros: 900,
         feature_tier: 1,
         trace_id: String::new(),
+        shadow_of: String::new(),
     }
 }
 
@@ -81,7 +82,8 @@ async fn a_declared_huge_shape_is_refused_and_the_replica_stays_up() {
 
 /// One record PostgreSQL cannot store (a timestamp out of its range) used to fail its batch for
 /// good: the writer retried it forever and refused every later call. Now it goes to
-/// `prediction_rejects` and the 500 good records of its call commit, and so do later calls.
+/// `prediction_rejects` and the 500 good records of its call commit, and so do later calls. Shadow
+/// predictions in the same call go to `shadow_predictions`, a refused one to the rejects too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_record_lands_in_rejects_and_the_rest_keep_flowing() {
     telemetry();
@@ -108,6 +110,22 @@ async fn a_poison_record_lands_in_rejects_and_the_rest_keep_flowing() {
     let mut bad_json = record("poison-db");
     bad_json.entity_id = "refused-by-db".into();
     records.insert(100, bad_json.clone());
+    // Shadow predictions in the same call go to their own table, bisected the same way.
+    db.batch_execute(
+        "ALTER TABLE shadow_predictions ADD CONSTRAINT refuse_for_test CHECK (entity_id <> 'refused-by-db')",
+    )
+    .await
+    .expect("constraint");
+    for i in 0..100 {
+        let mut shadow = record(&format!("shadow-{i}"));
+        shadow.shadow_of = format!("good-{i}");
+        shadow.entity_id = if i == 40 {
+            "refused-by-db".into()
+        } else {
+            shadow.entity_id
+        };
+        records.insert(3 * i, shadow);
+    }
     let mut call = tonic::Request::new(RecordRequest { records });
     call.set_timeout(Duration::from_secs(20));
     let answer = client
@@ -115,7 +133,19 @@ async fn a_poison_record_lands_in_rejects_and_the_rest_keep_flowing() {
         .await
         .expect("the call commits what it can")
         .into_inner();
-    assert_eq!((answer.accepted, answer.rejected), (500, 2), "{answer:?}");
+    assert_eq!((answer.accepted, answer.rejected), (599, 3), "{answer:?}");
+    let shadows: i64 = db
+        .query_one(
+            "SELECT count(*) FROM shadow_predictions WHERE primary_id LIKE 'good-%'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        shadows, 99,
+        "every shadow but the refused one, in its own table"
+    );
 
     let good: i64 = db
         .query_one(
@@ -134,7 +164,7 @@ async fn a_poison_record_lands_in_rejects_and_the_rest_keep_flowing() {
         .await
         .expect("rejects");
     let ids: Vec<String> = rejects.iter().map(|r| r.get(0)).collect();
-    assert_eq!(ids, ["poison-db", "poison-time"]);
+    assert_eq!(ids, ["poison-db", "poison-time", "shadow-40"]);
     let reason: String = rejects[1].get(1);
     assert!(reason.contains("time_unix_micros"), "{reason}");
     let reason: String = rejects[0].get(1);

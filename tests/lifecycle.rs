@@ -640,6 +640,56 @@ async fn a_shadow_is_compared_and_shed_but_never_seen_by_callers() {
     )
     .await;
     assert_eq!(shed as u64, shadow.shed);
+
+    // Each scored copy is logged, beside the predictions, naming the primary it copied.
+    let primaries: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|a| a.as_ref().expect("answer").prediction_id.clone())
+        .collect();
+    let db = mesh.db().await;
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = db
+            .query(
+                "SELECT prediction_id, primary_id, model_version FROM shadow_predictions",
+                &[],
+            )
+            .await
+            .expect("shadow_predictions");
+        if rows.len() as u64 >= shadow.count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        rows.len() as u64,
+        shadow.count,
+        "every scored copy logged once"
+    );
+    for row in &rows {
+        let (id, primary, version): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(version, "2");
+        assert!(primaries.contains(&primary), "{primary} is a primary's id");
+        assert!(!primaries.contains(&id), "a shadow has its own id");
+    }
+    let primaries_logged: i64 = db
+        .query_one(
+            "SELECT count(*) FROM predictions WHERE model_version = '1'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    let shadows_in_predictions: i64 = db
+        .query_one(
+            "SELECT count(*) FROM predictions WHERE model_version <> '1'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(primaries_logged, 200, "the primaries are logged as usual");
+    assert_eq!(shadows_in_predictions, 0, "no shadow among the predictions");
     mesh.assert_idle().await;
 }
 

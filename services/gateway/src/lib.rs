@@ -222,6 +222,7 @@ fn wire(
         client::InferenceDownstream::new(replicas, versions, margin, downstream("inference"));
     let shadow = lifecycle::shadow::Shadow::new(
         inference.clone(),
+        log.clone(),
         Bulkhead::new("shadow", limits.shadow, bulkheads),
         &metrics.registry,
     )?;

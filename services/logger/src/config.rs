@@ -14,7 +14,7 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
     Setting::value("MESH_LOG_FLUSH_MS", "100", "longest wait before a partial batch is written"),
     Setting::value("MESH_LOG_QUEUE", "100000", "records held in memory before shedding with `RESOURCE_EXHAUSTED`"),
     Setting::value("MESH_DB_TIMEOUT_MS", "2000", "one PostgreSQL write or connection attempt"),
-    Setting::value("MESH_LOG_RETENTION_DAYS", "30", "days of `predictions` and `prediction_rejects` kept; older daily partitions are dropped whole"),
+    Setting::value("MESH_LOG_RETENTION_DAYS", "30", "days of `predictions`, `shadow_predictions` and `prediction_rejects` kept; older daily partitions are dropped whole"),
 );
 
 /// Connections the logger keeps to PostgreSQL (one writer, plus reads).

@@ -111,6 +111,37 @@ pub const MIGRATIONS: &[Migration] = &[
                                   FOR VALUES FROM (MINVALUE) TO (%L)', upper);
               END $$;",
     },
+    Migration {
+        version: 4,
+        name: "shadow_predictions",
+        // Shadow predictions (a copy of a live request scored by the shadow version, answered to
+        // no one) beside the predictions, not among them: counts, drift and completeness of what
+        // callers received stay exact. Partitioned by day like `predictions` and bounded by the
+        // same retention; the first partition covers everything up to the end of today, later
+        // ones are made ahead by maintenance. Features are the primary's (join on primary_id).
+        sql: "CREATE TABLE shadow_predictions (
+                  prediction_id  text NOT NULL,
+                  primary_id     text NOT NULL,
+                  served_at      timestamptz NOT NULL,
+                  model          text NOT NULL,
+                  model_version  text NOT NULL,
+                  entity_id      text NOT NULL,
+                  score          double precision NOT NULL,
+                  latency_us     bigint NOT NULL,
+                  trace_id       text NOT NULL,
+                  logged_at      timestamptz NOT NULL DEFAULT now(),
+                  PRIMARY KEY (prediction_id, served_at)
+              ) PARTITION BY RANGE (served_at);
+              CREATE INDEX shadow_predictions_primary ON shadow_predictions (primary_id);
+              CREATE INDEX shadow_predictions_model_time
+                  ON shadow_predictions (model, model_version, served_at);
+              DO $$
+              BEGIN
+                  EXECUTE format('CREATE TABLE shadow_predictions_legacy PARTITION OF shadow_predictions
+                                  FOR VALUES FROM (MINVALUE) TO (%L)',
+                                 date_trunc('day', now(), 'UTC') + interval '1 day');
+              END $$;",
+    },
 ];
 
 /// Serves the prediction log on `listener` until `shutdown` resolves, then flushes.

@@ -1,5 +1,6 @@
-//! The prediction log cannot fill the disk: `predictions` (by `served_at`) and
-//! `prediction_rejects` (by `rejected_at`) are partitioned by UTC day (migration 3), and a
+//! The prediction log cannot fill the disk: `predictions` and `shadow_predictions` (by
+//! `served_at`) and `prediction_rejects` (by `rejected_at`) are partitioned by UTC day
+//! (migrations 3 and 4), and a
 //! maintenance task, hourly, creates the partitions of the next [`DAYS_AHEAD`] days and drops
 //! every partition whose rows are all older than the retention window
 //! (`MESH_LOG_RETENTION_DAYS`). Dropping a partition frees its disk at once and costs no vacuum:
@@ -31,6 +32,7 @@ pub const RETRY: Duration = Duration::from_secs(30);
 const TABLES: &[(&str, &str)] = &[
     ("predictions", "served_at"),
     ("prediction_rejects", "rejected_at"),
+    ("shadow_predictions", "served_at"),
 ];
 
 /// What one maintenance run did.
@@ -59,7 +61,8 @@ impl RetentionMetrics {
         let partitions = IntCounterVec::new(
             Opts::new(
                 "mesh_log_partitions_total",
-                "Daily partitions of predictions and prediction_rejects, by action: created, dropped",
+                "Daily partitions of predictions, shadow_predictions and prediction_rejects, by action: \
+                 created, dropped",
             ),
             &["action"],
         )?;
@@ -181,8 +184,9 @@ fn ident(name: &str) -> String {
     format!("\"{name}\"")
 }
 
-/// The schema version that partitions the tables ([`crate::MIGRATIONS`]).
-const PARTITIONED_SINCE: i32 = 3;
+/// The schema version since which every table in [`TABLES`] exists, partitioned
+/// ([`crate::MIGRATIONS`]).
+const PARTITIONED_SINCE: i32 = 4;
 
 /// Longest one maintenance run may take (it takes catalog locks; dropping is quick).
 pub const LIMIT: Duration = Duration::from_secs(60);
@@ -336,7 +340,11 @@ mod tests {
         // Today: partitions for the days ahead, nothing dropped.
         let done = maintain(&db, now, 30, LIMIT).await.expect("maintain");
         assert!(done.dropped.is_empty(), "{done:?}");
-        assert_eq!(done.created.len(), 2 * DAYS_AHEAD as usize, "{done:?}");
+        assert_eq!(
+            done.created.len(),
+            TABLES.len() * DAYS_AHEAD as usize,
+            "{done:?}"
+        );
         assert_eq!(insert(&db, "ahead", now + 2 * DAY).await.expect("ahead"), 1);
         // A second run the same day changes nothing.
         assert_eq!(
@@ -351,12 +359,15 @@ mod tests {
             done.dropped.contains(&"predictions_legacy".to_owned())
                 && done
                     .dropped
-                    .contains(&"prediction_rejects_legacy".to_owned()),
+                    .contains(&"prediction_rejects_legacy".to_owned())
+                && done
+                    .dropped
+                    .contains(&"shadow_predictions_legacy".to_owned()),
             "{done:?}"
         );
         assert_eq!(
             done.dropped.len(),
-            2 * (1 + DAYS_AHEAD as usize),
+            TABLES.len() * (1 + DAYS_AHEAD as usize),
             "{done:?}"
         );
         assert_eq!(count(&db, "SELECT count(*) FROM predictions").await, 0);
@@ -378,7 +389,11 @@ mod tests {
         let done = maintain(&db, later + DAY, 30, LIMIT)
             .await
             .expect("next day");
-        assert_eq!(done.dropped.len(), 2, "one day of each table: {done:?}");
+        assert_eq!(
+            done.dropped.len(),
+            TABLES.len(),
+            "one day of each table: {done:?}"
+        );
         let recent = "SELECT count(*) FROM predictions WHERE model = 'churn' AND served_at > now() + interval '30 days'";
         assert_eq!(count(&db, recent).await, 50);
         let one: i64 = client(&db)

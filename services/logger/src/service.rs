@@ -62,6 +62,7 @@ pub fn problem(r: &PredictionRecord) -> Option<String> {
         ("model_version", &r.model_version),
         ("entity_id", &r.entity_id),
         ("trace_id", &r.trace_id),
+        ("shadow_of", &r.shadow_of),
     ]
     .into_iter()
     .filter(|(_, value)| value.len() > MAX_ID_BYTES)
@@ -72,6 +73,9 @@ pub fn problem(r: &PredictionRecord) -> Option<String> {
             "{} longer than {MAX_ID_BYTES} bytes",
             long.join(", ")
         ));
+    }
+    if !r.shadow_of.is_empty() && r.shadow_of == r.prediction_id {
+        return Some("shadow_of names the record itself".into());
     }
     if !r.score.is_finite() {
         return Some(format!("score {} is not a finite number", r.score));
@@ -120,6 +124,7 @@ fn make_storable(record: &mut PredictionRecord) {
         &mut record.model_version,
         &mut record.entity_id,
         &mut record.trace_id,
+        &mut record.shadow_of,
     ] {
         clean(s);
     }
@@ -217,6 +222,7 @@ impl PredictionLog for PredictionLogService {
             latency_micros: row.get::<_, i64>(7) as u64,
             feature_tier: feature_tier as i32,
             trace_id: row.get(9),
+            shadow_of: String::new(),
         }))
     }
 }

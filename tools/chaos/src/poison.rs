@@ -79,6 +79,7 @@ fn record(id: String, poison: Option<Poison>) -> PredictionRecord {
         latency_micros: 1000,
         feature_tier: FeatureTier::Request as i32,
         trace_id: "0123456789abcdef0123456789abcdef".into(),
+        shadow_of: String::new(),
     }
 }
 

@@ -7,12 +7,19 @@
 //! task of its own with a budget of its own. The caller's answer is already on its way, so a slow
 //! or failing shadow cannot delay, fail or change it. Each comparison goes into a window per
 //! (model, shadow version), summarised by the admin API's `ShadowReport`, and into metrics.
+//!
+//! Each shadow score is logged too, as a record naming the primary prediction it copied
+//! (`shadow_of`; the logger keeps it in `shadow_predictions`), through the same durable spool
+//! as the primaries, without waiting. The spool is for the predictions callers received first:
+//! once half of `MESH_SPOOL_MAX_BYTES` is waiting, shadow records are not logged (counted as
+//! `mesh_shadow_predictions_total{outcome="not_logged"}`) so they can never fill it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_proto::admin::ShadowSummary;
+use mesh_proto::logger::PredictionRecord;
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
 use mesh_runtime::registry::{FeatureKind, ModelManifest};
 use mesh_runtime::{Bulkhead, Deadline};
@@ -20,6 +27,7 @@ use mesh_tensor::{decode_output_f32, encode_input, Column};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::client::InferenceDownstream;
+use crate::logship::LogShipper;
 
 /// Comparisons kept per shadow.
 const WINDOW: usize = 10_000;
@@ -36,9 +44,25 @@ struct Comparison {
     latency_ms: f64,
 }
 
+/// One primary prediction, as the shadow gets it.
+#[derive(Debug, Clone)]
+pub struct Copied {
+    /// The item's full feature map (what the primary logged).
+    pub features: BTreeMap<String, FeatureValue>,
+    /// The primary's score.
+    pub score: f64,
+    /// The primary's prediction id, which the shadow's record names.
+    pub prediction_id: String,
+    /// The entity scored.
+    pub entity_id: String,
+    /// The primary's trace id (the shadow's work belongs to the same request).
+    pub trace_id: String,
+}
+
 /// Shadow scoring and what it found.
 pub struct Shadow {
     inference: InferenceDownstream,
+    log: LogShipper,
     bulkhead: Bulkhead,
     windows: Mutex<HashMap<(String, String), VecDeque<Comparison>>>,
     shed: Mutex<HashMap<(String, String), u64>>,
@@ -47,11 +71,12 @@ pub struct Shadow {
 }
 
 impl Shadow {
-    /// Shadow calls through `inference` within `bulkhead`; registers
+    /// Shadow calls through `inference` within `bulkhead`, records into `log`; registers
     /// `mesh_shadow_predictions_total{model,version,outcome}` and
     /// `mesh_shadow_abs_diff{model,version}` in `registry`.
     pub fn new(
         inference: InferenceDownstream,
+        log: LogShipper,
         bulkhead: Bulkhead,
         registry: &Registry,
     ) -> prometheus::Result<Arc<Self>> {
@@ -59,7 +84,8 @@ impl Shadow {
             Opts::new(
                 "mesh_shadow_predictions_total",
                 "Shadow copies by outcome: scored, error (the shadow failed), shed (its bulkhead \
-                 was full), incompatible (the shadow needs a feature the primary did not have)",
+                 was full), incompatible (the shadow needs a feature the primary did not have), \
+                 not_logged (scored, but the spool was too full to log it)",
             ),
             &["model", "version", "outcome"],
         )?;
@@ -75,6 +101,7 @@ impl Shadow {
         registry.register(Box::new(diffs.clone()))?;
         Ok(Arc::new(Self {
             inference,
+            log,
             bulkhead,
             windows: Mutex::default(),
             shed: Mutex::default(),
@@ -89,15 +116,10 @@ impl Shadow {
             .inc_by(n);
     }
 
-    /// Scores `rows` (each item's full feature map) with the shadow `manifest` in the
-    /// background, to compare with `primary` scores. Returns at once.
-    pub fn send(
-        self: &Arc<Self>,
-        manifest: ModelManifest,
-        rows: Vec<BTreeMap<String, FeatureValue>>,
-        primary: Vec<f64>,
-    ) {
-        let n = rows.len() as u64;
+    /// Scores `copies` with the shadow `manifest` in the background, to compare with the
+    /// primary scores and log. Returns at once.
+    pub fn send(self: &Arc<Self>, manifest: ModelManifest, copies: Vec<Copied>) {
+        let n = copies.len() as u64;
         let Ok(permit) = self.bulkhead.try_enter() else {
             self.count(&manifest, "shed", n);
             let key = (manifest.name.clone(), manifest.version.clone());
@@ -109,7 +131,7 @@ impl Shadow {
                 .or_default() += n;
             return;
         };
-        let Some(request) = request(&manifest, &rows) else {
+        let Some(request) = request(&manifest, &copies) else {
             self.count(&manifest, "incompatible", n);
             return;
         };
@@ -121,17 +143,66 @@ impl Shadow {
                 .inference
                 .infer_admitted(request, Deadline::after(BUDGET), permit)
                 .await;
-            let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+            let latency = started.elapsed();
             let scores = result.ok().and_then(|(response, _)| {
                 let (values, width) = decode_output_f32(&response, &manifest.output.name).ok()?;
-                (values.len() == primary.len() * width).then(|| {
-                    (0..primary.len())
+                (values.len() == copies.len() * width).then(|| {
+                    (0..copies.len())
                         .map(|r| f64::from(values[r * width + manifest.output.index]))
                         .collect::<Vec<f64>>()
                 })
             });
-            shadow.record(&manifest, &primary, scores.as_deref(), latency_ms);
+            let primary: Vec<f64> = copies.iter().map(|c| c.score).collect();
+            shadow.record(
+                &manifest,
+                &primary,
+                scores.as_deref(),
+                latency.as_secs_f64() * 1e3,
+            );
+            if let Some(scores) = scores {
+                shadow
+                    .log_scores(&manifest, &copies, &scores, latency)
+                    .await;
+            }
         });
+    }
+
+    /// Logs each finite shadow score with its primary's id, unless the spool is filling up.
+    async fn log_scores(
+        &self,
+        manifest: &ModelManifest,
+        copies: &[Copied],
+        scores: &[f64],
+        latency: Duration,
+    ) {
+        if !self.log.status().room_for_optional() {
+            self.count(manifest, "not_logged", copies.len() as u64);
+            return;
+        }
+        let time = crate::pipeline::now_micros();
+        for (copy, score) in copies.iter().zip(scores).filter(|(_, s)| s.is_finite()) {
+            let record = PredictionRecord {
+                prediction_id: uuid::Uuid::now_v7().to_string(),
+                time_unix_micros: time,
+                model: manifest.name.clone(),
+                model_version: manifest.version.clone(),
+                entity_id: copy.entity_id.clone(),
+                score: *score,
+                latency_micros: latency.as_micros() as u64,
+                trace_id: copy.trace_id.clone(),
+                shadow_of: copy.prediction_id.clone(),
+                ..Default::default()
+            };
+            // Not waited for: whether it is durable yet changes nothing for anyone.
+            if self
+                .log
+                .record(&record, Duration::ZERO)
+                .await
+                .is_err_and(|e| !matches!(e, crate::logship::NotKept::Pending))
+            {
+                self.count(manifest, "not_logged", 1);
+            }
+        }
     }
 
     fn record(
@@ -227,17 +298,17 @@ fn summarise(window: &VecDeque<Comparison>) -> ShadowSummary {
     }
 }
 
-/// The KServe request for `rows` in the shadow manifest's order; `None` if a row lacks one of
-/// its features or has one of the wrong type.
+/// The KServe request for the copies' rows in the shadow manifest's order; `None` if a row
+/// lacks one of its features or has one of the wrong type.
 fn request(
     manifest: &ModelManifest,
-    rows: &[BTreeMap<String, FeatureValue>],
+    rows: &[Copied],
 ) -> Option<mesh_proto::inference::ModelInferRequest> {
     let mut inputs = Vec::with_capacity(manifest.features.len());
     for spec in &manifest.features {
         let values = rows
             .iter()
-            .map(|r| r.get(&spec.name).and_then(|v| v.kind.as_ref()));
+            .map(|r| r.features.get(&spec.name).and_then(|v| v.kind.as_ref()));
         let column = match spec.kind {
             FeatureKind::Number => Column::Numbers(
                 values

@@ -297,9 +297,16 @@ pub struct SpoolStatus {
     shared: Arc<Shared>,
     metrics: ShipMetrics,
     degraded_after: Duration,
+    max_bytes: u64,
 }
 
 impl SpoolStatus {
+    /// Whether records nobody waits for (shadow predictions) may still be spooled: less than
+    /// half of `MESH_SPOOL_MAX_BYTES` is waiting, so they can never crowd out a primary's.
+    pub fn room_for_optional(&self) -> bool {
+        u64::try_from(self.metrics.pending_bytes.get()).unwrap_or(0) < self.max_bytes / 2
+    }
+
     /// Whether delivery to the logger is failing now (records wait in the spool).
     pub fn delivery_failing(&self) -> bool {
         self.shared.logger_failing.load(Ordering::Relaxed)
@@ -391,6 +398,7 @@ fn spawn_on(
             shared: shared.clone(),
             metrics: metrics.clone(),
             degraded_after: config.degraded_after,
+            max_bytes: config.max_bytes,
         },
     };
     let task = tokio::spawn(ship::ship_loop(

@@ -30,10 +30,12 @@ use mesh_tensor::decode_output_f32;
 
 mod rows;
 
-use rows::{assemble, infer_request, now_micros, plan};
+pub(crate) use rows::now_micros;
+use rows::{assemble, infer_request, plan};
 
 use crate::client::Compartments;
 use crate::error::GatewayError;
+use crate::lifecycle::shadow::Copied;
 use crate::service::GatewayService;
 use crate::validate;
 
@@ -249,13 +251,25 @@ impl GatewayService {
                 .map(|m| {
                     (
                         m,
-                        rows.iter().map(|r| r.logged.clone()).collect(),
-                        scored.0.clone(),
+                        rows.iter()
+                            .map(|r| (r.logged.clone(), r.entity_id.clone()))
+                            .collect::<Vec<_>>(),
                     )
                 });
             let answers = self.record_and_answer(manifest, rows, scored, call).await;
-            if let Some((shadow_manifest, features, primary)) = shadow {
-                self.shadow.send(shadow_manifest, features, primary);
+            if let Some((shadow_manifest, rows)) = shadow {
+                let copies = rows
+                    .into_iter()
+                    .zip(&answers)
+                    .map(|((features, entity_id), answer)| Copied {
+                        features,
+                        score: answer.score,
+                        prediction_id: answer.prediction_id.clone(),
+                        entity_id,
+                        trace_id: answer.trace_id.clone(),
+                    })
+                    .collect();
+                self.shadow.send(shadow_manifest, copies);
             }
             for (i, answer) in row_of.into_iter().zip(answers) {
                 results[i] = Some(Ok(answer));
@@ -380,6 +394,7 @@ impl GatewayService {
                 latency_micros: latency,
                 feature_tier: row.tier as i32,
                 trace_id: trace_id.clone(),
+                shadow_of: String::new(),
             })
             .collect();
         let kept =

@@ -153,7 +153,7 @@ pub(super) fn infer_request(manifest: &ModelManifest, rows: &[Row]) -> ModelInfe
     }
 }
 
-pub(super) fn now_micros() -> i64 {
+pub(crate) fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)

@@ -63,9 +63,10 @@ fn refuses_data(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// Writes `records`; returns the positions PostgreSQL refused, each with its reason. Retries
-/// while the database is down (raising `store_down` meanwhile), so it returns only once every
-/// record is either committed or refused.
+/// Writes `records` (predictions to `predictions`, shadow predictions to `shadow_predictions`);
+/// returns the positions PostgreSQL refused, each with its reason. Retries while the database
+/// is down (raising `store_down` meanwhile), so it returns only once every record is either
+/// committed or refused.
 pub async fn write_predictions(
     db: &Pool,
     records: &[PredictionRecord],
@@ -73,17 +74,29 @@ pub async fn write_predictions(
     metrics: &WriterMetrics,
     store_down: &AtomicBool,
 ) -> Vec<(usize, String)> {
+    // Positions in `records`, primaries first: each range below holds one kind only.
+    let (primaries, shadows): (Vec<usize>, Vec<usize>) =
+        (0..records.len()).partition(|&i| records[i].shadow_of.is_empty());
+    let split = primaries.len();
+    let order: Vec<usize> = primaries.into_iter().chain(shadows).collect();
     let mut refused = Vec::new();
     let mut pending: Vec<Range<usize>> = Vec::with_capacity(16);
-    pending.push(0..records.len());
+    pending.push(split..order.len());
+    pending.push(0..split);
     while let Some(range) = pending.pop() {
         if range.is_empty() {
             continue;
         }
-        let part = &records[range.clone()];
-        let result = until_answered(store_down, metrics, "predictions", || async {
+        let part: Vec<&PredictionRecord> =
+            order[range.clone()].iter().map(|&i| &records[i]).collect();
+        let table = if range.start < split {
+            Table::Predictions
+        } else {
+            Table::Shadows
+        };
+        let result = until_answered(store_down, metrics, table.name(), || async {
             let timer = metrics.batch_seconds.start_timer();
-            let result = insert_predictions(db, part, limit).await;
+            let result = insert_predictions(db, &part, table, limit).await;
             if result.is_ok() {
                 timer.observe_duration();
             } else {
@@ -94,7 +107,7 @@ pub async fn write_predictions(
         .await;
         match result {
             Ok(inserted) => metrics.written.inc_by(inserted),
-            Err(reason) if range.len() == 1 => refused.push((range.start, reason)),
+            Err(reason) if range.len() == 1 => refused.push((order[range.start], reason)),
             Err(reason) => {
                 tracing::warn!(records = range.len(), %reason, "PostgreSQL refused a batch; splitting it to find the records it refuses");
                 let middle = range.start + range.len() / 2;
@@ -104,6 +117,24 @@ pub async fn write_predictions(
         }
     }
     refused
+}
+
+/// Where a record goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    /// What a caller received.
+    Predictions,
+    /// What a shadow version scored (the record names its primary in `shadow_of`).
+    Shadows,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Predictions => "predictions",
+            Table::Shadows => "shadow_predictions",
+        }
+    }
 }
 
 /// Stores `rejects` in `prediction_rejects`, retrying while the database is down. A reject the
@@ -195,56 +226,90 @@ pub fn features_json(record: &PredictionRecord) -> String {
     serde_json::Value::Object(map).to_string()
 }
 
-/// Inserts `batch` in one statement; returns how many rows were new.
+/// Inserts `batch` (all of one kind) into `table` in one statement; returns how many rows
+/// were new.
 async fn insert_predictions(
     db: &Pool,
-    batch: &[PredictionRecord],
+    batch: &[&PredictionRecord],
+    table: Table,
     limit: Duration,
 ) -> Result<u64, WriteError> {
-    let span =
-        mesh_telemetry::propagation::store_span("postgresql", "INSERT predictions", batch.len());
+    let span = mesh_telemetry::propagation::store_span(
+        "postgresql",
+        match table {
+            Table::Predictions => "INSERT predictions",
+            Table::Shadows => "INSERT shadow_predictions",
+        },
+        batch.len(),
+    );
     let ids: Vec<&str> = batch.iter().map(|r| r.prediction_id.as_str()).collect();
     let times: Vec<i64> = batch.iter().map(|r| r.time_unix_micros).collect();
     let models: Vec<&str> = batch.iter().map(|r| r.model.as_str()).collect();
     let versions: Vec<&str> = batch.iter().map(|r| r.model_version.as_str()).collect();
     let entities: Vec<&str> = batch.iter().map(|r| r.entity_id.as_str()).collect();
-    let features: Vec<String> = batch.iter().map(features_json).collect();
     let scores: Vec<f64> = batch.iter().map(|r| r.score).collect();
     // Validation refused latencies beyond i64 before they got here.
     let latencies: Vec<i64> = batch
         .iter()
         .map(|r| i64::try_from(r.latency_micros).unwrap_or(i64::MAX))
         .collect();
-    let tiers: Vec<&str> = batch.iter().map(|r| tier_name(r.feature_tier)).collect();
     let traces: Vec<&str> = batch.iter().map(|r| r.trace_id.as_str()).collect();
+    // The column only one kind has: features and tier for a prediction, its primary for a shadow.
+    let (extra, tiers): (Vec<String>, Vec<&str>) = match table {
+        Table::Predictions => batch
+            .iter()
+            .map(|r| (features_json(r), tier_name(r.feature_tier)))
+            .unzip(),
+        Table::Shadows => (
+            batch.iter().map(|r| r.shadow_of.clone()).collect(),
+            Vec::new(),
+        ),
+    };
     let work = async {
         let client = connection(db).await?;
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO predictions (prediction_id, served_at, model, model_version, entity_id,
-                                          features, score, latency_us, feature_tier, trace_id)
-                 SELECT id, to_timestamp(t::double precision / 1e6), m, v, e, f::jsonb, s, l, tier, tr
-                 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[],
-                             $7::float8[], $8::int8[], $9::text[], $10::text[])
-                      AS x(id, t, m, v, e, f, s, l, tier, tr)
-                 ON CONFLICT (prediction_id, served_at) DO NOTHING",
-            )
-            .await?;
-        Ok(client
-            .execute(
-                &stmt,
-                &[
-                    &ids, &times, &models, &versions, &entities, &features, &scores, &latencies,
-                    &tiers, &traces,
-                ],
-            )
-            .await?)
+        let common: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            &ids, &times, &models, &versions, &entities, &scores, &latencies, &traces, &extra,
+        ];
+        let inserted = match table {
+            Table::Predictions => {
+                let stmt = client.prepare_cached(INSERT_PREDICTIONS).await?;
+                let mut params = common.to_vec();
+                params.push(&tiers);
+                client.execute(&stmt, &params).await?
+            }
+            Table::Shadows => {
+                let stmt = client.prepare_cached(INSERT_SHADOWS).await?;
+                client.execute(&stmt, &common).await?
+            }
+        };
+        Ok(inserted)
     };
     bounded(limit, work)
         .instrument(span)
         .await
         .map_err(WriteError::from)
 }
+
+/// Parameters: ids, serve times (µs), models, versions, entities, scores, latencies (µs),
+/// trace ids, features (JSON text), tiers.
+const INSERT_PREDICTIONS: &str =
+    "INSERT INTO predictions (prediction_id, served_at, model, model_version, entity_id,
+                              score, latency_us, trace_id, features, feature_tier)
+     SELECT id, to_timestamp(t::double precision / 1e6), m, v, e, s, l, tr, f::jsonb, tier
+     FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                 $7::int8[], $8::text[], $9::text[], $10::text[])
+          AS x(id, t, m, v, e, s, l, tr, f, tier)
+     ON CONFLICT (prediction_id, served_at) DO NOTHING";
+
+/// Parameters: as [`INSERT_PREDICTIONS`]' first eight, then the primaries' ids.
+const INSERT_SHADOWS: &str =
+    "INSERT INTO shadow_predictions (prediction_id, served_at, model, model_version, entity_id,
+                                     score, latency_us, trace_id, primary_id)
+     SELECT id, to_timestamp(t::double precision / 1e6), m, v, e, s, l, tr, p
+     FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                 $7::int8[], $8::text[], $9::text[])
+          AS x(id, t, m, v, e, s, l, tr, p)
+     ON CONFLICT (prediction_id, served_at) DO NOTHING";
 
 /// Inserts `rejects` into `prediction_rejects` in one statement.
 async fn insert_rejects(db: &Pool, rejects: &[Reject], limit: Duration) -> Result<u64, WriteError> {
