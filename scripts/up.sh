@@ -302,6 +302,7 @@ Model lifecycle (admin key: $(show "$admin_file"), id "ops"):
   $admin_hint $(show "$bin")/meshctl models rollback churn --reason "back to v1"
   $admin_hint $(show "$bin")/meshctl models rollout churn 2 --percent 10 --reason canary
   $admin_hint $(show "$bin")/meshctl models history churn
+  MESH_DATABASE_URL=$MESH_DATABASE_URL $(show "$bin")/meshctl models drift churn
 
 A process that exits is restarted (back-off 1 s doubling to ${backoff_max} s). Press Ctrl-C to stop everything.
 TXT

@@ -2,6 +2,7 @@
 //! golden fixture or fails to load never serves while the others do, and a replica loads and
 //! unloads versions as the live registry changes, without a restart.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -790,32 +791,144 @@ async fn a_canary_that_breaks_rolls_itself_back_and_callers_never_see_it() {
     mesh.assert_idle().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drift_is_exported_against_the_versions_training_reference() {
-    let mesh = Mesh::start(|_| {}).await;
-    let mut gateway = mesh.gateway_client();
-    // Tenures far beyond anything in training: every one lands in the reference's last bin.
-    for i in 0..(mesh_gateway::lifecycle::drift::MIN_SAMPLE + 20) {
-        gateway
-            .predict(complete_predict(&format!("walk-in-{i}"), 500.0))
-            .await
-            .expect("predict");
-    }
-    let name = r#"mesh_model_drift_psi{feature="tenure_months",model="churn",version="1"}"#;
+/// `meshctl models drift churn --version 1 --json` against the mesh's prediction log: each
+/// distribution's PSI by name.
+fn drift_from_log(pg_url: String) -> BTreeMap<String, f64> {
+    let output = std::process::Command::new(binary("meshctl"))
+        .args(["models", "drift", "churn", "--version", "1", "--json"])
+        .arg("--models-dir")
+        .arg(repo().join("models"))
+        .env("MESH_DATABASE_URL", pg_url)
+        .output()
+        .expect("run meshctl");
+    assert!(
+        output.status.success(),
+        "meshctl models drift failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    report[0]["distributions"]
+        .as_array()
+        .expect("distributions")
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().expect("name").to_owned(),
+                d["psi"].as_f64().expect("psi"),
+            )
+        })
+        .collect()
+}
+
+/// Predicts each of `requests` (16 at a time); all must succeed.
+async fn predict_all(mesh: &Mesh, requests: Vec<mesh_proto::gateway::PredictRequest>) {
+    let calls = futures::stream::iter(requests)
+        .map(|request| {
+            let mut client = mesh.gateway_client();
+            async move { client.predict(request).await.map(|_| ()) }
+        })
+        .buffer_unordered(16);
+    let answers: Vec<_> = futures::StreamExt::collect(calls).await;
+    assert!(
+        answers.iter().all(Result::is_ok),
+        "every prediction answered"
+    );
+}
+
+/// Waits until `n` predictions are in the log, then until the gateway's PSI gauges equal the
+/// ones `meshctl models drift` computes from the log (same predictions, same bins).
+async fn drift_agrees(mesh: &Mesh, n: i64) -> BTreeMap<String, f64> {
+    let db = mesh.db().await;
     let started = Instant::now();
-    loop {
-        let psi = metric(mesh.gateway_http, name).await;
-        if psi > 0.2 {
-            eprintln!("PSI of the shifted tenure: {psi:.2}");
-            break;
-        }
+    while db
+        .query_one("SELECT count(*) FROM predictions", &[])
+        .await
+        .expect("count")
+        .get::<_, i64>(0)
+        < n
+    {
         assert!(
-            started.elapsed() < Duration::from_secs(12),
-            "{name} = {psi}"
+            started.elapsed() < Duration::from_secs(20),
+            "{n} predictions logged"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The score is tracked too.
-    let (_, body) = http_get(mesh.gateway_http, "/metrics").await;
-    assert!(body.contains(r#"mesh_model_drift_psi{feature="score",model="churn",version="1"}"#));
+    let url = mesh.pg.url();
+    let from_log = tokio::task::spawn_blocking(move || drift_from_log(url))
+        .await
+        .expect("meshctl");
+    assert!(from_log.contains_key("score") && from_log.contains_key("tenure_months"));
+    for (name, psi) in &from_log {
+        let gauge =
+            format!(r#"mesh_model_drift_psi{{feature="{name}",model="churn",version="1"}}"#);
+        loop {
+            let live = metric(mesh.gateway_http, &gauge).await;
+            if (live - psi).abs() < 1e-9 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(40),
+                "{name}: the gateway says {live}, the prediction log {psi}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    from_log
+}
+
+/// A request for demo entity `i` (of 1,000) whose request-time features are drawn from the
+/// training reference by stratified sampling: `support_calls_30d` and `channel` take the
+/// reference's shares over the 1,000 (the stored features of the demo entities already do).
+fn reference_like(i: usize) -> mesh_proto::gateway::PredictRequest {
+    fn pick<T: Copy>(u: f64, shares: &[(T, f64)]) -> T {
+        let mut cumulative = 0.0;
+        for (value, share) in shares {
+            cumulative += share;
+            if u < cumulative {
+                return *value;
+            }
+        }
+        shares[shares.len() - 1].0
+    }
+    let u = (i as f64 + 0.5) / 1000.0;
+    let v = ((i * 7919) % 1000) as f64 / 1000.0 + 0.0005;
+    let calls = pick(u, &[(0, 0.21), (1, 0.32125), (2, 0.2505), (3, 0.21825)]);
+    let channel = pick(
+        v,
+        &[("web", 0.51175), ("mobile", 0.336), ("store", 0.15225)],
+    );
+    mesh_proto::gateway::PredictRequest {
+        model: "churn".into(),
+        entity_id: format!("cust-{:05}", i + 1),
+        features: json_features(&serde_json::json!({
+            "support_calls_30d": calls,
+            "channel": channel,
+        })),
+        model_version: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_from_the_gateway_and_the_prediction_log_agree_near_zero_then_flag_a_shift() {
+    let mesh = Mesh::start(|_| {}).await;
+    // The demo entities are drawn like the training holdout: no drift.
+    mesh.seed(1000).await;
+    predict_all(&mesh, (0..1000).map(reference_like).collect()).await;
+    let calm = drift_agrees(&mesh, 1000).await;
+    eprintln!("PSI on reference-like traffic: {calm:?}");
+    for (name, psi) in &calm {
+        assert!(*psi < 0.05, "{name}: PSI {psi} on reference-like data");
+    }
+    // Then 1,000 walk-ins with tenures far beyond anything in training: half the window now
+    // lands in the reference's last tenure bin.
+    predict_all(
+        &mesh,
+        (0..1000)
+            .map(|i| complete_predict(&format!("walk-in-{i}"), 500.0))
+            .collect(),
+    )
+    .await;
+    let shifted = drift_agrees(&mesh, 2000).await;
+    eprintln!("PSI after the shift: {shifted:?}");
+    assert!(shifted["tenure_months"] > 0.2, "{shifted:?}");
 }

@@ -12,6 +12,7 @@
 //! - [`batch`]: draining a queue in batches (the record shipper and the logger's writer).
 //! - [`postgres`]: connection pools and schema migrations.
 //! - [`registry`]: the model registry on disk (manifests, versions, aliases).
+//! - [`reference`]: training reference distributions and PSI (drift).
 //! - [`text`]: what stored strings (entity ids, categories) may contain.
 //! - [`startup`]: why a service cannot start, apart from request errors.
 
@@ -22,6 +23,7 @@ pub mod connections;
 pub mod deadline;
 pub mod internal;
 pub mod postgres;
+pub mod reference;
 pub mod registry;
 pub mod resilience;
 pub mod server;

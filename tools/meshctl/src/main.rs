@@ -5,6 +5,7 @@
 //! - `health`: exits 0 iff a server's `grpc.health.v1` says SERVING (container health checks).
 //! - `models`: list, status, promote, rollback, rollout, shadow, history ([`models`]).
 
+mod drift;
 mod models;
 
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Model lifecycle through the gateway's admin API: list, status, promote, rollback,
-    /// rollout, shadow, history.
+    /// rollout, shadow, history; and drift from the prediction log.
     Models(models::Admin),
     /// Load entity features from a JSON-lines file:
     /// {"entity_id": "cust-1", "features": {"tenure_months": 12, "contract": "one_year"}}

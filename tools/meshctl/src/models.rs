@@ -21,9 +21,10 @@ pub struct Admin {
         default_value = "http://127.0.0.1:50051"
     )]
     gateway_url: String,
-    /// An admin key (MESH_ADMIN_KEYS on the gateway), sent as x-admin-key.
+    /// An admin key (MESH_ADMIN_KEYS on the gateway), sent as x-admin-key (every command but
+    /// drift, which reads the prediction log).
     #[arg(long, env = "MESH_ADMIN_KEY", hide_env_values = true)]
-    admin_key: String,
+    admin_key: Option<String>,
     #[command(subcommand)]
     command: ModelsCommand,
 }
@@ -31,6 +32,16 @@ pub struct Admin {
 /// What to do.
 #[derive(Subcommand)]
 enum ModelsCommand {
+    /// Drift per version from the prediction log: PSI of the score and of each feature against
+    /// the version's training reference, with summaries (reads PostgreSQL, not the gateway).
+    Drift(crate::drift::DriftArgs),
+    #[command(flatten)]
+    Admin(AdminCommand),
+}
+
+/// What to do through the admin API.
+#[derive(Subcommand)]
+enum AdminCommand {
     /// Every model: versions, aliases, rollout, shadow.
     List,
     /// One model in detail, with each version's state on every inference replica.
@@ -106,145 +117,156 @@ impl tonic::service::Interceptor for AdminKey {
     }
 }
 
-impl Admin {
-    async fn client(&self) -> anyhow::Result<Client> {
-        let key = self
-            .admin_key
-            .parse()
-            .context("--admin-key / MESH_ADMIN_KEY is not a valid metadata value")?;
-        let channel = tonic::transport::Endpoint::from_shared(self.gateway_url.clone())?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the gateway at {}", self.gateway_url))?;
-        Ok(ModelAdminClient::with_interceptor(channel, AdminKey(key)))
-    }
+/// A client of the admin API at `url`, sending `key`.
+async fn connect(url: &str, key: Option<&str>) -> anyhow::Result<Client> {
+    let key = key
+        .context("an admin key is needed: --admin-key or MESH_ADMIN_KEY")?
+        .parse()
+        .context("--admin-key / MESH_ADMIN_KEY is not a valid metadata value")?;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {url}"))?;
+    Ok(ModelAdminClient::with_interceptor(channel, AdminKey(key)))
+}
 
+impl Admin {
     /// Runs the command and prints its result.
     pub async fn run(self) -> anyhow::Result<()> {
-        let mut client = self.client().await?;
         match self.command {
-            ModelsCommand::List => {
-                let models = client.list_models(ListModelsRequest {}).await?.into_inner();
-                if !models.live_registry {
-                    println!("(no live registry: MESH_REGISTRY_DATABASE_URL is unset on the gateway; read-only)");
-                }
-                for model in &models.models {
-                    println!("{}", summary(model));
-                }
+            ModelsCommand::Drift(drift) => drift.run().await,
+            ModelsCommand::Admin(command) => {
+                let mut client = connect(&self.gateway_url, self.admin_key.as_deref()).await?;
+                run_admin(command, &mut client).await
             }
-            ModelsCommand::Status { model } => {
-                let models = client.list_models(ListModelsRequest {}).await?.into_inner();
-                let status = models
-                    .models
-                    .iter()
-                    .find(|m| m.model == model)
-                    .with_context(|| format!("no model {model:?} on the gateway"))?;
-                println!("{}", summary(status));
-                for r in &status.replicas {
-                    let reason = if r.reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", r.reason)
-                    };
-                    println!("  {} version {} {}{reason}", r.replica, r.version, r.state);
-                }
+        }
+    }
+}
+
+/// Runs an admin API command and prints its result.
+async fn run_admin(command: AdminCommand, client: &mut Client) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::List => {
+            let models = client.list_models(ListModelsRequest {}).await?.into_inner();
+            if !models.live_registry {
+                println!("(no live registry: MESH_REGISTRY_DATABASE_URL is unset on the gateway; read-only)");
             }
-            ModelsCommand::Promote {
-                model,
-                version,
-                alias,
-                reason,
-            } => {
-                let change = client
-                    .promote(PromoteRequest {
+            for model in &models.models {
+                println!("{}", summary(model));
+            }
+        }
+        AdminCommand::Status { model } => {
+            let models = client.list_models(ListModelsRequest {}).await?.into_inner();
+            let status = models
+                .models
+                .iter()
+                .find(|m| m.model == model)
+                .with_context(|| format!("no model {model:?} on the gateway"))?;
+            println!("{}", summary(status));
+            for r in &status.replicas {
+                let reason = if r.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.reason)
+                };
+                println!("  {} version {} {}{reason}", r.replica, r.version, r.state);
+            }
+        }
+        AdminCommand::Promote {
+            model,
+            version,
+            alias,
+            reason,
+        } => {
+            let change = client
+                .promote(PromoteRequest {
+                    model,
+                    version,
+                    alias,
+                    reason,
+                })
+                .await?;
+            print_change(change.into_inner());
+        }
+        AdminCommand::Rollback { model, reason } => {
+            let change = client.rollback(RollbackRequest { model, reason }).await?;
+            print_change(change.into_inner());
+        }
+        AdminCommand::Rollout {
+            model,
+            candidate,
+            percent,
+            stop,
+            reason,
+        } => {
+            let change = if stop {
+                client.stop_rollout(StopRequest { model, reason }).await?
+            } else {
+                let candidate = candidate.context("give the candidate version, or --stop")?;
+                client
+                    .set_rollout(SetRolloutRequest {
                         model,
-                        version,
-                        alias,
+                        candidate,
+                        percent,
                         reason,
                     })
-                    .await?;
-                print_change(change.into_inner());
-            }
-            ModelsCommand::Rollback { model, reason } => {
-                let change = client.rollback(RollbackRequest { model, reason }).await?;
-                print_change(change.into_inner());
-            }
-            ModelsCommand::Rollout {
-                model,
-                candidate,
-                percent,
-                stop,
-                reason,
-            } => {
-                let change = if stop {
-                    client.stop_rollout(StopRequest { model, reason }).await?
-                } else {
-                    let candidate = candidate.context("give the candidate version, or --stop")?;
-                    client
-                        .set_rollout(SetRolloutRequest {
-                            model,
-                            candidate,
-                            percent,
-                            reason,
-                        })
-                        .await?
-                };
-                print_change(change.into_inner());
-            }
-            ModelsCommand::Shadow {
-                model,
-                version,
-                stop,
-                reason,
-            } => {
-                let change = if stop {
-                    client.stop_shadow(StopRequest { model, reason }).await?
-                } else {
-                    let version = version.context("give the shadow version, or --stop")?;
-                    client
-                        .set_shadow(SetShadowRequest {
-                            model,
-                            version,
-                            reason,
-                        })
-                        .await?
-                };
-                print_change(change.into_inner());
-            }
-            ModelsCommand::ShadowReport { model } => {
-                let report = client
-                    .shadow_report(ShadowReportRequest {
-                        model: model.unwrap_or_default(),
+                    .await?
+            };
+            print_change(change.into_inner());
+        }
+        AdminCommand::Shadow {
+            model,
+            version,
+            stop,
+            reason,
+        } => {
+            let change = if stop {
+                client.stop_shadow(StopRequest { model, reason }).await?
+            } else {
+                let version = version.context("give the shadow version, or --stop")?;
+                client
+                    .set_shadow(SetShadowRequest {
+                        model,
+                        version,
+                        reason,
                     })
                     .await?
-                    .into_inner();
-                if report.shadows.is_empty() {
-                    println!("no shadow comparisons on this gateway yet");
-                }
-                for s in &report.shadows {
-                    println!(
+            };
+            print_change(change.into_inner());
+        }
+        AdminCommand::ShadowReport { model } => {
+            let report = client
+                .shadow_report(ShadowReportRequest {
+                    model: model.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if report.shadows.is_empty() {
+                println!("no shadow comparisons on this gateway yet");
+            }
+            for s in &report.shadows {
+                println!(
                         "{} shadow {}: {} compared, {} failed, {} shed; |diff| mean {:.4} p99 {:.4}; agreement at {} {:.2} %; shadow p99 {:.1} ms",
                         s.model, s.shadow_version, s.count, s.errors, s.shed, s.mean_abs_diff,
                         s.p99_abs_diff, s.threshold, s.agreement * 100.0, s.shadow_p99_latency_ms
                     );
-                }
-            }
-            ModelsCommand::History { model, limit } => {
-                let history = client
-                    .history(HistoryRequest {
-                        model: model.unwrap_or_default(),
-                        limit,
-                    })
-                    .await?
-                    .into_inner();
-                for entry in &history.entries {
-                    println!("{}", audit_line(entry));
-                }
             }
         }
-        Ok(())
+        AdminCommand::History { model, limit } => {
+            let history = client
+                .history(HistoryRequest {
+                    model: model.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            for entry in &history.entries {
+                println!("{}", audit_line(entry));
+            }
+        }
     }
+    Ok(())
 }
 
 fn summary(m: &ModelStatus) -> String {

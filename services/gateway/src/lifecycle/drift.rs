@@ -5,10 +5,8 @@
 //! `mesh_model_drift_psi{model,version,feature}` (`feature="score"` for the score) every
 //! [`EVERY`] once a version has [`MIN_SAMPLE`] predictions in its window.
 //!
-//! Binning follows the reference's rule: bin `i` holds `edges[i] <= v < edges[i+1]`, values below
-//! the first edge fall into the first bin and values above the last into the last. A category
-//! outside the reference counts in a bucket of its own with reference share 0. Shares are clamped
-//! to [`EPSILON`] so an empty bin stays finite.
+//! Binning and PSI are [`mesh_runtime::reference`]'s, shared with `meshctl models drift`, which
+//! computes the same figures from the prediction log.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -16,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
+use mesh_runtime::reference::{bucket, psi, size, Reference, ReferenceFile, Value};
 use mesh_runtime::registry::ModelManifest;
 use prometheus::{GaugeVec, Opts, Registry};
-use serde::Deserialize;
 
 /// Predictions per version the live distribution is taken over.
 pub const WINDOW: usize = 5_000;
@@ -26,78 +24,6 @@ pub const WINDOW: usize = 5_000;
 pub const MIN_SAMPLE: usize = 200;
 /// How often PSI is recomputed.
 pub const EVERY: Duration = Duration::from_secs(5);
-/// The smallest share a bin is given.
-pub const EPSILON: f64 = 1e-4;
-
-/// One distribution of `reference.json`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Reference {
-    /// Numbers: bin edges and each bin's share.
-    Bins {
-        /// Ascending edges, one more than the bins.
-        edges: Vec<f64>,
-        /// Share per bin.
-        fractions: Vec<f64>,
-    },
-    /// Categories: each value's share.
-    Categories {
-        /// Value → share.
-        categories: BTreeMap<String, f64>,
-    },
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct ReferenceFile {
-    score: Reference,
-    features: BTreeMap<String, Reference>,
-}
-
-/// A value to place in a distribution.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Value<'a> {
-    Number(f64),
-    Category(&'a str),
-}
-
-/// The bucket `value` falls in (`None`: a category outside the reference, its own bucket).
-fn bucket(reference: &Reference, value: &Value<'_>) -> Option<usize> {
-    match (reference, value) {
-        (Reference::Bins { edges, .. }, Value::Number(v)) => {
-            let inner = edges.get(1..edges.len().saturating_sub(1)).unwrap_or(&[]);
-            Some(inner.iter().take_while(|e| **e <= *v).count())
-        }
-        (Reference::Categories { categories }, Value::Category(c)) => {
-            categories.keys().position(|k| k == c)
-        }
-        _ => None,
-    }
-}
-
-/// PSI of the live `buckets` (one count per reference bucket, plus the count outside) against
-/// `reference`.
-pub fn psi(reference: &Reference, counts: &[u64], outside: u64) -> f64 {
-    let total = counts.iter().sum::<u64>() + outside;
-    if total == 0 {
-        return 0.0;
-    }
-    let expected: Vec<f64> = match reference {
-        Reference::Bins { fractions, .. } => fractions.clone(),
-        Reference::Categories { categories } => categories.values().copied().collect(),
-    };
-    let term = |live: u64, e: f64| {
-        let a = (live as f64 / total as f64).max(EPSILON);
-        let e = e.max(EPSILON);
-        (a - e) * (a / e).ln()
-    };
-    let inside: f64 = expected
-        .iter()
-        .zip(counts.iter().chain(std::iter::repeat(&0)))
-        .map(|(e, c)| term(*c, *e))
-        .sum();
-    inside + if outside > 0 { term(outside, 0.0) } else { 0.0 }
-}
-
 /// One version's distributions (the score first, then each reference feature), each with its
 /// live counts per bucket and outside the reference, kept equal to the window's contents: a
 /// prediction's buckets are counted when it enters the window and uncounted when it leaves.
@@ -111,10 +37,7 @@ struct Tracked {
 
 impl Tracked {
     fn new(reference: ReferenceFile) -> Self {
-        let distributions: Vec<(String, Reference)> =
-            std::iter::once(("score".to_owned(), reference.score))
-                .chain(reference.features)
-                .collect();
+        let distributions = reference.distributions();
         let counts = distributions
             .iter()
             .map(|(_, r)| (vec![0; size(r)], 0))
@@ -164,14 +87,6 @@ impl Tracked {
     }
 }
 
-/// How many buckets `reference` has (besides "outside").
-fn size(reference: &Reference) -> usize {
-    match reference {
-        Reference::Bins { fractions, .. } => fractions.len(),
-        Reference::Categories { categories } => categories.len(),
-    }
-}
-
 /// Drift of every version that has a reference.
 pub struct Drift {
     versions: Mutex<HashMap<(String, String), Option<Tracked>>>,
@@ -213,7 +128,7 @@ impl Drift {
                 .join(&manifest.version)
                 .join("reference.json");
             let text = std::fs::read_to_string(path).ok()?;
-            let reference: ReferenceFile = serde_json::from_str(&text).ok()?;
+            let reference = ReferenceFile::parse(&text).ok()?;
             Some(Tracked::new(reference))
         });
         let Some(tracked) = tracked else { return };
@@ -258,43 +173,5 @@ pub struct Exporting(tokio::task::JoinHandle<()>);
 impl Drop for Exporting {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn deciles() -> Reference {
-        Reference::Bins {
-            edges: (0..=10).map(f64::from).collect(),
-            fractions: vec![0.1; 10],
-        }
-    }
-
-    #[test]
-    fn psi_is_near_zero_on_the_reference_and_large_on_a_shift() {
-        assert!(psi(&deciles(), &[100; 10], 0) < 1e-9);
-        let shifted = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1000];
-        assert!(psi(&deciles(), &shifted, 0) > 0.2);
-        let categories = Reference::Categories {
-            categories: [("a".to_owned(), 0.5), ("b".to_owned(), 0.5)].into(),
-        };
-        assert!(psi(&categories, &[50, 50], 0) < 1e-9);
-        assert!(
-            psi(&categories, &[50, 0], 50) > 0.2,
-            "unseen categories count"
-        );
-    }
-
-    #[test]
-    fn values_are_binned_by_the_references_rule() {
-        let reference = deciles();
-        let at = |v: f64| bucket(&reference, &Value::Number(v));
-        assert_eq!(at(-5.0), Some(0), "below the first edge: the first bin");
-        assert_eq!(at(0.5), Some(0));
-        assert_eq!(at(1.0), Some(1), "an edge starts its bin");
-        assert_eq!(at(10.0), Some(9), "the last edge is in the last bin");
-        assert_eq!(at(99.0), Some(9), "above the last edge: the last bin");
     }
 }
