@@ -20,6 +20,14 @@ pub struct Rollout {
     pub candidate: String,
     /// Share of entities, 0 to 100.
     pub percent: f64,
+    /// Promote the candidate to production once it has been out this long (seconds) and the
+    /// canary judges it healthy; `None`: a person promotes it.
+    #[serde(default)]
+    pub promote_after_secs: Option<f64>,
+    /// When this candidate's rollout started (Unix microseconds; adjusting the percentage keeps
+    /// it), the start of its bake.
+    #[serde(default)]
+    pub since_unix_micros: i64,
 }
 
 /// One model's policy.
@@ -127,6 +135,8 @@ mod tests {
             rollout: Some(Rollout {
                 candidate: "2".into(),
                 percent,
+                promote_after_secs: None,
+                since_unix_micros: 0,
             }),
             shadow: None,
             generation: 1,

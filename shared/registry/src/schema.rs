@@ -14,10 +14,11 @@ use mesh_runtime::postgres::Migration;
 pub const CHANNEL: &str = "mesh_registry";
 
 /// The registry's schema steps (component `registry`).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "model policies and audit",
-    sql: "CREATE TABLE model_policies (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "model policies and audit",
+        sql: "CREATE TABLE model_policies (
               model               text PRIMARY KEY,
               aliases             jsonb NOT NULL DEFAULT '{}'::jsonb,
               previous_production text,
@@ -40,4 +41,15 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
               details      jsonb NOT NULL DEFAULT '{}'::jsonb
           );
           CREATE INDEX model_audit_model_at ON model_audit (model, at DESC);",
-}];
+    },
+    Migration {
+        version: 3,
+        name: "rollout bake",
+        // A rollout may promote itself after a healthy bake: how long, and since when. Version 3,
+        // not 2: version 2 belongs to the audit table's retention.
+        sql: "ALTER TABLE model_policies
+              ADD COLUMN promote_after_secs double precision
+                  CHECK (promote_after_secs IS NULL OR promote_after_secs > 0),
+              ADD COLUMN rollout_since timestamptz;",
+    },
+];

@@ -32,6 +32,14 @@ pub enum Change {
         candidate: String,
         /// 0 to 100.
         percent: f64,
+        /// Promote it after this many seconds of healthy bake (`None`: never by itself).
+        promote_after_secs: Option<f64>,
+    },
+    /// Make the rollout's `candidate` production (the bake passed). Refused unless `candidate`
+    /// is still the rollout's candidate, so of several gateways judging at once one promotes.
+    PromoteCandidate {
+        /// The candidate version.
+        candidate: String,
     },
     /// End the rollout: every entity back on production.
     StopRollout,
@@ -50,6 +58,7 @@ impl Change {
             Change::SetAlias { .. } => "set_alias",
             Change::Rollback => "rollback",
             Change::SetRollout { .. } => "set_rollout",
+            Change::PromoteCandidate { .. } => "promote_candidate",
             Change::StopRollout => "stop_rollout",
             Change::SetShadow { .. } => "set_shadow",
             Change::StopShadow => "stop_shadow",
@@ -108,7 +117,8 @@ pub struct RegistryStore {
 }
 
 const POLICY_COLUMNS: &str =
-    "model, aliases::text, previous_production, candidate, candidate_percent, shadow, generation";
+    "model, aliases::text, previous_production, candidate, candidate_percent, shadow, generation,
+     promote_after_secs, coalesce((extract(epoch FROM rollout_since) * 1e6)::int8, 0)";
 
 fn policy_of(row: &tokio_postgres::Row) -> Result<Policy, StoreError> {
     let aliases: String = row.get(1);
@@ -120,7 +130,12 @@ fn policy_of(row: &tokio_postgres::Row) -> Result<Policy, StoreError> {
         model: row.get(0),
         aliases,
         previous_production: row.get(2),
-        rollout: candidate.map(|candidate| Rollout { candidate, percent }),
+        rollout: candidate.map(|candidate| Rollout {
+            candidate,
+            percent,
+            promote_after_secs: row.get(7),
+            since_unix_micros: row.get(8),
+        }),
         shadow: row.get(5),
         generation: row.get(6),
     })
@@ -299,13 +314,19 @@ async fn record_change(
 ) -> Result<(i64, i64, String), StoreError> {
     let aliases =
         serde_json::to_string(&after.aliases).map_err(|e| StoreError::Refused(e.to_string()))?;
-    let (candidate, percent) = match &after.rollout {
-        Some(r) => (Some(r.candidate.clone()), r.percent),
-        None => (None, 0.0),
+    let (candidate, percent, bake, since) = match &after.rollout {
+        Some(r) => (
+            Some(r.candidate.clone()),
+            r.percent,
+            r.promote_after_secs,
+            Some(r.since_unix_micros),
+        ),
+        None => (None, 0.0, None, None),
     };
     tx.execute(
         "UPDATE model_policies SET aliases = $2::text::jsonb, previous_production = $3,
                 candidate = $4, candidate_percent = $5, shadow = $6,
+                promote_after_secs = $7, rollout_since = to_timestamp($8::int8 / 1e6),
                 generation = generation + 1, updated_at = now()
          WHERE model = $1",
         &[
@@ -315,6 +336,8 @@ async fn record_change(
             &candidate,
             &percent,
             &after.shadow,
+            &bake,
+            &since,
         ],
     )
     .await?;
@@ -375,10 +398,19 @@ fn changed(
             after.rollout = None;
             Ok((after, production, Some(previous)))
         }
-        Change::SetRollout { candidate, percent } => {
+        Change::SetRollout {
+            candidate,
+            percent,
+            promote_after_secs,
+        } => {
             if !(0.0..=100.0).contains(percent) || percent.is_nan() {
                 return Err(StoreError::Refused(format!(
                     "rollout percentage {percent} is outside 0..100"
+                )));
+            }
+            if let Some(bake) = promote_after_secs.filter(|b| !(b.is_finite() && *b > 0.0)) {
+                return Err(StoreError::Refused(format!(
+                    "promote-after {bake} s is not a positive number of seconds"
                 )));
             }
             if production.as_deref() == Some(candidate.as_str()) {
@@ -386,10 +418,31 @@ fn changed(
                     "version {candidate} is already production"
                 )));
             }
+            // Adjusting the same candidate keeps its bake's start; a new candidate starts anew.
+            let since = match &before.rollout {
+                Some(r) if &r.candidate == candidate && r.since_unix_micros > 0 => {
+                    r.since_unix_micros
+                }
+                _ => now_micros(),
+            };
             after.rollout = Some(Rollout {
                 candidate: candidate.clone(),
                 percent: *percent,
+                promote_after_secs: *promote_after_secs,
+                since_unix_micros: since,
             });
+            Ok((after, production, Some(candidate.clone())))
+        }
+        Change::PromoteCandidate { candidate } => {
+            if before.rollout.as_ref().map(|r| &r.candidate) != Some(candidate) {
+                return Err(StoreError::Refused(format!(
+                    "version {candidate} is no longer the rollout's candidate of model {}",
+                    before.model
+                )));
+            }
+            after.aliases.insert(PRODUCTION.into(), candidate.clone());
+            after.previous_production = production.clone();
+            after.rollout = None;
             Ok((after, production, Some(candidate.clone())))
         }
         Change::StopRollout => {
@@ -437,4 +490,11 @@ pub async fn prepare(store: &RegistryStore, seeds: &[(String, String)]) {
             }
         }
     }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }

@@ -86,6 +86,7 @@ async fn promotion_rollback_and_rollout_are_checked_audited_and_followed() {
             Change::SetRollout {
                 candidate: "2".into(),
                 percent: 10.0,
+                promote_after_secs: None,
             },
             "ops-1",
             "canary",
@@ -98,10 +99,20 @@ async fn promotion_rollback_and_rollout_are_checked_audited_and_followed() {
         Change::SetRollout {
             candidate: "2".into(),
             percent: 101.0,
+            promote_after_secs: None,
         },
         Change::SetRollout {
             candidate: "1".into(),
             percent: 5.0,
+            promote_after_secs: None,
+        },
+        Change::SetRollout {
+            candidate: "2".into(),
+            percent: 5.0,
+            promote_after_secs: Some(-1.0),
+        },
+        Change::PromoteCandidate {
+            candidate: "3".into(),
         },
     ] {
         match store

@@ -70,6 +70,10 @@ enum AdminCommand {
         /// Share of entities, 0 to 100.
         #[arg(long, default_value_t = 10.0)]
         percent: f64,
+        /// Let the mesh promote the candidate once it has been out this many seconds and the
+        /// canary judges it healthy (default: a person promotes it).
+        #[arg(long)]
+        promote_after_secs: Option<f64>,
         #[arg(long)]
         stop: bool,
         #[arg(long)]
@@ -197,6 +201,7 @@ async fn run_admin(command: AdminCommand, client: &mut Client) -> anyhow::Result
             model,
             candidate,
             percent,
+            promote_after_secs,
             stop,
             reason,
         } => {
@@ -210,6 +215,7 @@ async fn run_admin(command: AdminCommand, client: &mut Client) -> anyhow::Result
                         candidate,
                         percent,
                         reason,
+                        promote_after_secs: promote_after_secs.unwrap_or(0.0),
                     })
                     .await?
             };
@@ -285,6 +291,12 @@ fn summary(m: &ModelStatus) -> String {
             ", rollout {} at {} %",
             m.rollout_candidate, m.rollout_percent
         );
+        if m.rollout_promote_after_secs > 0.0 {
+            line += &format!(
+                " (promotes itself after a healthy {} s bake)",
+                m.rollout_promote_after_secs
+            );
+        }
     }
     if !m.shadow.is_empty() {
         line += &format!(", shadow {}", m.shadow);

@@ -138,6 +138,8 @@ impl AdminService {
                 if let Some(r) = &p.rollout {
                     status.rollout_candidate = r.candidate.clone();
                     status.rollout_percent = r.percent;
+                    status.rollout_promote_after_secs = r.promote_after_secs.unwrap_or(0.0);
+                    status.rollout_since_unix_micros = r.since_unix_micros;
                 }
                 status.shadow = p.shadow.clone().unwrap_or_default();
                 status.generation = p.generation;
@@ -265,6 +267,8 @@ impl ModelAdmin for AdminService {
         let change = Change::SetRollout {
             candidate: r.candidate,
             percent: r.percent,
+            // 0 (the field's default) means none; a negative or NaN bake is refused by name.
+            promote_after_secs: (r.promote_after_secs != 0.0).then_some(r.promote_after_secs),
         };
         self.change(actor, &r.model, change, &r.reason).await
     }

@@ -8,6 +8,12 @@
 //! `mesh`, with the figures in the audit record, and every gateway follows within a notification.
 //! Callers do not see the candidate's failures meanwhile: the pipeline retries a failed candidate
 //! group on production within the same deadline.
+//!
+//! A rollout may also promote itself: one started with a bake (`promote_after_secs`) whose
+//! candidate has been out that long, and is judged healthy now (both sides have the minimum
+//! sample, no breach), is made production by the gateway as actor `mesh`
+//! (`promote_candidate`, the figures in the audit record). The registry refuses the change
+//! unless that candidate is still the rollout's, so of several gateways one promotes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -46,10 +52,12 @@ struct Figures {
 pub struct Canary {
     calls: Mutex<HashMap<(String, String), VecDeque<Call>>>,
     rollbacks: IntCounterVec,
+    promotions: IntCounterVec,
 }
 
 impl Canary {
-    /// A canary judge; registers `mesh_canary_rollbacks_total{model}` in `registry`.
+    /// A canary judge; registers `mesh_canary_rollbacks_total{model}` and
+    /// `mesh_canary_promotions_total{model}` in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Arc<Self>> {
         let rollbacks = IntCounterVec::new(
             Opts::new(
@@ -59,10 +67,19 @@ impl Canary {
             ),
             &["model"],
         )?;
+        let promotions = IntCounterVec::new(
+            Opts::new(
+                "mesh_canary_promotions_total",
+                "Rollouts this gateway promoted to production after a healthy bake",
+            ),
+            &["model"],
+        )?;
         registry.register(Box::new(rollbacks.clone()))?;
+        registry.register(Box::new(promotions.clone()))?;
         Ok(Arc::new(Self {
             calls: Mutex::default(),
             rollbacks,
+            promotions,
         }))
     }
 
@@ -109,8 +126,8 @@ impl Canary {
         }
     }
 
-    /// Judges every running rollout once; stops those whose candidate breached. Returns the
-    /// models rolled back.
+    /// Judges every running rollout once: stops those whose candidate breached, promotes
+    /// those whose healthy bake is over. Returns the models rolled back.
     pub async fn judge(&self, router: &Router, store: &RegistryStore) -> Vec<String> {
         let Some(state) = router.state() else {
             return Vec::new();
@@ -125,20 +142,35 @@ impl Canary {
             }
             let candidate = self.figures(&policy.model, &rollout.candidate);
             let baseline = self.figures(&policy.model, production);
-            let Some(why) = breach(&candidate, &baseline) else {
-                continue;
-            };
             let details = serde_json::json!({
                 "candidate": {"version": rollout.candidate, "calls": candidate.calls,
                               "error_rate": candidate.error_rate, "p99_ms": candidate.p99_ms},
                 "production": {"version": production, "calls": baseline.calls,
                                "error_rate": baseline.error_rate, "p99_ms": baseline.p99_ms},
             });
-            let reason = format!("canary breach: {why}");
+            let (change, reason) = match breach(&candidate, &baseline) {
+                Some(why) => (Change::StopRollout, format!("canary breach: {why}")),
+                None => match baked(rollout, &candidate, &baseline, now_micros()) {
+                    Some(why) => (
+                        Change::PromoteCandidate {
+                            candidate: rollout.candidate.clone(),
+                        },
+                        why,
+                    ),
+                    None => continue,
+                },
+            };
+            let promoting = matches!(change, Change::PromoteCandidate { .. });
             match store
-                .apply(&policy.model, Change::StopRollout, "mesh", &reason, details)
+                .apply(&policy.model, change, "mesh", &reason, details)
                 .await
             {
+                Ok(_) if promoting => {
+                    self.promotions
+                        .with_label_values(&[policy.model.as_str()])
+                        .inc();
+                    tracing::info!(model = %policy.model, candidate = %rollout.candidate, %reason, "canary promoted");
+                }
                 Ok(_) => {
                     self.rollbacks
                         .with_label_values(&[policy.model.as_str()])
@@ -146,15 +178,49 @@ impl Canary {
                     tracing::error!(model = %policy.model, candidate = %rollout.candidate, %reason, "canary rolled back");
                     rolled_back.push(policy.model.clone());
                 }
-                // Another gateway stopped it first.
+                // Another gateway acted first.
                 Err(StoreError::Refused(_)) => {}
                 Err(error) => {
-                    tracing::warn!(%error, model = %policy.model, "canary rollback not recorded; will retry")
+                    tracing::warn!(%error, model = %policy.model, "canary decision not recorded; will retry")
                 }
             }
         }
         rolled_back
     }
+}
+
+/// Why the rollout's candidate may be promoted now: its bake is over and it is judged on enough
+/// calls on both sides (and, by the caller, found no breach).
+fn baked(
+    rollout: &mesh_registry::Rollout,
+    candidate: &Figures,
+    baseline: &Figures,
+    now_micros: i64,
+) -> Option<String> {
+    let bake = rollout.promote_after_secs?;
+    let out_for = (now_micros - rollout.since_unix_micros) as f64 / 1e6;
+    if rollout.since_unix_micros <= 0 || out_for < bake {
+        return None;
+    }
+    if candidate.calls < MIN_SAMPLE || baseline.calls < MIN_SAMPLE {
+        return None;
+    }
+    Some(format!(
+        "healthy bake: {out_for:.0} s out (bake {bake} s); error rate {:.1} % against \
+         production's {:.1} %, p99 {:.1} ms against {:.1} ms over the last {} calls",
+        candidate.error_rate * 100.0,
+        baseline.error_rate * 100.0,
+        candidate.p99_ms,
+        baseline.p99_ms,
+        candidate.calls
+    ))
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 /// Why `candidate` breached against `baseline`, if it did and both have enough calls.
@@ -229,5 +295,39 @@ mod tests {
         assert!(errors.contains("error rate 20.0 %"), "{errors}");
         let slow = breach(&figures(200, 0.0, 90.0), &healthy).expect("latency breach");
         assert!(slow.contains("p99 latency 90.0 ms"), "{slow}");
+    }
+
+    #[test]
+    fn a_rollout_is_promoted_only_after_its_bake_and_on_enough_calls() {
+        let rollout = |bake: Option<f64>| mesh_registry::Rollout {
+            candidate: "2".into(),
+            percent: 10.0,
+            promote_after_secs: bake,
+            since_unix_micros: 1_000_000_000,
+        };
+        let healthy = figures(200, 0.01, 4.0);
+        let after = |secs: i64| 1_000_000_000 + secs * 1_000_000;
+        assert_eq!(
+            baked(&rollout(None), &healthy, &healthy, after(9999)),
+            None,
+            "no bake: a person promotes"
+        );
+        assert_eq!(
+            baked(&rollout(Some(30.0)), &healthy, &healthy, after(29)),
+            None,
+            "bake not over"
+        );
+        assert_eq!(
+            baked(
+                &rollout(Some(30.0)),
+                &figures(49, 0.0, 4.0),
+                &healthy,
+                after(31)
+            ),
+            None,
+            "too few candidate calls"
+        );
+        let why = baked(&rollout(Some(30.0)), &healthy, &healthy, after(31)).expect("promote");
+        assert!(why.starts_with("healthy bake: 31 s out"), "{why}");
     }
 }
