@@ -13,6 +13,11 @@
 //! writes one line per request, and `--stop-on-signal` lets SIGTERM/SIGINT end the run early
 //! with a complete report. The report always carries `started_unix_ms`, the wall-clock start of
 //! the measured run, to which `--timeline` seconds and `--requests-out` offsets are relative.
+//!
+//! `mesh-bench floor` serves the other side instead: the bare KServe server ([`floor`]) whose
+//! throughput `make bench` divides the mesh's by.
+
+mod floor;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -66,6 +71,13 @@ enum Target {
         /// Rows per request.
         #[arg(long, default_value_t = 1)]
         rows: usize,
+    },
+    /// Serve the transport floor: a bare tonic KServe server that decodes each ModelInfer and
+    /// answers a fixed tensor (no model, no middleware), until SIGTERM or Ctrl-C.
+    Floor {
+        /// Where to listen (loopback).
+        #[arg(long, default_value = "127.0.0.1:50099")]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -671,6 +683,7 @@ async fn main() -> anyhow::Result<()> {
         stop.listen()?;
     }
     let (caller, target_name) = match &cli.target {
+        Target::Floor { listen } => return floor::serve(*listen).await,
         Target::Predict { url, entities } => (
             Caller::Predict(
                 connect(url, load.connections)
