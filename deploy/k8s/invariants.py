@@ -54,12 +54,18 @@ def selects(selector, labels):
 
 
 def readme_variables(path):
-    """Every variable named in the README's configuration table (rows starting `| `NAME`)."""
+    """Every variable in the README's configuration table: the first cell of each table row in
+    the "## Configuration" section."""
     names = set()
+    section = None
     with open(path, encoding="utf-8") as f:
         for line in f:
-            cell = line.split("|")[1] if line.startswith("| `") else ""
-            names.update(re.findall(r"`([A-Z][A-Z0-9_]+)`", cell))
+            if line.startswith("## "):
+                section = line.strip()
+            elif section == "## Configuration" and line.startswith("| `"):
+                names.update(re.findall(r"`([A-Z][A-Z0-9_]+)`", line.split("|")[1]))
+    if not names:
+        raise SystemExit(f"{path}: no configuration table found under '## Configuration'")
     return names
 
 
