@@ -12,7 +12,11 @@
 # backends share memory) and prints, per process and phase, mean and peak CPU in cores and peak
 # memory, plus CPU milliseconds per 1,000 requests (what scales with traffic). Loopback only;
 # every run is bounded. Override the run directory with MESH_RUN_DIR, the gateway with
-# MESH_GATEWAY_URL.
+# MESH_GATEWAY_URL. The figures in deploy/k8s came from two runs (README, "Resource requests and
+# limits"):
+#
+#   MEASURE_CONCURRENCY=8 bash deploy/k8s/measure.sh
+#   MEASURE_RATE=300 MEASURE_CONCURRENCY=4 MEASURE_ENTITIES=100000 bash deploy/k8s/measure.sh
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -21,17 +25,33 @@ gateway="${MESH_GATEWAY_URL:-http://127.0.0.1:50051}"
 seconds="${MEASURE_SECONDS:-30}"
 rate="${MEASURE_RATE:-1500}"
 concurrency="${MEASURE_CONCURRENCY:-32}"
-# Distinct entities the load cycles through (cust-00001 …); beyond the demo's 1,000, seed them
-# first (meshctl seed) so features' memory tier, Redis and PostgreSQL all see real traffic.
+# Distinct entities the load cycles through (cust-00001 …). Beyond the demo's 1,000 the script
+# seeds the rest first (the demo's features, cycled; meshctl seed to MESH_FEATURES_URL), so
+# features' memory tier misses and Redis and PostgreSQL see real reads.
 entities="${MEASURE_ENTITIES:-1000}"
+features="${MESH_FEATURES_URL:-http://127.0.0.1:50052}"
 bench="${CARGO_TARGET_DIR:-$root/target}/release/mesh-bench"
-[ -x "$bench" ] || cargo build --release --locked -q -p mesh-bench
+[ -x "$bench" ] && [ -x "$(dirname "$bench")/meshctl" ] ||
+  cargo build --release --locked -q -p mesh-bench -p meshctl
 for name in gateway features inference-1 inference-2 logger postgres redis; do
   [ -r "$run/pids/$name" ] && kill -0 "$(cat "$run/pids/$name")" 2>/dev/null ||
     { echo "no running $name in $run/pids: start the mesh with 'make up' first" >&2; exit 1; }
 done
 samples="$(mktemp -d)"
 trap 'rm -rf "$samples"' EXIT
+if [ "$entities" -gt 1000 ]; then
+  python3 - "$entities" "$samples/entities.jsonl" <<'PY'
+import json, sys
+n, out = int(sys.argv[1]), sys.argv[2]
+demo = [json.loads(line) for line in open("data/demo_entities.jsonl")]
+with open(out, "w") as f:
+    for i in range(1, n + 1):
+        f.write(json.dumps({**demo[(i - 1) % len(demo)], "entity_id": f"cust-{i:05d}"}) + "\n")
+PY
+  echo "== seeding $entities entities" >&2
+  MESH_INTERNAL_TOKEN="${MESH_INTERNAL_TOKEN:-$(cat "$run/internal-token")}" \
+    "$(dirname "$bench")/meshctl" seed --features-url "$features" --file "$samples/entities.jsonl" >&2
+fi
 
 # Samples every process once a second into $samples/<phase>.tsv until $samples/stop-<phase> exists.
 sample() {
