@@ -9,7 +9,7 @@ up:
 test:
 	bash scripts/test.sh
 
-## Only install the prerequisites (Redis, PostgreSQL, ONNX Runtime, grpcurl, check-jsonschema, promtool, amtool).
+## Only install the prerequisites (Redis, PostgreSQL, ONNX Runtime, grpcurl, check-jsonschema, kubectl, kubernetes-validate, promtool, amtool).
 bootstrap:
 	bash scripts/bootstrap.sh
 
