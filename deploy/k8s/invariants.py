@@ -42,7 +42,8 @@ def quantity(text, cpu):
     units = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9,
              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
     match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(m|k|M|G|Ki|Mi|Gi|Ti)?", text)
-    if not match or (cpu and match.group(2) not in (None, "m")) or (not cpu and match.group(2) == "m"):
+    unit = match.group(2) if match else None
+    if not match or (cpu and unit not in (None, "m")) or (not cpu and unit == "m"):
         raise ValueError(f"{text!r} is not a {'CPU' if cpu else 'memory'} quantity")
     return float(match.group(1)) * units[match.group(2) or ""]
 
@@ -149,7 +150,8 @@ class Checker:
             start = c.get("startupProbe") or {}
             window = start.get("periodSeconds", 10) * start.get("failureThreshold", 3)
             if (start.get("grpc") or {}).get("port") != grpc or window < MIN_STARTUP_WINDOW_S:
-                self.fail(f"{name}: startupProbe must be gRPC health on {grpc} covering ≥ {MIN_STARTUP_WINDOW_S} s of warm-up (got {window} s)")
+                self.fail(f"{name}: startupProbe must be gRPC health on {grpc} covering "
+                          f"≥ {MIN_STARTUP_WINDOW_S} s of warm-up (got {window} s)")
 
     def resources(self, name, c):
         res = c.get("resources") or {}
@@ -187,7 +189,8 @@ class Checker:
         for e in c.get("env") or []:
             var = e["name"]
             if var not in self.known_vars:
-                self.fail(f"{name}: sets {var}, which no service reads (not in the README's configuration table)")
+                self.fail(f"{name}: sets {var}, which no service reads (not in the README's "
+                          "configuration table)")
             if var in SECRET_VARS and "secretKeyRef" not in (e.get("valueFrom") or {}):
                 self.fail(f"{name}: {var} must come from a Secret (secretKeyRef), not a literal")
             if "value" in e:
@@ -233,7 +236,8 @@ class Checker:
         else:
             ok = isinstance(value, int) and 1 <= value < 2
         if not ok:
-            self.fail(f"{name}: its PodDisruptionBudget must allow one disruption and keep a pod (got {value!r})")
+            self.fail(f"{name}: its PodDisruptionBudget must allow one disruption and keep a pod "
+                      f"(got {value!r})")
 
     def autoscaler(self, name, w):
         hpas = [h for h in self.objects("HorizontalPodAutoscaler")
@@ -272,8 +276,9 @@ class Checker:
 
     def network_policies(self):
         policies = self.objects("NetworkPolicy")
+        mesh_pods = {"app.kubernetes.io/part-of": "mesh"}
         deny = [p for p in policies
-                if p["spec"].get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/part-of": "mesh"}
+                if p["spec"].get("podSelector", {}).get("matchLabels") == mesh_pods
                 and "Ingress" in p["spec"].get("policyTypes", []) and not p["spec"].get("ingress")]
         if not deny:
             self.fail("NetworkPolicy: no default-deny ingress policy for the mesh's pods")
@@ -285,20 +290,23 @@ class Checker:
                 if not sources or any("ipBlock" in s for s in sources):
                     # Open to any source: only the gateway's gRPC port.
                     if target.get("app.kubernetes.io/name") != "mesh-gateway" or ports != {50051}:
-                        self.fail(f"NetworkPolicy {p['metadata']['name']}: admits any source to {target} ports {ports}")
+                        self.fail(f"NetworkPolicy {p['metadata']['name']}: admits any source "
+                                  f"to {target} ports {ports}")
                     continue
                 for s in sources:
                     who = (s.get("podSelector") or {}).get("matchLabels") or {}
                     if who.get("app.kubernetes.io/name") == "prometheus":
                         name = target.get("app.kubernetes.io/name")
                         if name in WORKLOADS and ports != {WORKLOADS[name][2]}:
-                            self.fail(f"NetworkPolicy {p['metadata']['name']}: Prometheus admitted beyond the metrics port")
+                            self.fail(f"NetworkPolicy {p['metadata']['name']}: Prometheus "
+                                      "admitted beyond the metrics port")
                     elif "namespaceSelector" in s:
                         self.fail(f"NetworkPolicy {p['metadata']['name']}: admits other namespaces")
         for name in INTERNAL:
             grpc = WORKLOADS[name][1]
+            its_pods = {"app.kubernetes.io/name": name}
             rules = [r for p in policies
-                     if (p["spec"].get("podSelector") or {}).get("matchLabels") == {"app.kubernetes.io/name": name}
+                     if (p["spec"].get("podSelector") or {}).get("matchLabels") == its_pods
                      for r in p["spec"].get("ingress") or []]
             for r in rules:
                 ports = {x.get("port") for x in r.get("ports") or []}
@@ -327,10 +335,12 @@ class Checker:
     def secrets(self):
         rendered = {s["metadata"]["name"] for s in self.objects("Secret")}
         if self.overlay == "prod" and rendered:
-            self.fail(f"prod: renders Secrets {sorted(rendered)}; they must be created by the user, not committed")
+            self.fail(f"prod: renders Secrets {sorted(rendered)}; they must be created by the "
+                      "user, not committed")
         if self.overlay == "dev":
             for d in self.docs:
-                for c in (((d.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []:
+                pod = ((d.get("spec") or {}).get("template") or {}).get("spec") or {}
+                for c in pod.get("containers") or []:
                     for e in c.get("env") or []:
                         ref = (e.get("valueFrom") or {}).get("secretKeyRef")
                         if ref and ref["name"] not in rendered:
@@ -375,15 +385,21 @@ class Checker:
 
 
 # Each mutation breaks one promise; the self-test requires the check to notice every one.
-def _container(docs, name):
-    for d in docs:
-        if d and d["metadata"]["name"] == name and d["kind"] in ("Deployment", "StatefulSet"):
-            return d["spec"]["template"]["spec"]["containers"][0]
-    raise KeyError(name)
+def _doc(docs, kind, name):
+    return next(d for d in docs if d and d["kind"] == kind and d["metadata"]["name"] == name)
 
 
 def _workload(docs, name):
-    return next(d for d in docs if d and d["metadata"]["name"] == name and d["kind"] in ("Deployment", "StatefulSet"))
+    kind = WORKLOADS[name][0]
+    return _doc(docs, kind, name)
+
+
+def _pod(docs, name):
+    return _workload(docs, name)["spec"]["template"]["spec"]
+
+
+def _container(docs, name):
+    return _pod(docs, name)["containers"][0]
 
 
 def _literal_token(docs, name):
@@ -392,24 +408,47 @@ def _literal_token(docs, name):
     entry["value"] = "0123456789abcdef0123"
 
 
+def _open_to_all(docs, policy):
+    _doc(docs, "NetworkPolicy", policy)["spec"]["ingress"][0].pop("from")
+
+
 MUTATIONS = {
-    "gateway readinessProbe removed": lambda docs: _container(docs, "mesh-gateway").pop("readinessProbe"),
-    "inference startupProbe removed": lambda docs: _container(docs, "mesh-inference").pop("startupProbe"),
-    "logger liveness on the gRPC port": lambda docs: _container(docs, "mesh-logger")["livenessProbe"]["httpGet"].update(port=50055),
-    "features memory limit removed": lambda docs: _container(docs, "mesh-features")["resources"]["limits"].pop("memory"),
-    "gateway scaled to one replica": lambda docs: _workload(docs, "mesh-gateway")["spec"].update(replicas=1),
-    "inference root filesystem writable": lambda docs: _container(docs, "mesh-inference")["securityContext"].update(readOnlyRootFilesystem=False),
-    "features running as root": lambda docs: _workload(docs, "mesh-features")["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
-    "gateway PodDisruptionBudget that protects nothing": lambda docs: next(d for d in docs if d and d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "mesh-gateway")["spec"].update(maxUnavailable=2),
-    "logger PodDisruptionBudget removed": lambda docs: docs.remove(next(d for d in docs if d and d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "mesh-logger")),
-    "inference spread removed": lambda docs: _workload(docs, "mesh-inference")["spec"]["template"]["spec"].pop("topologySpreadConstraints"),
-    "gateway HPA removed": lambda docs: docs.remove(next(d for d in docs if d and d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == "mesh-gateway")),
-    "gateway grace shorter than drain + grace": lambda docs: _workload(docs, "mesh-gateway")["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=12),
-    "gateway spool on an emptyDir": lambda docs: _workload(docs, "mesh-gateway")["spec"].pop("volumeClaimTemplates"),
-    "features open to any source": lambda docs: next(d for d in docs if d and d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "mesh-features-ingress")["spec"]["ingress"][0].pop("from"),
-    "internal token as a literal": lambda docs: _literal_token(docs, "mesh-logger"),
-    "an invented variable": lambda docs: _container(docs, "mesh-gateway")["env"].append({"name": "MESH_INFERENCE_DISCOVERY", "value": "dns"}),
-    "an image on :latest": lambda docs: _container(docs, "mesh-logger").update(image="mesh:latest"),
+    "gateway readinessProbe removed":
+        lambda d: _container(d, "mesh-gateway").pop("readinessProbe"),
+    "inference startupProbe removed":
+        lambda d: _container(d, "mesh-inference").pop("startupProbe"),
+    "logger liveness on the gRPC port":
+        lambda d: _container(d, "mesh-logger")["livenessProbe"]["httpGet"].update(port=50055),
+    "features memory limit removed":
+        lambda d: _container(d, "mesh-features")["resources"]["limits"].pop("memory"),
+    "gateway scaled to one replica":
+        lambda d: _workload(d, "mesh-gateway")["spec"].update(replicas=1),
+    "inference root filesystem writable":
+        lambda d: _container(d, "mesh-inference")["securityContext"].update(
+            readOnlyRootFilesystem=False),
+    "features running as root":
+        lambda d: _pod(d, "mesh-features")["securityContext"].pop("runAsNonRoot"),
+    "gateway PodDisruptionBudget that protects nothing":
+        lambda d: _doc(d, "PodDisruptionBudget", "mesh-gateway")["spec"].update(maxUnavailable=2),
+    "logger PodDisruptionBudget removed":
+        lambda d: d.remove(_doc(d, "PodDisruptionBudget", "mesh-logger")),
+    "inference spread removed":
+        lambda d: _pod(d, "mesh-inference").pop("topologySpreadConstraints"),
+    "gateway HPA removed":
+        lambda d: d.remove(_doc(d, "HorizontalPodAutoscaler", "mesh-gateway")),
+    "gateway grace shorter than drain + grace":
+        lambda d: _pod(d, "mesh-gateway").update(terminationGracePeriodSeconds=12),
+    "gateway spool on an emptyDir":
+        lambda d: _workload(d, "mesh-gateway")["spec"].pop("volumeClaimTemplates"),
+    "features open to any source":
+        lambda d: _open_to_all(d, "mesh-features-ingress"),
+    "internal token as a literal":
+        lambda d: _literal_token(d, "mesh-logger"),
+    "an invented variable":
+        lambda d: _container(d, "mesh-gateway")["env"].append(
+            {"name": "MESH_INFERENCE_DISCOVERY", "value": "dns"}),
+    "an image on :latest":
+        lambda d: _container(d, "mesh-logger").update(image="mesh:latest"),
 }
 
 
