@@ -50,7 +50,8 @@ with open(out, "w") as f:
 PY
   echo "== seeding $entities entities" >&2
   MESH_INTERNAL_TOKEN="${MESH_INTERNAL_TOKEN:-$(cat "$run/internal-token")}" \
-    "$(dirname "$bench")/meshctl" seed --features-url "$features" --file "$samples/entities.jsonl" >&2
+    "$(dirname "$bench")/meshctl" seed --features-url "$features" --file "$samples/entities.jsonl" |
+    tail -n1 >&2
 fi
 
 # Samples every process once a second into $samples/<phase>.tsv until $samples/stop-<phase> exists.
