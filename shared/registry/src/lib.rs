@@ -10,9 +10,11 @@
 //! # Layout
 //! - [`schema`]: the tables and their migrations.
 //! - [`policy`]: one model's policy, and routing an entity by a stable hash (sticky rollouts).
+//! - [`change`](mod@change): the changes and what each does to a policy (checked, pure).
 //! - [`store`]: reading the state, and every change as one transaction with its audit record.
 //! - [`follow`](mod@follow): a task that keeps a current copy of the state (`LISTEN` + periodic re-read).
 
+pub mod change;
 pub mod follow;
 pub mod policy;
 pub mod schema;
