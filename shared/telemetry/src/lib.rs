@@ -4,10 +4,12 @@
 //!
 //! # Layout
 //! - [`init`]: installs the global `tracing` subscriber and the OpenTelemetry tracer provider.
+//! - [`logs`]: the log layer: one line per event, trace id first, no per-span formatting.
 //! - [`propagation`]: W3C `traceparent` into and out of gRPC metadata; server and client spans.
 //! - [`metrics`]: per-service Prometheus registry, RPC metrics, and the `/metrics` HTTP endpoint.
 //! - [`process`]: the process collector (CPU, memory, fds, threads) and the build-info gauge.
 
+pub mod logs;
 pub mod metrics;
 pub mod process;
 pub mod propagation;
@@ -143,21 +145,10 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
-    let registry = tracing_subscriber::registry().with(otel);
-    let installed = match config.log_format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_filter(filter),
-            )
-            .try_init(),
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_filter(filter))
-            .try_init(),
-    };
+    let installed = tracing_subscriber::registry()
+        .with(otel)
+        .with(logs::layer(config.log_format, filter, std::io::stdout))
+        .try_init();
     if installed.is_err() {
         // Someone else owns the global subscriber (a test harness): keep theirs.
         return Ok(TelemetryGuard { provider: None });
