@@ -2,6 +2,12 @@
 
 use mesh_runtime::config::FromSettings;
 
+/// mimalloc: glibc's malloc/free took 14-16 % of every service's CPU under load (README,
+/// Benchmark); `--no-default-features` builds with the system allocator for A/B runs.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = mesh_features::Config::from_env()?;
