@@ -12,7 +12,7 @@
 //! - [`batch`]: draining a queue in batches (the record shipper and the logger's writer).
 //! - [`postgres`]: connection pools and schema migrations.
 //! - [`registry`]: the model registry on disk (manifests, versions, aliases).
-//! - [`reference`]: training reference distributions and PSI (drift).
+//! - [`reference`](mod@reference): training reference distributions and PSI (drift).
 //! - [`text`]: what stored strings (entity ids, categories) may contain.
 //! - [`startup`]: why a service cannot start, apart from request errors.
 
