@@ -243,8 +243,8 @@ pub const DEFINITIONS: &str = "
 - **scenarios 11–13** (model lifecycle, live registry in PostgreSQL, two gateways following it):
   the load is two `mesh-bench` processes, one per gateway, at half the rate each. Requests and
   succeeded within deadline count every request the scenario sent to a gateway: both benches,
-  the routing probes (one Predict per gateway every 50–100 ms, to see which version each
-  gateway routes to) and, in scenario 12, the broken inputs. Served, OK answers and found are
+  the routing probes (one Predict per gateway every 100 ms, or in a loop while a swap is
+  awaited, to see which version each gateway routes to) and, in scenario 12, the broken inputs. Served, OK answers and found are
   the benches' (their ids are the ones checked in `predictions`); rows added also counts the
   probes' and broken inputs' records.
 - **scenario 11**: the steady p99 is measured over the last 10 s (at least) before the first
@@ -260,7 +260,8 @@ pub const DEFINITIONS: &str = "
   for walk-in entities in the candidate's 10 % starts (10 % of the scenario rate, alternating
   gateways): version 91 scores them NaN. The breach starts with the first of them (it cannot
   start earlier); a gateway has rolled back when its probes for an entity in the candidate's
-  share stop answering from 91 for good. The audit record must be the rollout's stop by actor
+  share stop answering from 91 for good (a rollback before the breach, a false alarm while the
+  canary was healthy, fails this target). The audit record must be the rollout's stop by actor
   `mesh` with the candidate's and production's figures; no answer may carry a non-finite score.
 - **scenario 13**: version 3 (version 2's graph, a copy made by mesh-chaos) is promoted while
   its `golden.json` is a FIFO held by mesh-chaos (the one injected fault here): each replica's

@@ -529,14 +529,23 @@ async fn finish(
     let mut targets = Vec::new();
     if let Some((from, to)) = fault.steady {
         let failed = requests - ok_within;
+        // Overload answers UNAVAILABLE (a breaker open), DEADLINE_EXCEEDED or CANCELLED; these
+        // are what a swap itself could cause (a version unknown, failed, or refused).
+        let swap_codes = [
+            tonic::Code::NotFound,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::InvalidArgument,
+            tonic::Code::Internal,
+        ]
+        .map(|c| c as i32);
         let errors = merged
             .reqs
             .iter()
-            .filter(|r| r.code != 0 && r.code != tonic::Code::DeadlineExceeded as i32)
+            .filter(|r| swap_codes.contains(&r.code))
             .count()
             + shots
                 .iter()
-                .filter(|s| s.code != 0 && s.code != tonic::Code::DeadlineExceeded as i32)
+                .filter(|s| swap_codes.contains(&s.code))
                 .count();
         targets.push(Check {
             what: format!("zero failed requests: every request OK within the deadline ({failed} of {requests} not)"),
@@ -545,7 +554,7 @@ async fn finish(
         });
         targets.push(Check {
             what: format!(
-                "no request answered with an error other than DEADLINE_EXCEEDED ({errors})"
+                "no request answered NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT or INTERNAL, the errors a swap could cause ({errors})"
             ),
             pass: errors == 0,
             invariant: true,
