@@ -152,6 +152,9 @@ async fn a_replica_loads_and_unloads_versions_as_the_live_registry_changes() {
     wait_serving(replica.addr, Duration::from_secs(60)).await;
     let pool = mesh_runtime::postgres::pool(&pg.url(), 2, Duration::from_secs(2)).expect("pool");
     let store = RegistryStore::new(pool, Duration::from_secs(2));
+    // SERVING comes with the disk's production, which may be before the replica has migrated
+    // and seeded the registry: do it here too (idempotent, as every service does).
+    mesh_registry::store::prepare(&store, &[("churn".into(), "1".into())]).await;
 
     // Seeded from aliases.json (production 1): version 2 is on disk but referenced by nothing.
     let until = |want: &'static str, version: &'static str, limit: Duration| {
