@@ -2,11 +2,15 @@
 # `make chaos` / `make chaos-short`: the chaos suite (tools/chaos, binary mesh-chaos).
 #
 # Starts the real mesh as separate processes on free loopback ports (its own PostgreSQL and
-# Redis, features, two inference replicas, logger, gateway), seeds it, drives open-loop load with
+# Redis, features, two inference replicas, logger, two gateways; the live model registry in that
+# PostgreSQL, followed by the gateways and the replicas), seeds it, drives open-loop load with
 # mesh-bench and injects one fault at a time: kill -9 of an inference replica, Redis stopped,
-# PostgreSQL stopped, +500 ms on one replica (the one injected fake: a proxy inside mesh-chaos),
+# PostgreSQL stopped, +500 ms on one replica (an injected fake: a proxy inside mesh-chaos),
 # kill -9 of the logger, SIGTERM to the gateway under load, bad input at volume, kill -9 of the
-# gateway under load, PostgreSQL hung (SIGSTOP), and poison records sent to the logger. Every
+# gateway under load, PostgreSQL hung (SIGSTOP), poison records sent to the logger, and the model
+# lifecycle: 50 promotions/rollbacks under load (11), a 10 % canary of a broken version that
+# must roll itself back on every gateway (12), and kill -9 of a replica while it loads a newly
+# promoted version (13; its golden fixture held in a FIFO by mesh-chaos: the other fake). Every
 # scenario checks what the client received: served > 0, served == OK answers, every served id
 # in PostgreSQL once, records stamped with their serve time. Writes chaos-results/summary.md,
 # chaos-results/chaos.json and chaos-results/logs/<service>.log.
@@ -14,7 +18,7 @@
 #   bash scripts/chaos.sh            release build, 30 s faults, 300 req/s, all targets enforced
 #   bash scripts/chaos.sh --short    debug build, 10 s faults, 100 req/s, invariants enforced (CI)
 #
-# Further arguments go to mesh-chaos (e.g. --only 1,4; see target/<profile>/mesh-chaos --help).
+# Further arguments go to mesh-chaos (e.g. --only 1,4 or --only 11,12,13; see target/<profile>/mesh-chaos --help).
 # Everything it starts is stopped on exit, error or Ctrl-C; it does not touch `make up`'s .run/.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -153,6 +153,9 @@ async fn a_replica_loads_and_unloads_versions_as_the_live_registry_changes() {
     wait_serving(replica.addr, Duration::from_secs(60)).await;
     let pool = mesh_runtime::postgres::pool(&pg.url(), 2, Duration::from_secs(2)).expect("pool");
     let store = RegistryStore::new(pool, Duration::from_secs(2));
+    // SERVING comes with the disk's production, which may be before the replica has migrated
+    // and seeded the registry: do it here too (idempotent, as every service does).
+    mesh_registry::store::prepare(&store, &[("churn".into(), "1".into())]).await;
 
     // Seeded from aliases.json (production 1): version 2 is on disk but referenced by nothing.
     let until = |want: &'static str, version: &'static str, limit: Duration| {
@@ -252,6 +255,44 @@ async fn a_replica_loads_and_unloads_versions_as_the_live_registry_changes() {
     }
     eprintln!("registry → replica: loaded in {loaded_in:?}, unloaded in {unloaded_in:?}");
     replica.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_following_the_registry_starts_with_production_not_every_version_on_disk() {
+    telemetry();
+    let pg = mesh_testkit::PostgresServer::start().expect("postgres");
+    let mut config = inference_config();
+    // Version 92 takes seconds to warm up and 93 fails to load: neither is referenced.
+    config.models.dir = models_with(&["92", "93"]);
+    config.models.warmup_iterations = 1;
+    config.registry.url = Some(pg.url());
+    let replica = start_inference(config).await;
+    // Every version the catalog shows from the start until SERVING, and a little after.
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let started = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut serving_at = None;
+    while serving_at.is_none_or(|at: Instant| at.elapsed() < Duration::from_millis(500)) {
+        if let Ok(answer) = ModelCatalogClient::new(internal_channel(replica.addr))
+            .list_versions(ListVersionsRequest {})
+            .await
+        {
+            seen.extend(answer.into_inner().versions.into_iter().map(|v| v.version));
+        }
+        if serving_at.is_none() && health(replica.addr, "").await == Some(serving) {
+            serving_at = Some(Instant::now());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not SERVING: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        seen,
+        std::collections::BTreeSet::from(["1".to_owned()]),
+        "only the production version (aliases.json, the registry's seed) is held"
+    );
 }
 
 /// Adds `x-admin-key` (when there is one) and a 5 s deadline to every admin call.

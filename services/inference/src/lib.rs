@@ -77,10 +77,15 @@ pub async fn serve(
     .map_err(StartupError::from)
 }
 
-/// What to hold: the disk's versions at once, then, with a live registry, what its policies
-/// reference, for as long as the process runs.
+/// What to hold: without a live registry, the disk's versions; with one, the disk's
+/// production versions at once, then what its policies reference, for as long as the process
+/// runs.
 fn desired_versions(config: &Config, disk: &ModelRegistry) -> watch::Receiver<lifecycle::Desired> {
-    let (sender, receiver) = watch::channel(lifecycle::from_disk(disk));
+    let initial = match config.registry.url {
+        Some(_) => lifecycle::production_from_disk(disk),
+        None => lifecycle::from_disk(disk),
+    };
+    let (sender, receiver) = watch::channel(initial);
     let Some(url) = config.registry.url.clone() else {
         // No live registry: the disk's versions, for the life of the process.
         std::mem::forget(sender);
@@ -96,7 +101,7 @@ fn desired_versions(config: &Config, disk: &ModelRegistry) -> watch::Receiver<li
         let store = match mesh_runtime::postgres::pool(&url, 2, std::time::Duration::from_secs(2)) {
             Ok(pool) => mesh_registry::RegistryStore::new(pool, std::time::Duration::from_secs(2)),
             Err(error) => {
-                tracing::error!(%error, "MESH_REGISTRY_DATABASE_URL unusable; holding the disk's versions");
+                tracing::error!(%error, "MESH_REGISTRY_DATABASE_URL unusable; holding the disk's production versions");
                 return;
             }
         };

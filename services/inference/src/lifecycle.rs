@@ -48,6 +48,22 @@ pub fn from_disk(disk: &ModelRegistry) -> Desired {
     }
 }
 
+/// What a replica following a live registry holds before its first read of it: each model's
+/// `aliases.json` production (what the registry is seeded with). It can serve with that while
+/// PostgreSQL is unreachable, without first loading every version on disk (old ones, broken
+/// ones, slow ones), reporting SERVING only once they are all done, to drop them a moment later
+/// when the registry is read.
+pub fn production_from_disk(disk: &ModelRegistry) -> Desired {
+    let production = from_disk(disk).production;
+    Desired {
+        versions: production
+            .iter()
+            .map(|(model, version)| (model.clone(), version.clone()))
+            .collect(),
+        production,
+    }
+}
+
 /// Every version the registry's policies reference, production from the registry.
 pub fn from_registry(state: &RegistryState) -> Desired {
     Desired {
@@ -149,5 +165,25 @@ fn load(
             tracing::error!(%model, %version, %reason, "version failed to load; it takes no traffic");
             State::Failed(reason)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_a_live_registry_a_replica_starts_with_production_only() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let disk = ModelRegistry::load(&models).expect("the repository's models");
+        let everything = from_disk(&disk);
+        assert!(everything.versions.len() > 1, "{everything:?}");
+        let start = production_from_disk(&disk);
+        let production = disk.models["churn"].production.clone();
+        assert_eq!(
+            start.versions,
+            BTreeSet::from([("churn".to_owned(), production)])
+        );
+        assert_eq!(start.production, everything.production);
     }
 }

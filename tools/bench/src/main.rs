@@ -9,7 +9,8 @@
 //!
 //! For fault-injection runs (`mesh-chaos`): the target may be unreachable at start or during the
 //! run (failures are counted and the load goes on); `--timeline` adds per-second buckets to the
-//! report, `--ids-out` writes the prediction id of every OK Predict answer, `--requests-out`
+//! report, `--ids-out` writes the prediction id of every OK Predict answer (`--versions-out`
+//! the same ids with the `model_version` that scored each), `--requests-out`
 //! writes one line per request, and `--stop-on-signal` lets SIGTERM/SIGINT end the run early
 //! with a complete report. The report always carries `started_unix_ms`, the wall-clock start of
 //! the measured run, to which `--timeline` seconds and `--requests-out` offsets are relative.
@@ -123,6 +124,10 @@ struct Load {
     /// Write the prediction id of every OK Predict answer to this file, one per line.
     #[arg(long, global = true)]
     ids_out: Option<std::path::PathBuf>,
+    /// Write `<prediction_id> <model_version>` of every OK Predict answer to this file, one per
+    /// line (which version scored each answer, e.g. while versions are promoted).
+    #[arg(long, global = true)]
+    versions_out: Option<std::path::PathBuf>,
     /// Write one line per measured request to this file (flushed every 100 ms):
     /// `start_us latency_us code class` (code: gRPC status code number, 0 = OK; class: `server`
     /// (an answer from the server), `timeout` (the client's own deadline timer fired),
@@ -241,8 +246,8 @@ impl Failure {
 }
 
 impl Caller {
-    /// One request; the prediction id on a Predict OK.
-    async fn call(&self, n: u64, timeout: Duration) -> Result<Option<String>, Failure> {
+    /// One request; the prediction id and the answering model version on a Predict OK.
+    async fn call(&self, n: u64, timeout: Duration) -> Result<Option<Answer>, Failure> {
         match self {
             Caller::Predict(clients, entities) => {
                 let mut client = clients[n as usize % clients.len()].clone();
@@ -268,7 +273,13 @@ impl Caller {
                 client
                     .predict(request)
                     .await
-                    .map(|r| Some(r.into_inner().prediction_id))
+                    .map(|r| {
+                        let r = r.into_inner();
+                        Some(Answer {
+                            id: r.prediction_id,
+                            version: r.model_version,
+                        })
+                    })
                     .map_err(|s| Failure::of(&s))
             }
             Caller::Infer(clients, template) => {
@@ -346,7 +357,14 @@ struct Recorder {
     deadline: Duration,
     timeline: Option<Mutex<BTreeMap<u64, Bucket>>>,
     ids: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    versions: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     requests: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+/// What an OK Predict answer carried that the outputs record.
+struct Answer {
+    id: String,
+    version: String,
 }
 
 fn create(path: &std::path::Path) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
@@ -368,6 +386,7 @@ impl Recorder {
             deadline,
             timeline: None,
             ids: None,
+            versions: None,
             requests: None,
         })
     }
@@ -380,6 +399,9 @@ impl Recorder {
         }
         if let Some(path) = &load.ids_out {
             recorder.ids = Some(Mutex::new(create(path)?));
+        }
+        if let Some(path) = &load.versions_out {
+            recorder.versions = Some(Mutex::new(create(path)?));
         }
         if let Some(path) = &load.requests_out {
             let mut out = create(path)?;
@@ -395,7 +417,7 @@ impl Recorder {
     }
 
     /// Records one request that started `offset` after the run began.
-    fn record(&self, offset: Duration, latency: Duration, result: Result<Option<String>, Failure>) {
+    fn record(&self, offset: Duration, latency: Duration, result: Result<Option<Answer>, Failure>) {
         if let Ok(mut h) = self.histogram.lock() {
             let _ = h.record((latency.as_micros() as u64).max(1));
         }
@@ -406,9 +428,14 @@ impl Recorder {
                 if within {
                     self.ok_within_deadline.fetch_add(1, Ordering::Relaxed);
                 }
-                if let (Some(ids), Some(id)) = (&self.ids, id) {
+                if let (Some(ids), Some(answer)) = (&self.ids, id) {
                     if let Ok(mut ids) = ids.lock() {
-                        let _ = writeln!(ids, "{id}");
+                        let _ = writeln!(ids, "{}", answer.id);
+                    }
+                }
+                if let (Some(versions), Some(answer)) = (&self.versions, id) {
+                    if let Ok(mut versions) = versions.lock() {
+                        let _ = writeln!(versions, "{} {}", answer.id, answer.version);
                     }
                 }
             }
@@ -470,7 +497,10 @@ impl Recorder {
 
     /// Flushes the files (periodically while running, and at the end).
     fn flush(&self) {
-        for out in [&self.ids, &self.requests].into_iter().flatten() {
+        for out in [&self.ids, &self.versions, &self.requests]
+            .into_iter()
+            .flatten()
+        {
             if let Ok(mut out) = out.lock() {
                 let _ = out.flush();
             }
@@ -591,15 +621,17 @@ async fn run(
             }
         }
     };
-    let flusher = (recorder.ids.is_some() || recorder.requests.is_some()).then(|| {
-        let recorder = recorder.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                recorder.flush();
-            }
-        })
-    });
+    let flusher =
+        (recorder.ids.is_some() || recorder.versions.is_some() || recorder.requests.is_some())
+            .then(|| {
+                let recorder = recorder.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        recorder.flush();
+                    }
+                })
+            });
     match load.rate {
         None => {
             let workers = (0..load.concurrency.max(1)).map(|_| {

@@ -1,5 +1,6 @@
 //! Steady open-loop load: `mesh-bench predict --rate R` as a child process, writing one line per
-//! request (`--requests-out`), the prediction ids of OK answers (`--ids-out`) and a report with
+//! request (`--requests-out`), the prediction ids of OK answers (`--ids-out`; with the version
+//! that scored each in `versions.txt`, `--versions-out`) and a report with
 //! a per-second timeline (`--timeline`). mesh-chaos reads the request lines while the run goes
 //! on to see recovery, and all of them afterwards for the scenario's figures.
 
@@ -94,6 +95,8 @@ impl Load {
             .args(["--name", name, "--format", "json"])
             .arg("--ids-out")
             .arg(dir.join("ids.txt"))
+            .arg("--versions-out")
+            .arg(dir.join("versions.txt"))
             .arg("--requests-out")
             .arg(&requests_path)
             .arg("--output")

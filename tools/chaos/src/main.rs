@@ -1,5 +1,6 @@
 //! `mesh-chaos`: the chaos suite. Starts the real mesh as separate processes (PostgreSQL, Redis,
-//! features, two inference replicas, logger, gateway; loopback ports only), seeds it, drives
+//! features, two inference replicas, logger, two gateways, the live model registry in that
+//! PostgreSQL; loopback ports only), seeds it, drives
 //! steady open-loop load with `mesh-bench`, injects one fault at a time while the load runs, and
 //! reports per scenario: requests, the share that succeeded within the deadline, p99 during the
 //! fault, time to recover, and predictions served against predictions found in PostgreSQL.
@@ -12,15 +13,19 @@
 //! more than the longest OK latency (plus 100 ms), which a record stamped when it was written
 //! (after an outage, a replay) breaks.
 //!
-//! Every fault is real (processes killed or stopped, servers stopped) except one: the 500 ms
+//! Every fault is real (processes killed or stopped, servers stopped) except two: the 500 ms
 //! latency of scenario 4 is added by a TCP proxy inside this process
-//! (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference replica 2.
+//! (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference replica 2, and in
+//! scenario 13 a version's golden fixture is a FIFO this process holds, so a replica's load of
+//! it lasts until released (see `lifecycle`). Scenarios 11-13 (the model lifecycle) are in
+//! `lifecycle`.
 //!
 //! Everything is bounded in time; only processes this program started are signalled (by PID);
 //! all of them stop on exit, on error and on Ctrl-C (the mesh is a guard that stops what it
 //! started when dropped).
 
 mod badinput;
+mod lifecycle;
 mod load;
 mod mesh;
 mod poison;
@@ -83,7 +88,7 @@ struct Opts {
     /// Where to write summary.md, chaos.json and logs/.
     #[arg(long, default_value = "chaos-results")]
     out: PathBuf,
-    /// Scenarios to run, e.g. `1,4` (default: all, 1-10).
+    /// Scenarios to run, e.g. `1,4` (default: all, 1-13; 11-13 are the model lifecycle).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Open-loop load, requests per second.
@@ -113,7 +118,9 @@ struct Opts {
     /// Exit non-zero only if an invariant fails (served > 0, served == OK answers, found ==
     /// served, no id received twice, records keep their serve time, no crashes, scenario 6:
     /// every accepted request completes, scenario 9: memory bounded, scenario 10: valid records
-    /// stored and poison ones kept as rejects); the other targets are printed.
+    /// stored and poison ones kept as rejects, scenarios 11-13: every answer from an allowed
+    /// version, each swap or rollback reaching every gateway, no request to a version a replica
+    /// has not reported ready); the other targets are printed.
     #[arg(long, conflicts_with = "enforce")]
     enforce_invariants: bool,
 }
@@ -132,8 +139,8 @@ const NAMES: [&str; 11] = [
     "poison records to the logger at volume",
 ];
 
-/// The highest scenario number.
-const LAST: u8 = 10;
+/// The highest scenario number (11 and above: `lifecycle::NAMES`).
+const LAST: u8 = 13;
 
 /// One target or invariant and whether it held.
 #[derive(Clone, serde::Serialize)]
@@ -277,7 +284,11 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
 
     let mut outcomes = Vec::new();
     for &n in &scenarios {
-        let outcome = scenario(&mut mesh, &opts, n, &out).await?;
+        let outcome = if n >= lifecycle::FIRST {
+            lifecycle::run(&mut mesh, &opts, n, &out).await?
+        } else {
+            scenario(&mut mesh, &opts, n, &out).await?
+        };
         print_row(&outcome);
         outcomes.push(outcome);
     }
@@ -1243,7 +1254,7 @@ fn summarise(
     let enforce = if opts.enforce {
         "all targets"
     } else if opts.enforce_invariants {
-        "invariants only (served > 0, served == OK answers, found == served, no id received twice, serve time kept, no crashes, scenario 6: accepted requests complete, scenario 9: memory bounded, scenario 10: valid stored and poison kept as rejects)"
+        "invariants only (served > 0, served == OK answers, found == served, no id received twice, serve time kept, no crashes, scenario 6: accepted requests complete, scenario 9: memory bounded, scenario 10: valid stored and poison kept as rejects, scenarios 11-13: answers from allowed versions, swaps and rollbacks reach every gateway, nothing sent to a version not ready)"
     } else {
         "nothing (report only)"
     };
@@ -1265,7 +1276,7 @@ fn summarise(
             fmt_opt(o.p99_during_fault_ms, " ms"),
             match o.time_to_recover_s {
                 Some(t) => format!("{t:.1} s"),
-                None if o.scenario == 7 => "n/a".to_owned(),
+                None if o.scenario == 7 || o.recovery == "n/a" => "n/a".to_owned(),
                 None => format!("> {} s", opts.recover_secs),
             },
             o.served,
@@ -1312,6 +1323,7 @@ fn summarise(
         }
     }
     s.push_str(DEFINITIONS);
+    s.push_str(lifecycle::DEFINITIONS);
     (s, failed)
 }
 
@@ -1369,7 +1381,8 @@ const DEFINITIONS: &str = "
 - **scenario 7 crashes**: processes started by mesh-chaos that are no longer running
   (`kill -0` on their PIDs) after the bad input; each must also answer grpc.health.v1 SERVING
   and normal Predicts must still succeed.
-- The one injected fake is scenario 4's latency: a TCP proxy inside mesh-chaos
-  (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference-2. Every other fault is
-  real: processes killed (`kill -9`) or signalled (SIGTERM), Redis and PostgreSQL stopped.
+- The injected fakes are scenario 4's latency, a TCP proxy inside mesh-chaos
+  (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference-2, and scenario 13's
+  held golden fixture (below). Every other fault is real: processes killed (`kill -9`) or
+  signalled (SIGTERM), Redis and PostgreSQL stopped.
 ";

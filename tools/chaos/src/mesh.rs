@@ -4,6 +4,13 @@
 //! then SIGKILL after a timeout), then Redis and PostgreSQL; temporary directories go with it.
 //! Every service gets the same random `MESH_INTERNAL_TOKEN`; [`Mesh::internal_token`] is what
 //! the suite's direct calls to internal services send as `x-mesh-internal-token`.
+//!
+//! The mesh runs with the live model registry in its PostgreSQL (`MESH_REGISTRY_DATABASE_URL`
+//! on both gateways and both inference replicas) and a random admin key
+//! ([`Mesh::admin_key`], id `chaos`). Its models directory is a temporary copy
+//! ([`crate::lifecycle::models_dir`]): churn 1 and 2, the broken test versions 90–93, and
+//! version 3 (version 2's graph) for scenario 13. A second gateway ([`Mesh::gateway2`]) follows
+//! the same registry; scenarios 1–10 load only the first.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,6 +38,9 @@ pub struct Mesh {
     pub paths: Paths,
     /// The gateway.
     pub gateway: Service,
+    /// A second gateway (its own spool), following the same registry: the lifecycle scenarios
+    /// check that a change reaches every gateway.
+    pub gateway2: Service,
     /// The prediction logger.
     pub logger: Service,
     /// The feature store.
@@ -51,6 +61,10 @@ pub struct Mesh {
     pub pg: PostgresServer,
     /// The internal credential every service was started with.
     pub internal_token: String,
+    /// The admin key (`x-admin-key`) both gateways accept for `mesh.admin.v1.ModelAdmin`.
+    pub admin_key: String,
+    /// The models directory every service reads (a temporary copy).
+    pub models: PathBuf,
     /// Holds the gateway's spool (`MESH_SPOOL_DIR`).
     _tmp: tempfile::TempDir,
 }
@@ -89,14 +103,15 @@ impl Mesh {
         let tmp = tempfile::Builder::new().prefix("mesh-chaos-").tempdir()?;
         let spool = tmp.path().join("spool");
         std::fs::create_dir_all(&spool)?;
+        let spool2 = tmp.path().join("spool-2");
+        std::fs::create_dir_all(&spool2)?;
+        let models = crate::lifecycle::models_dir(&paths.repo, tmp.path())?;
 
         let internal_token = random_token()?;
+        let admin_key = random_token()?;
         let common = |extra: &[(&str, String)]| -> Vec<(String, String)> {
             let mut env = vec![
-                (
-                    "MESH_MODELS_DIR".to_owned(),
-                    paths.repo.join("models").display().to_string(),
-                ),
+                ("MESH_MODELS_DIR".to_owned(), models.display().to_string()),
                 ("MESH_INTERNAL_TOKEN".to_owned(), internal_token.clone()),
             ];
             env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
@@ -110,7 +125,10 @@ impl Mesh {
             &bin("mesh-inference"),
             p,
             m,
-            common(&[("MESH_REPLICA_ID", "inference-1".into())]),
+            common(&[
+                ("MESH_REPLICA_ID", "inference-1".into()),
+                ("MESH_REGISTRY_DATABASE_URL", pg.url()),
+            ]),
             &paths.logs,
         );
         let (p, m) = ports()?;
@@ -119,7 +137,10 @@ impl Mesh {
             &bin("mesh-inference"),
             p,
             m,
-            common(&[("MESH_REPLICA_ID", "inference-2".into())]),
+            common(&[
+                ("MESH_REPLICA_ID", "inference-2".into()),
+                ("MESH_REGISTRY_DATABASE_URL", pg.url()),
+            ]),
             &paths.logs,
         );
         let (p, m) = ports()?;
@@ -154,12 +175,7 @@ impl Mesh {
             proxy.addr(),
             inference2.port
         );
-        let (p, m) = ports()?;
-        let mut gateway = Service::new(
-            "gateway",
-            &bin("mesh-gateway"),
-            p,
-            m,
+        let gateway_env = |spool: &Path| {
             common(&[
                 ("MESH_FEATURES_URL", features.url()),
                 (
@@ -168,13 +184,34 @@ impl Mesh {
                 ),
                 ("MESH_LOGGER_URL", logger.url()),
                 ("MESH_SPOOL_DIR", spool.display().to_string()),
-            ]),
+                ("MESH_REGISTRY_DATABASE_URL", pg.url()),
+                ("MESH_ADMIN_KEYS", format!("chaos:{admin_key}")),
+            ])
+        };
+        let (p, m) = ports()?;
+        let mut gateway = Service::new(
+            "gateway",
+            &bin("mesh-gateway"),
+            p,
+            m,
+            gateway_env(&spool),
             &paths.logs,
         );
         gateway.start()?;
+        let (p, m) = ports()?;
+        let mut gateway2 = Service::new(
+            "gateway-2",
+            &bin("mesh-gateway"),
+            p,
+            m,
+            gateway_env(&spool2),
+            &paths.logs,
+        );
+        gateway2.start()?;
         let mesh = Self {
             paths,
             gateway,
+            gateway2,
             logger,
             features,
             inference1,
@@ -184,6 +221,8 @@ impl Mesh {
             redis_port,
             pg,
             internal_token,
+            admin_key,
+            models,
             _tmp: tmp,
         };
         for service in mesh.services() {
@@ -198,9 +237,10 @@ impl Mesh {
             }
         }
         say!(
-            "all services SERVING: gateway 127.0.0.1:{} (metrics {}), features {}, inference {} and {}, logger {}; logs in {}",
+            "all services SERVING: gateway 127.0.0.1:{} (metrics {}), gateway-2 {}, features {}, inference {} and {}, logger {}; live model registry in PostgreSQL; logs in {}",
             mesh.gateway.port,
             mesh.gateway.metrics_port,
+            mesh.gateway2.port,
             mesh.features.port,
             mesh.inference1.port,
             mesh.inference2.port,
@@ -220,25 +260,27 @@ impl Mesh {
         self.paths.bin.join("mesh-bench")
     }
 
-    /// The services, gateway first.
-    pub fn services(&self) -> [&Service; 5] {
+    /// The services, in start order (the gateways last).
+    pub fn services(&self) -> [&Service; 6] {
         [
             &self.features,
             &self.inference1,
             &self.inference2,
             &self.logger,
             &self.gateway,
+            &self.gateway2,
         ]
     }
 
     /// The services, mutable.
-    pub fn services_mut(&mut self) -> [&mut Service; 5] {
+    pub fn services_mut(&mut self) -> [&mut Service; 6] {
         [
             &mut self.features,
             &mut self.inference1,
             &mut self.inference2,
             &mut self.logger,
             &mut self.gateway,
+            &mut self.gateway2,
         ]
     }
 
@@ -343,6 +385,7 @@ impl Drop for Mesh {
         // Redis and PostgreSQL stop when their fields drop, after this.
         let grace = Duration::from_secs(20);
         self.gateway.terminate(grace);
+        self.gateway2.terminate(grace);
         self.logger.terminate(grace);
         self.features.terminate(grace);
         self.inference2.terminate(grace);

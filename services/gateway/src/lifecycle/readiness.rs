@@ -95,14 +95,15 @@ impl ReplicaVersions {
             .any(|report| is_ready(report, model, version))
     }
 
-    /// Replicas known not to have `model` `version` ready, if at least one has it; else none
-    /// (then every replica may be tried).
+    /// Replicas not known to have `model` `version` ready (its catalog says otherwise, or could
+    /// not be read since it last failed: a restarted replica may still be loading), if at least
+    /// one is known to have it; else none (then every replica may be tried).
     pub fn lacking(&self, model: &str, version: &str) -> Vec<usize> {
         let reports = self.reports();
         let (has, lacks): (Vec<usize>, Vec<usize>) = (0..reports.len()).partition(|&i| {
             reports[i]
                 .as_ref()
-                .is_none_or(|r| is_ready(r, model, version))
+                .is_some_and(|r| is_ready(r, model, version))
         });
         if has.is_empty() {
             Vec::new()
@@ -124,9 +125,10 @@ fn is_ready(report: &[VersionState], model: &str, version: &str) -> bool {
 }
 
 /// Reads replica `index`'s catalog every [`POLL`] while `versions` lives. A replica whose
-/// catalog cannot be read counts as unknown at once (not filtered out): a stale report could
-/// keep a replica out after it became ready, and one that cannot answer is judged by the
-/// health watch and outlier ejection instead.
+/// catalog cannot be read counts as unknown at once rather than keeping a stale report (which
+/// could keep it out after it became ready, or in after it restarted without a version): an
+/// unknown replica takes a version's requests only when no replica is known to have it ready,
+/// and one that cannot answer is judged by the health watch and outlier ejection.
 async fn poll(
     versions: std::sync::Weak<ReplicaVersions>,
     index: usize,
@@ -152,5 +154,41 @@ async fn poll(
         versions.reports.write().unwrap_or_else(|e| e.into_inner())[index] = report;
         drop(versions);
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn versions(reports: Vec<Report>) -> ReplicaVersions {
+        ReplicaVersions {
+            reports: RwLock::new(reports),
+            tasks: Default::default(),
+            ready: IntGaugeVec::new(Opts::new("ready", "test"), &["replica"]).expect("gauge"),
+        }
+    }
+
+    fn report(version: &str, state: State) -> Report {
+        Some(vec![VersionState {
+            model: "churn".into(),
+            version: version.into(),
+            state: state as i32,
+            ..Default::default()
+        }])
+    }
+
+    #[test]
+    fn a_replica_not_known_to_have_a_version_ready_is_skipped_while_another_has_it() {
+        // Restarted, its catalog not read yet (it may still be loading): the other one serves.
+        let restarted = versions(vec![None, report("3", State::Ready)]);
+        assert_eq!(restarted.lacking("churn", "3"), vec![0]);
+        let loading = versions(vec![report("3", State::Loading), report("3", State::Ready)]);
+        assert_eq!(loading.lacking("churn", "3"), vec![0]);
+        // Nobody known to have it: every replica may be tried (and answers honestly).
+        let nobody = versions(vec![None, report("1", State::Ready)]);
+        assert_eq!(nobody.lacking("churn", "3"), Vec::<usize>::new());
+        let unknown = versions(vec![None, None]);
+        assert_eq!(unknown.lacking("churn", "3"), Vec::<usize>::new());
     }
 }
