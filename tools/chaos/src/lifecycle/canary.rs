@@ -57,6 +57,8 @@ pub(super) async fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Fault> {
             candidate: CANDIDATE.into(),
             percent: PERCENT,
             reason: "mesh-chaos 12: canary of a broken version".into(),
+            // No bake: this canary must be judged, never promoted.
+            promote_after_secs: 0.0,
         })
         .await
         .map_err(|s| anyhow::anyhow!("SetRollout: {s}"))?
