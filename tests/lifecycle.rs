@@ -205,7 +205,18 @@ async fn a_replica_loads_and_unloads_versions_as_the_live_registry_changes() {
         .apply("churn", Change::StopRollout, "test", "done", none.clone())
         .await
         .expect("stop");
-    let unloaded_in = until("gone", "2", Duration::from_secs(5)).await;
+    // Kept a grace period for gateways a moment behind, then unloaded.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    inference_client(replica.addr)
+        .model_infer(infer_request("2"))
+        .await
+        .expect("still served within the unload grace");
+    let unloaded_in =
+        until("gone", "2", Duration::from_secs(8)).await + Duration::from_millis(1500);
+    assert!(
+        unloaded_in >= mesh_inference::lifecycle::UNLOAD_GRACE,
+        "unloaded after {unloaded_in:?}"
+    );
     let status = inference_client(replica.addr)
         .model_infer(infer_request("2"))
         .await

@@ -3,7 +3,8 @@
 //! What is wanted comes from the live registry (every version some policy references: aliases,
 //! the rollback target, a rollout candidate, a shadow) or, without one, from the disk (every
 //! version, the `aliases.json` production). On every change the task unloads what is no longer
-//! wanted (calls still running on it finish first: they hold it) and loads what is new, one
+//! wanted, [`UNLOAD_GRACE`] later (calls still running on it finish first: they hold it), and
+//! loads what is new, one
 //! version at a time on a blocking thread: load, warm up, run the golden fixture, and only then
 //! mark it ready. A version that fails is marked failed with the reason and never serves; the
 //! others keep serving. The replica reports SERVING once the first round is done and at least
@@ -12,16 +13,25 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_registry::RegistryState;
 use mesh_runtime::registry::ModelRegistry;
 use mesh_runtime::Health;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::catalog::{Key, State};
 use crate::golden::{self, Verdict};
 use crate::model::LoadedModel;
 use crate::InferenceService;
+
+/// How long a version no policy references any more is kept before it is unloaded. Gateways
+/// learn of a change at about the same moment as replicas, but not at the same instant: a
+/// gateway a few milliseconds behind may still send the old candidate a request, which would
+/// otherwise find it gone (and be retried elsewhere). Longer than the registry's notification
+/// and the gateways' 500 ms readiness poll.
+pub const UNLOAD_GRACE: Duration = Duration::from_secs(3);
 
 /// What the replica should hold.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -76,13 +86,16 @@ pub fn from_registry(state: &RegistryState) -> Desired {
     }
 }
 
-/// Keeps `service`'s catalog equal to what `desired` says, until the sender is dropped.
+/// Keeps `service`'s catalog equal to what `desired` says (a version leaving it
+/// [`UNLOAD_GRACE`] later), until the sender is dropped.
 pub async fn run(
     service: Arc<InferenceService>,
     mut desired: watch::Receiver<Desired>,
     health: Health,
 ) {
     let mut serving = false;
+    // Versions no longer wanted, and when they go.
+    let mut leaving: BTreeMap<Key, Instant> = BTreeMap::new();
     loop {
         let want = desired.borrow_and_update().clone();
         service.set_production(want.production.clone());
@@ -93,7 +106,8 @@ pub async fn run(
         if let Ok(disk) = &disk {
             service.set_on_disk(from_disk(disk).versions);
         }
-        for (model, version) in service.catalog().retain(&want.versions) {
+        let keep = keep_for_now(&service, &want.versions, &mut leaving);
+        for (model, version) in service.catalog().retain(&keep) {
             tracing::info!(%model, %version, "version no longer referenced: unloaded once its calls end");
         }
         let missing: Vec<Key> = want
@@ -117,9 +131,37 @@ pub async fn run(
             tracing::info!("models loaded and warm: SERVING");
             health.set_serving().await;
         }
-        if desired.changed().await.is_err() {
-            return;
+        // Why wake: a change, or the next leaving version's time is up.
+        let next = leaving.values().min().copied();
+        tokio::select! {
+            changed = desired.changed() => if changed.is_err() { return },
+            () = sleep_until(next) => {}
         }
+    }
+}
+
+/// What the catalog keeps this round: what is wanted, and what stopped being wanted less than
+/// [`UNLOAD_GRACE`] ago (noted in `leaving` when first seen unwanted).
+fn keep_for_now(
+    service: &InferenceService,
+    want: &BTreeSet<Key>,
+    leaving: &mut BTreeMap<Key, Instant>,
+) -> BTreeSet<Key> {
+    let now = Instant::now();
+    for key in service.catalog().keys() {
+        if !want.contains(&key) {
+            leaving.entry(key).or_insert(now + UNLOAD_GRACE);
+        }
+    }
+    leaving.retain(|key, until| !want.contains(key) && *until > now);
+    want.iter().chain(leaving.keys()).cloned().collect()
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
