@@ -1,17 +1,15 @@
 //! The inference replicas: which one takes a call, how many calls each has in flight, which
 //! are ejected for failing, and which say they are SERVING.
 //!
-//! The choice is a randomized power of two choices on in-flight calls (Mitzenmacher; what
-//! tower's p2c `Balance` and linkerd do): two distinct replicas drawn at random from those that
-//! are SERVING and not ejected, the less busy one wins. It is written here rather than taken
-//! from `tower::balance::p2c` because a retry must avoid the replicas that already failed the
-//! same request, which p2c's ready set cannot express, and ejection and health state live
-//! beside the count.
+//! The choice is a randomized power of two choices on in-flight calls (Mitzenmacher; as
+//! tower's p2c `Balance` and linkerd): of two replicas drawn from those SERVING and not ejected,
+//! the less busy wins. Written here, not `tower::balance::p2c`, because a retry must avoid the
+//! replicas that already failed the same request, which p2c's ready set cannot express.
 //!
 //! Outlier detection follows Envoy's: a replica failing `consecutive_failures` calls in a row is
 //! ejected for `base_ejection` × the number of times it has been ejected, at most
 //! `max_ejection` (the count falls by one for every 5 × `base_ejection` it then stays in);
-//! never more than `max_ejected_percent` of the replicas at once, and never the last one.
+//! never more than `max_ejected_percent` of the replicas at once, and never the last available.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -248,18 +246,29 @@ impl ReplicaSet {
             .count()
     }
 
-    /// The replica for the next attempt of a request that already failed on `failed`: power of
-    /// two choices among the available replicas it has not failed on; if it failed on all of
-    /// them, among the available ones; if none is available (all ejected or not serving), among
-    /// all of them the same way: trying is better than refusing (Envoy's panic mode).
+    /// The replica for the next attempt of a request that already failed on `failed` (or that
+    /// lacks its version): power of two choices within the first non-empty tier of: available
+    /// and not failed on; SERVING by its health (though ejected) and not failed on; available;
+    /// SERVING; any (trying beats refusing: Envoy's panic mode). A replica that answers its
+    /// health check beats one that does not, which, having nothing in flight, would look best.
     pub fn pick(&self, failed: &[usize]) -> usize {
-        let mut pool: Vec<usize> = self.available(Instant::now()).collect();
-        if pool.is_empty() {
-            pool.extend(0..self.replicas.len());
-        }
-        if pool.iter().any(|i| !failed.contains(i)) {
-            pool.retain(|i| !failed.contains(i));
-        }
+        let now = Instant::now();
+        let available = |i: &usize| self.replicas[*i].available(now);
+        let serving = |i: &usize| self.replicas[*i].serving.load(Ordering::Relaxed);
+        let fresh = |i: &usize| !failed.contains(i);
+        let all = 0..self.replicas.len();
+        let tiers: [&dyn Fn(&usize) -> bool; 5] = [
+            &|i| available(i) && fresh(i),
+            &|i| serving(i) && fresh(i),
+            &available,
+            &serving,
+            &|_| true,
+        ];
+        let pool = tiers
+            .iter()
+            .map(|tier| all.clone().filter(|i| tier(i)).collect::<Vec<usize>>())
+            .find(|pool| !pool.is_empty())
+            .unwrap_or_else(|| all.collect());
         self.less_busy_of_two(&pool)
     }
 
@@ -328,8 +337,12 @@ impl ReplicaSet {
             .max(1)
             .min(total - 1);
         let ejected_now = self.replicas.iter().filter(|r| r.ejected(now)).count();
-        if ejected_now >= allowed {
-            tracing::warn!(replica = %replica.url, failures, ejected_now, "replica failing but the ejection cap is reached; keeping it");
+        // The cap counts ejections, not replicas down: never eject the last one available.
+        let others_available = (0..total)
+            .filter(|&i| i != index && self.replicas[i].available(now))
+            .count();
+        if ejected_now >= allowed || others_available == 0 {
+            tracing::warn!(replica = %replica.url, failures, ejected_now, others_available, "replica failing but the ejection cap is reached or no other is available; keeping it");
             return;
         }
         let (times, length) = {
@@ -432,3 +445,6 @@ async fn decay_ejections(set: Arc<ReplicaSet>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
