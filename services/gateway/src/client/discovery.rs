@@ -263,35 +263,13 @@ impl Discovery {
                     endpoints.entry(url.clone()).or_insert_with(|| url.clone());
                 }
                 Target::Dns { entry, host, port } => {
-                    let resolved =
-                        tokio::time::timeout(RESOLVE_TIMEOUT, self.resolver.0.resolve(host, *port))
-                            .await
-                            .unwrap_or_else(|_| Err(std::io::Error::other("timed out")));
-                    let outcome = match resolved {
-                        Ok(addresses) if !addresses.is_empty() => {
-                            self.last_good.insert(entry.clone(), addresses);
-                            "ok"
-                        }
-                        Ok(_) => "empty",
-                        Err(error) => {
-                            let kept = self.last_good.get(entry).map_or(0, Vec::len);
-                            tracing::warn!(name = %entry, %error, kept, "resolving inference replicas failed; keeping the last good addresses");
-                            "failed"
-                        }
-                    };
-                    if outcome == "empty" {
-                        let kept = self.last_good.get(entry).map_or(0, Vec::len);
-                        tracing::warn!(name = %entry, kept, "the name resolved to no address; keeping the last good addresses");
-                    }
-                    self.metrics
-                        .resolutions
-                        .with_label_values(&[entry.as_str(), outcome])
-                        .inc();
-                    let addresses = self.last_good.get(entry).cloned().unwrap_or_default();
-                    self.metrics
-                        .addresses
-                        .with_label_values(&[entry.as_str()])
-                        .set(addresses.len() as i64);
+                    let addresses = resolve_entry(
+                        &self.resolver,
+                        &mut self.last_good,
+                        &self.metrics,
+                        (entry, host, *port),
+                    )
+                    .await;
                     for address in addresses {
                         endpoints
                             .entry(format!("http://{address}"))
@@ -305,6 +283,45 @@ impl Discovery {
             .map(|(url, source)| Endpoint { url, source })
             .collect()
     }
+}
+
+/// The addresses of one DNS entry (`entry`, `host`, `port`): this resolution's if it gave any,
+/// else the last good ones (a failure or an empty answer is logged and counted, and changes
+/// nothing).
+async fn resolve_entry(
+    resolver: &Resolver,
+    last_good: &mut HashMap<String, Vec<SocketAddr>>,
+    metrics: &DiscoveryMetrics,
+    (entry, host, port): (&str, &str, u16),
+) -> Vec<SocketAddr> {
+    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, resolver.0.resolve(host, port))
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("timed out")));
+    let kept = last_good.get(entry).map_or(0, Vec::len);
+    let outcome = match resolved {
+        Ok(addresses) if !addresses.is_empty() => {
+            last_good.insert(entry.to_owned(), addresses);
+            "ok"
+        }
+        Ok(_) => {
+            tracing::warn!(name = %entry, kept, "the name resolved to no address; keeping the last good addresses");
+            "empty"
+        }
+        Err(error) => {
+            tracing::warn!(name = %entry, %error, kept, "resolving inference replicas failed; keeping the last good addresses");
+            "failed"
+        }
+    };
+    metrics
+        .resolutions
+        .with_label_values(&[entry, outcome])
+        .inc();
+    let addresses = last_good.get(entry).cloned().unwrap_or_default();
+    metrics
+        .addresses
+        .with_label_values(&[entry])
+        .set(addresses.len() as i64);
+    addresses
 }
 
 /// Makes a channel to a replica's URL (lazily connected, presenting the internal token).
