@@ -231,11 +231,9 @@ pub fn gateway_config(
 ) -> mesh_gateway::Config {
     let mut config = mesh_gateway::Config::defaults();
     config.server = test_server(1024);
-    config.downstreams = mesh_gateway::config::Downstreams {
-        features_url: features,
-        inference_urls: inference,
-        logger_url: logger,
-    };
+    config.downstreams.features_url = features;
+    config.downstreams.inference_urls = inference;
+    config.downstreams.logger_url = logger;
     config.models_dir = repo().join("models");
     config.budgets.default = Duration::from_millis(1000);
     config.spool.dir = scratch_dir("spool");
@@ -293,6 +291,23 @@ pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
 /// Starts an inference replica.
 pub async fn start_inference(config: mesh_inference::Config) -> Running {
     spawn_service(|l, s| mesh_inference::serve(config, l, None, until(s))).await
+}
+
+/// Starts an inference replica on `addr` with its `/metrics` endpoint (on 127.0.0.1:0);
+/// returns that endpoint's address.
+pub async fn start_inference_with_metrics_at(
+    config: mesh_inference::Config,
+    addr: SocketAddr,
+) -> (Running, SocketAddr) {
+    let metrics = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let metrics_addr = metrics.local_addr().expect("addr");
+    let running = spawn_service_at(addr, |l, s| {
+        mesh_inference::serve(config, l, Some(metrics), until(s))
+    })
+    .await;
+    (running, metrics_addr)
 }
 
 /// Starts the logger.

@@ -84,8 +84,9 @@ fn verdict(checks: &[(&str, Role, &str)], spool: Option<String>) -> (&'static st
     (overall, reasons)
 }
 
-/// The probe over `dependencies`; the report also shows what the gateway itself knows of the
-/// replicas (health watch, ejection) and of its spool.
+/// The probe over `dependencies` and the inference replicas current at each check (they come
+/// and go with discovery); the report also shows what the gateway itself knows of the replicas
+/// (health watch, ejection, the entry each came from) and of its spool.
 pub fn probe(
     dependencies: Vec<Dependency>,
     inference: InferenceDownstream,
@@ -93,9 +94,14 @@ pub fn probe(
 ) -> HealthProbe {
     let dependencies = Arc::new(dependencies);
     Arc::new(move || {
-        let dependencies = dependencies.clone();
+        let mut dependencies = dependencies.as_ref().clone();
         let inference = inference.clone();
         let log = log.clone();
+        dependencies.extend(inference.members().iter().map(|replica| Dependency {
+            name: format!("inference {}", replica.url()),
+            role: Role::Inference,
+            channel: replica.channel(),
+        }));
         Box::pin(async move {
             let statuses = futures::future::join_all(
                 dependencies.iter().map(|d| status_of(d.channel.clone())),
@@ -122,7 +128,11 @@ pub fn probe(
                 .map(|r| {
                     (
                         r.url,
-                        serde_json::json!({"watched_serving": r.serving, "ejected": r.ejected}),
+                        serde_json::json!({
+                            "watched_serving": r.serving,
+                            "ejected": r.ejected,
+                            "source": r.source,
+                        }),
                     )
                 })
                 .collect();

@@ -49,14 +49,12 @@ pub use error::{GatewayError, StartupError};
 /// Longest a `Record` call to the logger may take.
 const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One channel (connection) per dependency, shared by its client and the health report.
+/// One channel (connection) per dependency, shared by its client and the health report; the
+/// inference replicas get theirs as discovery finds them, through `connect`.
 struct Channels {
     features: InternalChannel,
     logger: InternalChannel,
-    inference: Vec<(String, InternalChannel)>,
-    /// A second connection per replica for reading its catalog: polls never queue behind
-    /// (or in front of) predictions on a slow connection.
-    catalogs: Vec<(String, InternalChannel)>,
+    connect: client::discovery::Connect,
 }
 
 impl Channels {
@@ -76,30 +74,29 @@ impl Channels {
             client::call::channel(url, token)
                 .map_err(|e| StartupError::Config(format!("{variable}={url:?}: {e}")))
         };
-        if downstreams.inference_urls.is_empty() {
-            return Err(StartupError::Config(
-                "MESH_INFERENCE_URLS lists no replica".into(),
-            ));
+        // Static entries are checked here, before anything binds; resolved addresses always
+        // make valid URLs.
+        for target in client::discovery::parse_targets(&downstreams.inference_urls)
+            .map_err(|e| StartupError::Config(format!("MESH_INFERENCE_URLS {e}")))?
+        {
+            if let client::discovery::Target::Static(url) = target {
+                channel(&url, "MESH_INFERENCE_URLS")?;
+            }
         }
+        let token = token.clone();
         Ok(Self {
             features: channel(&downstreams.features_url, "MESH_FEATURES_URL")?,
             logger: channel(&downstreams.logger_url, "MESH_LOGGER_URL")?,
-            inference: downstreams
-                .inference_urls
-                .iter()
-                .map(|url| Ok((url.clone(), channel(url, "MESH_INFERENCE_URLS")?)))
-                .collect::<Result<_, StartupError>>()?,
-            catalogs: downstreams
-                .inference_urls
-                .iter()
-                .map(|url| Ok((url.clone(), channel(url, "MESH_INFERENCE_URLS")?)))
-                .collect::<Result<_, StartupError>>()?,
+            connect: Arc::new(move |url: &str| {
+                client::call::channel(url, &token).map_err(|e| e.to_string())
+            }),
         })
     }
 
-    /// The dependencies the `/health` report checks.
+    /// The dependencies the `/health` report checks besides the inference replicas (which
+    /// it takes from the replica set at each check).
     fn dependencies(&self, downstreams: &config::Downstreams) -> Vec<health::Dependency> {
-        let mut dependencies = vec![
+        vec![
             health::Dependency {
                 name: format!("features {}", downstreams.features_url),
                 role: health::Role::Features,
@@ -110,16 +107,52 @@ impl Channels {
                 role: health::Role::Logger,
                 channel: self.logger.clone(),
             },
-        ];
-        for (url, channel) in &self.inference {
-            dependencies.push(health::Dependency {
-                name: format!("inference {url}"),
-                role: health::Role::Inference,
-                channel: channel.clone(),
-            });
-        }
-        dependencies
+        ]
     }
+}
+
+/// The inference replicas and their catalog polls, with the replicas found so far, and
+/// discovery following the DNS entries for as long as the replica set lives.
+async fn discover_replicas(
+    config: &Config,
+    metrics: &ServiceMetrics,
+    channels: &Channels,
+) -> Result<
+    (
+        client::replicas::ReplicaHandle,
+        Arc<lifecycle::readiness::ReplicaVersions>,
+    ),
+    StartupError,
+> {
+    let downstreams = &config.downstreams;
+    let versions = lifecycle::readiness::ReplicaVersions::start(&metrics.registry)?;
+    let replicas = client::replicas::ReplicaSet::start(
+        config.resilience.outlier,
+        client::replicas::ReplicaMetrics::register(&metrics.registry)?,
+    );
+    let targets = client::discovery::parse_targets(&downstreams.inference_urls)
+        .map_err(|e| StartupError::Config(format!("MESH_INFERENCE_URLS {e}")))?;
+    let mut discovery = client::discovery::Discovery::new(
+        targets,
+        downstreams.resolver.clone(),
+        client::discovery::DiscoveryMetrics::register(&metrics.registry)?,
+    );
+    let membership = client::discovery::Membership {
+        replicas: replicas.set().clone(),
+        versions: versions.clone(),
+        connect: channels.connect.clone(),
+    };
+    // The first answer before serving, so the first requests have replicas; a name that does
+    // not resolve yet (its pods still starting) is retried every interval.
+    membership.apply(&discovery.endpoints().await);
+    if discovery.has_names() {
+        replicas.hold(tokio::spawn(client::discovery::follow(
+            discovery,
+            membership,
+            downstreams.discovery_interval,
+        )));
+    }
+    Ok((replicas, versions))
 }
 
 /// What [`wire`] builds.
@@ -180,15 +213,14 @@ fn spawn_shipping(
 }
 
 /// The handlers wired to their downstreams: the gateway's dependency graph, in one place.
-fn wire(
+async fn wire(
     config: &Config,
     metrics: &ServiceMetrics,
     channels: &Channels,
 ) -> Result<Wired, StartupError> {
     let disk = Arc::new(ModelRegistry::load(&config.models_dir)?);
     let (store, following) = follow_registry(config, &disk)?.unzip();
-    let versions =
-        lifecycle::readiness::ReplicaVersions::start(&channels.catalogs, &metrics.registry)?;
+    let (replicas, versions) = discover_replicas(config, metrics, channels).await?;
     let router = Arc::new(lifecycle::routing::Router::new(
         config.models_dir.clone(),
         disk,
@@ -211,12 +243,6 @@ fn wire(
     };
     let margin = config.budgets.downstream_margin;
     let (log, shipping) = spawn_shipping(config, metrics, channels)?;
-    let replica_metrics = client::replicas::ReplicaMetrics::register(&metrics.registry)?;
-    let replicas = client::replicas::ReplicaSet::start(
-        &channels.inference,
-        resilience.outlier,
-        replica_metrics,
-    );
     let limits = &config.bulkheads;
     let inference =
         client::InferenceDownstream::new(replicas, versions, margin, downstream("inference"));
@@ -237,7 +263,6 @@ fn wire(
         store,
         router.clone(),
         shadow.clone(),
-        config.downstreams.inference_urls.clone(),
     );
     let service = service::GatewayService {
         router,
@@ -284,7 +309,7 @@ pub async fn serve(
         service,
         shipping,
         admin,
-    } = wire(&config, &metrics, &channels)?;
+    } = wire(&config, &metrics, &channels).await?;
     let probe = health::probe(
         channels.dependencies(&config.downstreams),
         service.inference.clone(),

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use mesh_proto::inference::{ModelInferRequest, ModelInferResponse};
 use mesh_runtime::bulkhead::BulkheadPermit;
-use mesh_runtime::resilience::{retry_kind, RetryKind};
+use mesh_runtime::resilience::{retry_kind, RetryKind, Verdict};
 use mesh_runtime::{Bulkhead, Deadline};
 use mesh_telemetry::propagation::client_span;
 
 use super::call::traced;
-use super::replicas::{ReplicaHandle, ReplicaState};
+use super::replicas::{Replica, ReplicaHandle, ReplicaState};
 use super::{Attempt, Attempts, Downstream};
 use crate::lifecycle::readiness::ReplicaVersions;
 
@@ -46,6 +46,11 @@ impl InferenceDownstream {
     /// Each replica's URL, health and ejection, for the health report.
     pub fn states(&self) -> Vec<ReplicaState> {
         self.replicas.states()
+    }
+
+    /// The current replicas, for the health report's checks.
+    pub fn members(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.replicas.members()
     }
 
     /// `ModelInfer` within `deadline`, in `bulkhead`, and notes of what degraded (a replica
@@ -83,11 +88,11 @@ impl InferenceDownstream {
     }
 }
 
-/// Balance and traced call for one request: remembers the replicas it failed on.
+/// Balance and traced call for one request: remembers the replicas it failed on, by URL.
 struct ReplicaAttempts<'a> {
     replicas: &'a ReplicaHandle,
     request: ModelInferRequest,
-    failed: Vec<usize>,
+    failed: Vec<String>,
     margin: Duration,
 }
 
@@ -99,8 +104,17 @@ impl Attempts for ReplicaAttempts<'_> {
     }
 
     async fn attempt(&mut self, deadline: Deadline) -> Attempt<Self::Response> {
-        let index = self.replicas.pick(&self.failed);
-        let replica = self.replicas.get(index);
+        let Some(replica) = self.replicas.pick(&self.failed) else {
+            // A DNS name that has not resolved yet: nothing to call, nowhere to retry.
+            return Attempt {
+                result: Err(tonic::Status::unavailable(
+                    "inference: no replica discovered yet",
+                )),
+                verdict: Verdict::Failure,
+                retry: false,
+                note: None,
+            };
+        };
         let span = client_span(mesh_proto::service_names::INFERENCE, "ModelInfer");
         span.record("server.address", replica.url());
         let mut client = replica.client();
@@ -113,7 +127,7 @@ impl Attempts for ReplicaAttempts<'_> {
             |r| async move { client.model_infer(r).await },
         )
         .await;
-        self.replicas.observe(index, judged.verdict);
+        self.replicas.observe(&replica, judged.verdict);
         let Err(status) = &judged.result else {
             return Attempt {
                 result: judged.result,
@@ -122,7 +136,7 @@ impl Attempts for ReplicaAttempts<'_> {
                 note: None,
             };
         };
-        self.failed.push(index);
+        self.failed.push(replica.url().to_owned());
         let retry = match retry_kind(status) {
             RetryKind::Never => false,
             RetryKind::Anywhere => true,

@@ -33,10 +33,12 @@
 //! # Layout
 //! - [`call`]: channels and the traced call at the bottom of the stack.
 //! - [`replicas`]: the inference replica set: choice, in-flight guards, outlier ejection,
-//!   health watching.
+//!   health watching, members that join and leave.
+//! - [`discovery`]: which replicas there are: static URLs and DNS names re-resolved.
 //! - [`features`], [`inference`], [`logger`]: one typed client per downstream.
 
 pub mod call;
+pub mod discovery;
 pub mod features;
 pub mod inference;
 pub mod logger;

@@ -47,8 +47,13 @@ pub struct Config {
 pub struct Downstreams {
     /// `MESH_FEATURES_URL`.
     pub features_url: String,
-    /// `MESH_INFERENCE_URLS`: the replicas.
+    /// `MESH_INFERENCE_URLS`: the replicas: URLs, and `dns:///name:port` entries whose every
+    /// address is a replica (see [`crate::client::discovery`]).
     pub inference_urls: Vec<String>,
+    /// `MESH_DISCOVERY_INTERVAL_MS`: how often the DNS entries are re-resolved.
+    pub discovery_interval: Duration,
+    /// What resolves the DNS entries: the system's resolver (tests inject their own).
+    pub resolver: crate::client::discovery::Resolver,
     /// `MESH_LOGGER_URL`.
     pub logger_url: String,
 }
@@ -144,11 +149,7 @@ impl FromSettings for Config {
         Ok(Self {
             server: ServerConfig::read(s)?,
             models_dir: PathBuf::from(s.string("MESH_MODELS_DIR")),
-            downstreams: Downstreams {
-                features_url: s.string("MESH_FEATURES_URL"),
-                inference_urls: s.list("MESH_INFERENCE_URLS"),
-                logger_url: s.string("MESH_LOGGER_URL"),
-            },
+            downstreams: read_downstreams(s)?,
             budgets: Budgets {
                 default: s.millis("MESH_DEFAULT_BUDGET_MS")?,
                 max: s.millis("MESH_MAX_BUDGET_MS")?,
@@ -176,6 +177,23 @@ impl FromSettings for Config {
             lifecycle: crate::lifecycle::LifecycleSettings::read(s)?,
         })
     }
+}
+
+fn read_downstreams(s: &Settings<'_>) -> Result<Downstreams, StartupError> {
+    let inference_urls = s.list("MESH_INFERENCE_URLS");
+    crate::client::discovery::parse_targets(&inference_urls)
+        .map_err(|problem| invalid("MESH_INFERENCE_URLS", inference_urls.join(","), &problem))?;
+    let discovery_interval = s.millis("MESH_DISCOVERY_INTERVAL_MS")?;
+    if discovery_interval.is_zero() {
+        return Err(invalid("MESH_DISCOVERY_INTERVAL_MS", 0, "must be above 0"));
+    }
+    Ok(Downstreams {
+        features_url: s.string("MESH_FEATURES_URL"),
+        inference_urls,
+        discovery_interval,
+        resolver: Default::default(),
+        logger_url: s.string("MESH_LOGGER_URL"),
+    })
 }
 
 fn read_resilience(s: &Settings<'_>) -> Result<Resilience, StartupError> {
@@ -310,6 +328,19 @@ mod tests {
         let error =
             Config::read(&table(&[("MESH_TLS_CERT", "cert.pem")])).expect_err("cert without key");
         assert!(error.to_string().contains("MESH_TLS_KEY"), "{error}");
+        let error = Config::read(&table(&[("MESH_INFERENCE_URLS", "dns:///inference")]))
+            .expect_err("a DNS entry without a port");
+        assert!(error.to_string().contains("needs a port"), "{error}");
+        let discovered = Config::read(&table(&[(
+            "MESH_INFERENCE_URLS",
+            "dns:///inference.mesh.svc:50053,http://10.0.0.7:50053",
+        )]))
+        .expect("a DNS entry beside a URL");
+        assert_eq!(discovered.downstreams.inference_urls.len(), 2);
+        assert_eq!(
+            defaults.downstreams.discovery_interval,
+            Duration::from_secs(5)
+        );
         let off = Config::read(&table(&[("MESH_RATE_LIMIT_RPS", "off")])).expect("off");
         assert!(off.access.rate_limit.is_none());
     }

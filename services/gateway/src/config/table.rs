@@ -13,7 +13,12 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
         Setting::value(
             "MESH_INFERENCE_URLS",
             "http://127.0.0.1:50053,http://127.0.0.1:50054",
-            "inference replicas, comma-separated",
+            "inference replicas, comma-separated: URLs, and `dns:///name:port` entries re-resolved every `MESH_DISCOVERY_INTERVAL_MS`, each address a replica",
+        ),
+        Setting::value(
+            "MESH_DISCOVERY_INTERVAL_MS",
+            "5000",
+            "how often the `dns:///` entries of `MESH_INFERENCE_URLS` are re-resolved; replicas that appear join once SERVING, those that vanish drain out",
         ),
         Setting::value("MESH_LOGGER_URL", "http://127.0.0.1:50055", "logger"),
         Setting::value("MESH_MODELS_DIR", "models", "model registry"),

@@ -29,7 +29,6 @@ pub struct AdminService {
     store: Option<RegistryStore>,
     router: Arc<Router>,
     shadow: Arc<Shadow>,
-    replica_urls: Vec<String>,
 }
 
 impl AdminService {
@@ -39,14 +38,12 @@ impl AdminService {
         store: Option<RegistryStore>,
         router: Arc<Router>,
         shadow: Arc<Shadow>,
-        replica_urls: Vec<String>,
     ) -> Self {
         Self {
             keys: Arc::new(keys),
             store,
             router,
             shadow,
-            replica_urls,
         }
     }
 
@@ -152,7 +149,7 @@ impl AdminService {
                 }
             }
         }
-        for (url, report) in self.replica_urls.iter().zip(self.router.ready().snapshot()) {
+        for (url, report) in self.router.ready().snapshot() {
             for v in report.into_iter().flatten().filter(|v| v.model == model) {
                 status.replicas.push(ReplicaVersion {
                     replica: url.clone(),

@@ -1,7 +1,11 @@
 //! Which versions each inference replica has ready, from its `mesh.catalog.v1.ModelCatalog`,
 //! polled every half second. Routing uses it to send a request only to a version some replica
 //! has ready, and the balancer to send it only to replicas that have it.
+//!
+//! Replicas join and leave as discovery finds them ([`ReplicaVersions::update`]); each is named
+//! by its URL, the same name the balancer uses, so an answer never goes stale by a position.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,23 +22,42 @@ pub const POLL: Duration = Duration::from_millis(500);
 /// Longest wait for one read of a catalog.
 const POLL_TIMEOUT: Duration = Duration::from_millis(400);
 
-/// What one replica reported last: every version with its state; `None` until it answered.
-type Report = Option<Vec<VersionState>>;
+/// What one replica reported last.
+#[derive(Debug, Clone)]
+enum Report {
+    /// It has never answered: it joined, or the gateway just started.
+    Pending,
+    /// It answered before; its last read timed out (slow, but there: its last listing was
+    /// true a moment ago). A read that *fails* (refused, unreachable: the process is down or
+    /// restarting and may come back without its versions) makes it [`Report::Pending`] again.
+    Unreadable,
+    /// Every version it holds, with its state.
+    Listed(Vec<VersionState>),
+}
 
-/// Every replica's last report, by replica index.
+impl Report {
+    fn listed(&self) -> Option<&[VersionState]> {
+        match self {
+            Self::Listed(versions) => Some(versions),
+            Self::Pending | Self::Unreadable => None,
+        }
+    }
+}
+
+/// Every replica's last report, by URL.
 pub struct ReplicaVersions {
-    reports: RwLock<Vec<Report>>,
-    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    reports: RwLock<BTreeMap<String, Report>>,
+    tasks: std::sync::Mutex<HashMap<String, JoinHandle<()>>>,
     ready: IntGaugeVec,
 }
 
 impl Drop for ReplicaVersions {
     fn drop(&mut self) {
-        for task in self
+        for (_, task) in self
             .tasks
-            .lock()
+            .get_mut()
             .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
+            .drain()
         {
             task.abort();
         }
@@ -42,13 +65,10 @@ impl Drop for ReplicaVersions {
 }
 
 impl ReplicaVersions {
-    /// Polls each replica at `channels` (URL and channel each); exports
+    /// No replica yet (they join through [`ReplicaVersions::update`]); exports
     /// `mesh_replica_versions_ready{replica}` (versions the replica last reported ready, -1
     /// while its catalog cannot be read) in `registry`.
-    pub fn start(
-        channels: &[(String, InternalChannel)],
-        registry: &Registry,
-    ) -> prometheus::Result<Arc<Self>> {
+    pub fn start(registry: &Registry) -> prometheus::Result<Arc<Self>> {
         let ready = IntGaugeVec::new(
             Opts::new(
                 "mesh_replica_versions_ready",
@@ -58,63 +78,109 @@ impl ReplicaVersions {
             &["replica"],
         )?;
         registry.register(Box::new(ready.clone()))?;
-        for (url, _) in channels {
-            ready.with_label_values(&[url.as_str()]).set(-1);
-        }
-        let versions = Arc::new(Self {
-            reports: RwLock::new(vec![None; channels.len()]),
+        Ok(Arc::new(Self {
+            reports: RwLock::new(BTreeMap::new()),
             tasks: Default::default(),
             ready,
-        });
-        let tasks = channels
-            .iter()
-            .enumerate()
-            .map(|(i, (url, channel))| {
-                let gauge = versions.ready.with_label_values(&[url.as_str()]);
-                tokio::spawn(poll(Arc::downgrade(&versions), i, channel.clone(), gauge))
-            })
-            .collect();
-        *versions.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
-        Ok(versions)
+        }))
     }
 
-    fn reports(&self) -> std::sync::RwLockReadGuard<'_, Vec<Report>> {
+    /// Starts polling the `joined` replicas (URL and channel each) and forgets those at `left`
+    /// (their polls stop, their series go).
+    pub fn update(self: &Arc<Self>, joined: Vec<(String, InternalChannel)>, left: &[String]) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut reports = self.reports.write().unwrap_or_else(|e| e.into_inner());
+            for url in left {
+                reports.remove(url);
+            }
+            for (url, _) in &joined {
+                reports.entry(url.clone()).or_insert(Report::Pending);
+            }
+        }
+        for url in left {
+            if let Some(task) = tasks.remove(url) {
+                task.abort();
+            }
+            let _ = self.ready.remove_label_values(&[url.as_str()]);
+        }
+        for (url, channel) in joined {
+            if tasks.contains_key(&url) {
+                continue;
+            }
+            let gauge = self.ready.with_label_values(&[url.as_str()]);
+            gauge.set(-1);
+            let task = tokio::spawn(poll(Arc::downgrade(self), url.clone(), channel, gauge));
+            tasks.insert(url, task);
+        }
+    }
+
+    fn reports(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Report>> {
         self.reports.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether any replica has answered at all (before that, nothing is known: route as asked).
+    /// Whether any replica has listed its versions (before that, nothing is known: route as
+    /// asked).
     pub fn known(&self) -> bool {
-        self.reports().iter().any(Option::is_some)
+        self.reports().values().any(|r| r.listed().is_some())
     }
 
     /// Whether some replica has `model` `version` ready.
     pub fn ready_anywhere(&self, model: &str, version: &str) -> bool {
         self.reports()
-            .iter()
-            .flatten()
+            .values()
+            .filter_map(Report::listed)
             .any(|report| is_ready(report, model, version))
     }
 
-    /// Replicas not known to have `model` `version` ready (its catalog says otherwise, or could
-    /// not be read since it last failed: a restarted replica may still be loading), if at least
-    /// one is known to have it; else none (then every replica may be tried).
-    pub fn lacking(&self, model: &str, version: &str) -> Vec<usize> {
+    /// URLs of the replicas known not to have `model` `version` ready, if at least one has it;
+    /// else none (then every replica may be tried). A replica that has never answered (one
+    /// that just joined), or whose last read failed (down, restarting), counts as not having
+    /// it: it takes such requests once its catalog lists the version ready. One that answered
+    /// before and is only slow to answer now is not filtered out: a stale report could keep it out after it became ready, and one that
+    /// cannot answer is judged by the health watch and outlier ejection instead.
+    pub fn lacking(&self, model: &str, version: &str) -> Vec<String> {
         let reports = self.reports();
-        let (has, lacks): (Vec<usize>, Vec<usize>) = (0..reports.len()).partition(|&i| {
-            reports[i]
-                .as_ref()
-                .is_some_and(|r| is_ready(r, model, version))
-        });
-        if has.is_empty() {
-            Vec::new()
-        } else {
-            lacks
+        let has = |report: &Report| match report {
+            Report::Pending => false,
+            Report::Unreadable => true,
+            Report::Listed(versions) => is_ready(versions, model, version),
+        };
+        if !reports
+            .values()
+            .filter_map(Report::listed)
+            .any(|r| is_ready(r, model, version))
+        {
+            return Vec::new();
         }
+        reports
+            .iter()
+            .filter(|(_, report)| !has(report))
+            .map(|(url, _)| url.clone())
+            .collect()
     }
 
-    /// Every replica's last report, for the admin API.
-    pub fn snapshot(&self) -> Vec<Report> {
-        self.reports().clone()
+    /// Every replica's URL and last listing (`None` while it has none), for the admin API.
+    pub fn snapshot(&self) -> Vec<(String, Option<Vec<VersionState>>)> {
+        self.reports()
+            .iter()
+            .map(|(url, report)| (url.clone(), report.listed().map(<[_]>::to_vec)))
+            .collect()
+    }
+
+    /// Records a read of `url`'s catalog if it is still a member (a poll that raced its
+    /// replica's leaving must not bring it back): `Ok(Some)` a listing, `Ok(None)` a read
+    /// that timed out, `Err` a read that failed.
+    fn record(&self, url: &str, read: Result<Option<Vec<VersionState>>, ()>) {
+        let mut reports = self.reports.write().unwrap_or_else(|e| e.into_inner());
+        let Some(slot) = reports.get_mut(url) else {
+            return;
+        };
+        *slot = match (read, &*slot) {
+            (Ok(Some(versions)), _) => Report::Listed(versions),
+            (Ok(None), Report::Pending) | (Err(()), _) => Report::Pending,
+            (Ok(None), _) => Report::Unreadable,
+        };
     }
 }
 
@@ -124,14 +190,11 @@ fn is_ready(report: &[VersionState], model: &str, version: &str) -> bool {
         .any(|v| v.model == model && v.version == version && v.state == State::Ready as i32)
 }
 
-/// Reads replica `index`'s catalog every [`POLL`] while `versions` lives. A replica whose
-/// catalog cannot be read counts as unknown at once rather than keeping a stale report (which
-/// could keep it out after it became ready, or in after it restarted without a version): an
-/// unknown replica takes a version's requests only when no replica is known to have it ready,
-/// and one that cannot answer is judged by the health watch and outlier ejection.
+/// Reads the catalog of the replica at `url` every [`POLL`] while `versions` lives (the task is
+/// aborted when the replica leaves).
 async fn poll(
     versions: std::sync::Weak<ReplicaVersions>,
-    index: usize,
+    url: String,
     channel: InternalChannel,
     gauge: IntGauge,
 ) {
@@ -140,18 +203,22 @@ async fn poll(
         let mut request = tonic::Request::new(ListVersionsRequest {});
         request.set_timeout(POLL_TIMEOUT);
         // `grpc-timeout` bounds the server; this bounds the wait here (a hung peer, a slow link).
-        let report = tokio::time::timeout(POLL_TIMEOUT, client.list_versions(request))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|response| response.into_inner().versions);
-        gauge.set(report.as_ref().map_or(-1, |r| {
-            r.iter().filter(|v| v.state == State::Ready as i32).count() as i64
-        }));
+        let read = match tokio::time::timeout(POLL_TIMEOUT, client.list_versions(request)).await {
+            Ok(Ok(response)) => Ok(Some(response.into_inner().versions)),
+            // Slow: a stale listing is likelier right than none (ejection judges slowness).
+            Err(_) => Ok(None),
+            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => Ok(None),
+            // Down or restarting: it may come back without the versions it listed.
+            Ok(Err(_)) => Err(()),
+        };
+        gauge.set(match &read {
+            Ok(Some(r)) => r.iter().filter(|v| v.state == State::Ready as i32).count() as i64,
+            _ => -1,
+        });
         let Some(versions) = versions.upgrade() else {
             return;
         };
-        versions.reports.write().unwrap_or_else(|e| e.into_inner())[index] = report;
+        versions.record(&url, read);
         drop(versions);
         tokio::time::sleep(POLL).await;
     }
@@ -161,34 +228,63 @@ async fn poll(
 mod tests {
     use super::*;
 
-    fn versions(reports: Vec<Report>) -> ReplicaVersions {
+    fn listed(versions: &[(&str, State)]) -> Report {
+        Report::Listed(
+            versions
+                .iter()
+                .map(|(version, state)| VersionState {
+                    model: "churn".into(),
+                    version: (*version).into(),
+                    state: *state as i32,
+                    ..Default::default()
+                })
+                .collect(),
+        )
+    }
+
+    fn versions(reports: &[(&str, Report)]) -> ReplicaVersions {
         ReplicaVersions {
-            reports: RwLock::new(reports),
+            reports: RwLock::new(
+                reports
+                    .iter()
+                    .map(|(url, r)| ((*url).to_owned(), r.clone()))
+                    .collect(),
+            ),
             tasks: Default::default(),
-            ready: IntGaugeVec::new(Opts::new("ready", "test"), &["replica"]).expect("gauge"),
+            ready: IntGaugeVec::new(Opts::new("t", "t"), &["replica"]).expect("gauge"),
         }
     }
 
-    fn report(version: &str, state: State) -> Report {
-        Some(vec![VersionState {
-            model: "churn".into(),
-            version: version.into(),
-            state: state as i32,
-            ..Default::default()
-        }])
-    }
-
+    /// A replica that just joined takes a version's requests only once its catalog lists it
+    /// ready; one that answered before and is slow to answer now is left to health and ejection;
+    /// when no replica has the version, none is filtered out.
     #[test]
-    fn a_replica_not_known_to_have_a_version_ready_is_skipped_while_another_has_it() {
-        // Restarted, its catalog not read yet (it may still be loading): the other one serves.
-        let restarted = versions(vec![None, report("3", State::Ready)]);
-        assert_eq!(restarted.lacking("churn", "3"), vec![0]);
-        let loading = versions(vec![report("3", State::Loading), report("3", State::Ready)]);
-        assert_eq!(loading.lacking("churn", "3"), vec![0]);
-        // Nobody known to have it: every replica may be tried (and answers honestly).
-        let nobody = versions(vec![None, report("1", State::Ready)]);
-        assert_eq!(nobody.lacking("churn", "3"), Vec::<usize>::new());
-        let unknown = versions(vec![None, None]);
-        assert_eq!(unknown.lacking("churn", "3"), Vec::<usize>::new());
+    fn a_joined_replica_lacks_every_version_until_its_catalog_lists_it() {
+        let set = versions(&[
+            ("http://a", listed(&[("v1", State::Ready)])),
+            ("http://b", Report::Pending),
+            ("http://c", Report::Unreadable),
+            ("http://d", listed(&[("v1", State::Loading)])),
+        ]);
+        assert_eq!(set.lacking("churn", "v1"), ["http://b", "http://d"]);
+        assert!(set.lacking("churn", "v2").is_empty());
+        assert!(set.known() && set.ready_anywhere("churn", "v1"));
+        set.record("http://b", Ok(Some(vec![])));
+        set.record("http://b", Ok(None));
+        set.record("http://gone", Ok(Some(vec![])));
+        assert_eq!(
+            set.snapshot().len(),
+            4,
+            "a poll of a replica that left adds nothing"
+        );
+        assert_eq!(
+            set.lacking("churn", "v1"),
+            ["http://d"],
+            "b answered once and timed out since: unreadable, left to ejection"
+        );
+        // A read that fails (the replica is down, restarting) makes it pending again: it may
+        // come back still loading the versions it listed (mesh-chaos scenario 13).
+        set.record("http://c", Err(()));
+        assert_eq!(set.lacking("churn", "v1"), ["http://c", "http://d"]);
     }
 }
