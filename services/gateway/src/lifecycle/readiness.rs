@@ -205,11 +205,11 @@ async fn poll(
         // `grpc-timeout` bounds the server; this bounds the wait here (a hung peer, a slow link).
         let read = match tokio::time::timeout(POLL_TIMEOUT, client.list_versions(request)).await {
             Ok(Ok(response)) => Ok(Some(response.into_inner().versions)),
-            // Slow: a stale listing is likelier right than none (ejection judges slowness).
-            Err(_) => Ok(None),
-            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => Ok(None),
-            // Down or restarting: it may come back without the versions it listed.
-            Ok(Err(_)) => Err(()),
+            // Down or restarting (no connection): it may come back without the versions it
+            // listed.
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(()),
+            // Slow (a timeout, on either side): a stale listing is likelier right than none.
+            Err(_) | Ok(Err(_)) => Ok(None),
         };
         gauge.set(match &read {
             Ok(Some(r)) => r.iter().filter(|v| v.state == State::Ready as i32).count() as i64,

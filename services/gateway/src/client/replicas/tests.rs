@@ -195,7 +195,11 @@ async fn the_last_available_replica_is_never_ejected() {
         !r[1].ejected(Instant::now()),
         "ejecting it would leave no replica to serve"
     );
-    assert_eq!(picked(&set, &[]), r[1].url, "the live one, not the dead one");
+    assert_eq!(
+        picked(&set, &[]),
+        r[1].url,
+        "the live one, not the dead one"
+    );
     // With replica 0 back, the same failures eject replica 1 (within the cap of one).
     r[0].serving.store(true, Ordering::Relaxed);
     fail(&set, &r[1]);
@@ -229,5 +233,8 @@ async fn a_replica_that_has_the_version_beats_one_that_lacks_it_even_if_ejected(
     // whose health says SERVING and which has it, takes the request.
     assert_eq!(picked(&set, &[r[0].url.clone()]), r[1].url);
     // Had it failed there too, any available one is tried again.
-    assert_eq!(picked(&set, &[r[0].url.clone(), r[1].url.clone()]), r[0].url);
+    assert_eq!(
+        picked(&set, &[r[0].url.clone(), r[1].url.clone()]),
+        r[0].url
+    );
 }
