@@ -231,6 +231,9 @@ fn wire(
     let judging = store
         .clone()
         .map(|store| lifecycle::canary::spawn(canary.clone(), router.clone(), store));
+    let trimming = store
+        .clone()
+        .map(|store| mesh_registry::retention::spawn(store, config.lifecycle.audit_retention_days));
     let admin = lifecycle::admin::AdminService::new(
         config.lifecycle.admin_keys.clone(),
         store,
@@ -249,6 +252,7 @@ fn wire(
         shadow,
         canary,
         _judging: judging,
+        _trimming: trimming,
         drift,
         _exporting: exporting,
         log,

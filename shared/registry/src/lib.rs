@@ -12,9 +12,11 @@
 //! - [`policy`]: one model's policy, and routing an entity by a stable hash (sticky rollouts).
 //! - [`store`]: reading the state, and every change as one transaction with its audit record.
 //! - [`follow`](mod@follow): a task that keeps a current copy of the state (`LISTEN` + periodic re-read).
+//! - [`retention`]: the audit log trimmed to a retention window, in bounded batches.
 
 pub mod follow;
 pub mod policy;
+pub mod retention;
 pub mod schema;
 pub mod store;
 
