@@ -271,7 +271,6 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         &out,
         &targets,
         Duration::from_secs(opts.alerts_quiet_secs),
-        opts.profile == Profile::Debug,
     )
     .await?;
 

@@ -73,8 +73,6 @@ pub struct AlertStack {
     notices: Notices,
     server: tokio::task::JoinHandle<()>,
     quiet_bound: Duration,
-    /// The mesh runs debug builds (see [`expect::tolerated`]).
-    debug: bool,
     _data: tempfile::TempDir,
 }
 
@@ -123,7 +121,6 @@ impl AlertStack {
         out: &Path,
         targets: &[Target],
         quiet_bound: Duration,
-        debug: bool,
     ) -> anyhow::Result<Self> {
         let conf = out.join("alerting");
         let _ = std::fs::remove_dir_all(&conf);
@@ -199,7 +196,6 @@ impl AlertStack {
             notices,
             server,
             quiet_bound,
-            debug,
             _data: data,
         };
         stack.wait_ready(targets.len(), am_addr).await?;
@@ -264,7 +260,7 @@ impl AlertStack {
                 alerts
                     .iter()
                     .map(|a| (receiver::key_of(&a["labels"]), a["state"].as_str()))
-                    .filter(|(key, _)| expect::tolerated(key, self.debug).is_none())
+                    .filter(|(key, _)| expect::tolerated(key).is_none())
                     .map(|(key, state)| format!("{key} ({})", state.unwrap_or_default()))
                     .collect()
             })
@@ -299,7 +295,7 @@ impl AlertStack {
             still.extend(
                 firing
                     .values()
-                    .filter(|k| expect::tolerated(k, self.debug).is_none())
+                    .filter(|k| expect::tolerated(k).is_none())
                     .map(|k| format!("{k} (notified firing)")),
             );
             still.sort();
@@ -323,7 +319,6 @@ impl AlertStack {
         let before = firing_at(&all[..mark.min(all.len())]);
         Report::new(
             n,
-            self.debug,
             &all[mark.min(all.len())..],
             &before,
             inject_unix,
@@ -488,10 +483,8 @@ pub struct Report {
 }
 
 impl Report {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         n: u8,
-        debug: bool,
         window: &[Notice],
         carried: &BTreeMap<String, String>,
         inject_unix: u64,
@@ -515,7 +508,7 @@ impl Report {
                     severity: notice.severity.clone(),
                     after_inject_s: secs(notice.at_unix_ms, inject_unix),
                     resolved_after_lift_s: None,
-                    tolerated: expect::tolerated(&notice.key, debug),
+                    tolerated: expect::tolerated(&notice.key),
                 }),
                 ("resolved", Some(i)) => {
                     fired[i].resolved_after_lift_s = Some(secs(notice.at_unix_ms, lift_unix));
