@@ -12,6 +12,9 @@
 //! more than the longest OK latency (plus 100 ms), which a record stamped when it was written
 //! (after an outage, a replay) breaks.
 //!
+//! Scenario 0 is the steady baseline (load, no fault). A real Prometheus and Alertmanager watch
+//! the mesh throughout ([`alerts`]): each scenario's alerts must be the ones it expects.
+//!
 //! Every fault is real (processes killed or stopped, servers stopped) except one: the 500 ms
 //! latency of scenario 4 is added by a TCP proxy inside this process
 //! (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference replica 2.
