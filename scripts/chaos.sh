@@ -15,6 +15,16 @@
 # in PostgreSQL once, records stamped with their serve time. Writes chaos-results/summary.md,
 # chaos-results/chaos.json and chaos-results/logs/<service>.log.
 #
+# Scenario 0 is the steady baseline (load, no fault). Alerts are proven live: a real Prometheus
+# (Debian's, loopback, its own temp data dir) scrapes every service every 500 ms and evaluates the
+# shipped rules (deploy/prometheus/rules/*.yml) rendered on a compressed time scale (every for:,
+# range window and age threshold / 60, windows >= 2 s, durations <= 60 s; written to
+# chaos-results/alerting/); a real Alertmanager with the shipped routing posts to a webhook inside
+# mesh-chaos. Each scenario lists the alerts that must and may fire
+# (tools/chaos/src/alerts/expect.rs); a missing, unexpected or unresolved alert fails it, in both
+# modes. The summary's "alerts fired" / "alerts resolved" columns give the times after the fault
+# was injected / lifted.
+#
 #   bash scripts/chaos.sh            release build, 30 s faults, 300 req/s, all targets enforced
 #   bash scripts/chaos.sh --short    debug build, 10 s faults, 100 req/s, invariants enforced (CI)
 #

@@ -258,6 +258,9 @@ async fn wire(
     let judging = store
         .clone()
         .map(|store| lifecycle::canary::spawn(canary.clone(), router.clone(), store));
+    let trimming = store
+        .clone()
+        .map(|store| mesh_registry::retention::spawn(store, config.lifecycle.audit_retention_days));
     let admin = lifecycle::admin::AdminService::new(
         config.lifecycle.admin_keys.clone(),
         store,
@@ -275,6 +278,7 @@ async fn wire(
         shadow,
         canary,
         _judging: judging,
+        _trimming: trimming,
         drift,
         _exporting: exporting,
         log,

@@ -37,6 +37,8 @@ pub struct GatewayService {
     pub canary: Arc<crate::lifecycle::canary::Canary>,
     /// Keeps the canary judging while the service lives (with a live registry).
     pub _judging: Option<crate::lifecycle::canary::Judging>,
+    /// Keeps the live registry's audit log within `MESH_AUDIT_RETENTION_DAYS` (if there is one).
+    pub _trimming: Option<mesh_registry::retention::AuditRetention>,
     /// Where records go.
     pub log: LogShipper,
     /// Predictions by model version, tier and outcome.

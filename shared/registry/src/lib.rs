@@ -13,10 +13,12 @@
 //! - [`change`](mod@change): the changes and what each does to a policy (checked, pure).
 //! - [`store`]: reading the state, and every change as one transaction with its audit record.
 //! - [`follow`](mod@follow): a task that keeps a current copy of the state (`LISTEN` + periodic re-read).
+//! - [`retention`]: the audit log trimmed to a retention window, in bounded batches.
 
 pub mod change;
 pub mod follow;
 pub mod policy;
+pub mod retention;
 pub mod schema;
 pub mod store;
 

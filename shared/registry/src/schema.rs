@@ -4,7 +4,8 @@
 //!   version before the last promotion (what a rollback returns to), a rollout candidate with its
 //!   percentage, a shadow version, and a generation bumped by every change.
 //! - `model_audit`: every change: who (the admin key's id), when, what, from, to, why, and the
-//!   figures that triggered it when the mesh itself acted (an automatic rollback).
+//!   figures that triggered it when the mesh itself acted (an automatic rollback). Kept for a
+//!   retention window ([`crate::retention`]); migration 2 indexes it by time for that.
 //!
 //! Every change ends with `pg_notify('mesh_registry', <model>)`, so followers re-read at once.
 
@@ -41,6 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[
               details      jsonb NOT NULL DEFAULT '{}'::jsonb
           );
           CREATE INDEX model_audit_model_at ON model_audit (model, at DESC);",
+    },
+    Migration {
+        version: 2,
+        name: "model audit index by time, for retention",
+        sql: "CREATE INDEX model_audit_at ON model_audit (at);",
     },
     Migration {
         version: 3,

@@ -95,6 +95,14 @@ impl RegistryStore {
         Self { pool, limit }
     }
 
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub(crate) fn limit(&self) -> Duration {
+        self.limit
+    }
+
     /// Applies the registry's schema steps.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         mesh_runtime::postgres::migrate(&self.pool, "registry", crate::schema::MIGRATIONS).await?;

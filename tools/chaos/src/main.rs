@@ -13,6 +13,10 @@
 //! more than the longest OK latency (plus 100 ms), which a record stamped when it was written
 //! (after an outage, a replay) breaks.
 //!
+//! Scenario 0 is the steady baseline (load, no fault). A real Prometheus and Alertmanager watch
+//! the mesh throughout ([`alerts`]): each scenario's alerts must be the ones it expects
+//! (scenarios 11-13, the model lifecycle, are not judged on alerts).
+//!
 //! Every fault is real (processes killed or stopped, servers stopped) except two: the 500 ms
 //! latency of scenario 4 is added by a TCP proxy inside this process
 //! (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference replica 2, and in
@@ -24,6 +28,7 @@
 //! all of them stop on exit, on error and on Ctrl-C (the mesh is a guard that stops what it
 //! started when dropped).
 
+mod alerts;
 mod badinput;
 mod lifecycle;
 mod load;
@@ -88,7 +93,8 @@ struct Opts {
     /// Where to write summary.md, chaos.json and logs/.
     #[arg(long, default_value = "chaos-results")]
     out: PathBuf,
-    /// Scenarios to run, e.g. `1,4` (default: all, 1-13; 11-13 are the model lifecycle).
+    /// Scenarios to run, e.g. `1,4` (default: all, 0-13; 0 is the steady baseline, 11-13 the
+    /// model lifecycle).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Open-loop load, requests per second.
@@ -112,6 +118,9 @@ struct Opts {
     /// Scenario 7: bad requests to send in all.
     #[arg(long, default_value_t = 4000)]
     bad_requests: usize,
+    /// Longest wait after each scenario until no alert is pending or firing, seconds.
+    #[arg(long, default_value_t = 120)]
+    alerts_quiet_secs: u64,
     /// Exit non-zero if any target fails.
     #[arg(long)]
     enforce: bool,
@@ -126,7 +135,7 @@ struct Opts {
 }
 
 const NAMES: [&str; 11] = [
-    "",
+    "steady load, no fault (baseline)",
     "kill -9 inference-1, restart",
     "Redis stopped, restarted",
     "PostgreSQL stopped, restarted",
@@ -174,6 +183,8 @@ struct Outcome {
     delivery: String,
     fault_s: f64,
     checks: Vec<Check>,
+    /// What Prometheus and Alertmanager notified during the scenario.
+    alerts: alerts::Report,
     details: serde_json::Value,
     notes: Vec<String>,
 }
@@ -230,20 +241,20 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         repo.join(&opts.out)
     };
     let scenarios: Vec<u8> = if opts.only.is_empty() {
-        (1..=LAST).collect()
+        (0..=LAST).collect()
     } else {
         let mut s = opts.only.clone();
         s.sort_unstable();
         s.dedup();
-        if let Some(bad) = s.iter().find(|n| !(1..=LAST).contains(*n)) {
-            anyhow::bail!("--only: there is no scenario {bad} (1-{LAST})");
+        if let Some(bad) = s.iter().find(|n| !(0..=LAST).contains(*n)) {
+            anyhow::bail!("--only: there is no scenario {bad} (0-{LAST})");
         }
         s
     };
     if out.join("logs").exists() {
         std::fs::remove_dir_all(out.join("logs"))?;
     }
-    for n in 1..=LAST {
+    for n in 0..=LAST {
         let _ = std::fs::remove_dir_all(out.join(format!("scenario-{n}")));
     }
     std::fs::create_dir_all(out.join("logs"))?;
@@ -262,6 +273,18 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
     })
     .await?;
     mesh.seed(&repo.join("data/demo_entities.jsonl")).await?;
+    let targets: Vec<alerts::Target> = mesh
+        .services()
+        .iter()
+        .map(|s| alerts::Target::of(&s.name, s.metrics_port))
+        .collect();
+    let alerting = alerts::AlertStack::start(
+        &repo,
+        &out,
+        &targets,
+        Duration::from_secs(opts.alerts_quiet_secs),
+    )
+    .await?;
 
     // Warm caches and connections (not measured), and let its records land.
     say!("warm-up: 3 s of load (not measured)");
@@ -287,12 +310,13 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         let outcome = if n >= lifecycle::FIRST {
             lifecycle::run(&mut mesh, &opts, n, &out).await?
         } else {
-            scenario(&mut mesh, &opts, n, &out).await?
+            scenario(&mut mesh, &alerting, &opts, n, &out).await?
         };
         print_row(&outcome);
         outcomes.push(outcome);
     }
     let total = suite_started.elapsed();
+    drop(alerting);
     drop(mesh);
 
     let (summary, failed_enforced) = summarise(&opts, profile, &outcomes, total);
@@ -412,6 +436,7 @@ async fn sleep_until_offset(load: &Load, offset_ms: f64) {
 /// Runs scenario `n`.
 async fn scenario(
     mesh: &mut Mesh,
+    alerting: &alerts::AlertStack,
     opts: &Opts,
     n: u8,
     out: &std::path::Path,
@@ -421,6 +446,7 @@ async fn scenario(
     let fault = Duration::from_secs(opts.fault_secs);
     let mut notes = Vec::new();
     say!("── scenario {n}: {name}");
+    let alerts_mark = alerting.mark();
     let revived = mesh.revive().await?;
     if !revived.is_empty() {
         notes.push(format!(
@@ -454,6 +480,7 @@ async fn scenario(
     let mut poisoner = None;
     let mut memory = MemoryWatch::default();
     match n {
+        0 => say!("no fault: steady load (the baseline; no alert may fire)"),
         1 => {
             mesh.inference1.kill9();
             say!("fault injected: kill -9 inference-1");
@@ -777,7 +804,7 @@ async fn scenario(
         },
     ];
     match n {
-        1 | 2 | 4 | 5 => checks.push(Check {
+        0 | 1 | 2 | 4 | 5 => checks.push(Check {
             what: format!("succeeded within deadline >= 99.9 % ({ok_pct:.2} %)"),
             pass: ok_pct >= 99.9,
             invariant: false,
@@ -942,6 +969,26 @@ async fn scenario(
     if let Some(sent) = &poisoned {
         poison_checks(&pg_url, sent, opts, &mut checks, &mut details).await;
     }
+    let alerts = alerting
+        .settle(
+            n,
+            alerts_mark,
+            (inject_unix, lift_unix),
+            &mesh.gateway.url(),
+        )
+        .await;
+    say!(
+        "alerts fired: {}; resolved: {}",
+        alerts.fired_text(),
+        alerts.resolved_text()
+    );
+    for (what, pass) in alerts.checks() {
+        checks.push(Check {
+            what,
+            pass,
+            invariant: true,
+        });
+    }
     if !delivery.settled {
         notes.push(format!(
             "delivery did not settle within {} s",
@@ -965,6 +1012,7 @@ async fn scenario(
         delivery: delivery_text,
         fault_s,
         checks,
+        alerts,
         details,
         notes,
     };
@@ -1223,7 +1271,7 @@ fn fmt_opt(v: Option<f64>, unit: &str) -> String {
 
 fn print_row(o: &Outcome) {
     say!(
-        "scenario {} {}: {} requests, {} OK, {:.2} % within deadline, p99 in fault {}, recover {}, served {} found {} (rows added {}, received twice {}) → {}",
+        "scenario {} {}: {} requests, {} OK, {:.2} % within deadline, p99 in fault {}, recover {}, served {} found {} (rows added {}, received twice {}), alerts fired {}, resolved {} → {}",
         o.scenario,
         o.name,
         o.requests,
@@ -1235,6 +1283,8 @@ fn print_row(o: &Outcome) {
         o.found,
         o.rows_added,
         o.duplicates,
+        o.alerts.fired_text(),
+        o.alerts.resolved_text(),
         if o.pass() { "PASS" } else { "FAIL" }
     );
     for c in o.checks.iter().filter(|c| !c.pass) {
@@ -1254,7 +1304,7 @@ fn summarise(
     let enforce = if opts.enforce {
         "all targets"
     } else if opts.enforce_invariants {
-        "invariants only (served > 0, served == OK answers, found == served, no id received twice, serve time kept, no crashes, scenario 6: accepted requests complete, scenario 9: memory bounded, scenario 10: valid stored and poison kept as rejects, scenarios 11-13: answers from allowed versions, swaps and rollbacks reach every gateway, nothing sent to a version not ready)"
+        "invariants only (served > 0, served == OK answers, found == served, no id received twice, serve time kept, no crashes, scenario 6: accepted requests complete, scenario 9: memory bounded, scenario 10: valid stored and poison kept as rejects, alerts (0-10): expected fired, nothing unexpected, all resolved, scenarios 11-13: answers from allowed versions, swaps and rollbacks reach every gateway, nothing sent to a version not ready)"
     } else {
         "nothing (report only)"
     };
@@ -1262,12 +1312,12 @@ fn summarise(
         "# Chaos suite\n\n{profile} build; open-loop load {} req/s, deadline {} ms; faults {} s; baseline {} s; recovery bound {} s; delivery bound {} s; suite took {:.0} s. Enforced: {enforce}.\n\n",
         opts.rate, opts.timeout_ms, opts.fault_secs, opts.baseline_secs, opts.recover_secs, opts.deliver_secs, total.as_secs_f64()
     ));
-    s.push_str("| # | scenario | requests | OK answers | succeeded within deadline | p99 during fault | time to recover | served | found | rows added | received twice | result |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| # | scenario | requests | OK answers | succeeded within deadline | p99 during fault | time to recover | served | found | rows added | received twice | alerts fired (after fault) | alerts resolved (after lift) | result |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for o in outcomes {
         let result = if o.pass() { "PASS" } else { "FAIL" };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} % | {} | {} | {} | {} | {} | {} | {result} |\n",
+            "| {} | {} | {} | {} | {:.2} % | {} | {} | {} | {} | {} | {} | {} | {} | {result} |\n",
             o.scenario,
             o.name,
             o.requests,
@@ -1283,6 +1333,8 @@ fn summarise(
             o.found,
             o.rows_added,
             o.duplicates,
+            o.alerts.fired_text(),
+            o.alerts.resolved_text(),
         ));
     }
     s.push_str("\n## Targets\n\n");
@@ -1311,6 +1363,25 @@ fn summarise(
         for note in &o.notes {
             s.push_str(&format!("  - {note}\n"));
         }
+        s.push_str(&format!(
+            "  - alerts: must fire {}; may fire {}; fired {}\n",
+            o.alerts.must.join(", "),
+            o.alerts.may.join(", "),
+            o.alerts
+                .fired
+                .iter()
+                .map(|f| format!(
+                    "{} [{} → {}]{}",
+                    f.key,
+                    f.severity,
+                    f.receiver,
+                    f.tolerated
+                        .map(|why| format!(" (tolerated: {why})"))
+                        .unwrap_or_default()
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         if o.scenario == 7 {
             s.push_str(&format!(
                 "  - crashes: {}; bad requests sent: {}; not SERVING: {}; normal Predicts OK: {}\n  - answers to bad requests: {}\n",
@@ -1381,6 +1452,19 @@ const DEFINITIONS: &str = "
 - **scenario 7 crashes**: processes started by mesh-chaos that are no longer running
   (`kill -0` on their PIDs) after the bad input; each must also answer grpc.health.v1 SERVING
   and normal Predicts must still succeed.
+- **scenario 0**: steady load, no fault, for the fault time: the baseline. No alert may fire.
+- **alerts fired / alerts resolved**: a real Prometheus scrapes every service every 500 ms and
+  evaluates the shipped rules (`deploy/prometheus/rules/*.yml`) rendered on the chaos time
+  scale: every `for:`, range window and age threshold divided by 60, windows at least 2 s,
+  every duration at most 60 s (the rendered files are in `chaos-results/alerting/`). A real
+  Alertmanager with the shipped routing (1 s grouping) posts to a webhook inside mesh-chaos.
+  Fired: each alert's first firing notification, in seconds after the fault was injected
+  (instance = the service); resolved: its resolved notification, in seconds after the fault
+  was lifted. After each scenario the suite waits (at most `--alerts-quiet-secs`) until nothing
+  is pending or firing, so alerts do not leak into the next scenario. Each scenario lists the
+  alerts that must fire and those that may (tools/chaos/src/alerts/expect.rs); a missing one,
+  any other one, one firing before the fault, or one not resolved fails the scenario
+  (invariants). Scenarios 11-13 (the model lifecycle) are not judged on alerts.
 - The injected fakes are scenario 4's latency, a TCP proxy inside mesh-chaos
   (`mesh_testkit::proxy::DelayProxy`) between the gateway and inference-2, and scenario 13's
   held golden fixture (below). Every other fault is real: processes killed (`kill -9`) or

@@ -117,7 +117,19 @@ impl Mesh {
             env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
             env
         };
-        let ports = || -> anyhow::Result<(u16, u16)> { Ok((free_port()?, free_port()?)) };
+        // `free_port` binds and releases, so two calls can return the same port before either
+        // service has bound it (seen: the logger and inference-2 given one port). Every port
+        // handed out here is distinct.
+        let taken = std::cell::RefCell::new(std::collections::HashSet::new());
+        let distinct = || -> anyhow::Result<u16> {
+            loop {
+                let port = free_port()?;
+                if taken.borrow_mut().insert(port) {
+                    return Ok(port);
+                }
+            }
+        };
+        let ports = || -> anyhow::Result<(u16, u16)> { Ok((distinct()?, distinct()?)) };
         let bin = |name: &str| paths.bin.join(name);
         let (p, m) = ports()?;
         let mut inference1 = Service::new(

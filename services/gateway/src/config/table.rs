@@ -157,6 +157,11 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
             "re-read the live registry at least this often (changes are notified at once)",
         ),
         Setting::value(
+            "MESH_AUDIT_RETENTION_DAYS",
+            "365",
+            "days of `model_audit` kept in the live registry; older records are deleted hourly in batches of 1,000",
+        ),
+        Setting::value(
             "MESH_RATE_LIMIT_RPS",
             "1000",
             "per-key token-bucket rate; `off` disables",

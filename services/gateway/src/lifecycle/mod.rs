@@ -19,7 +19,7 @@ pub mod routing;
 pub mod shadow;
 
 use mesh_registry::RegistrySettings;
-use mesh_runtime::config::Settings;
+use mesh_runtime::config::{ConfigError, Settings};
 
 use crate::auth::{parse_key_list, ApiKey};
 use crate::error::StartupError;
@@ -31,6 +31,9 @@ pub struct LifecycleSettings {
     pub registry: RegistrySettings,
     /// `MESH_ADMIN_KEYS`: who may call the admin API (none: nobody).
     pub admin_keys: Vec<ApiKey>,
+    /// `MESH_AUDIT_RETENTION_DAYS`: days of audit records kept (see
+    /// [`mesh_registry::retention`]).
+    pub audit_retention_days: u32,
 }
 
 impl LifecycleSettings {
@@ -40,6 +43,17 @@ impl LifecycleSettings {
             registry: RegistrySettings::read(s)?,
             admin_keys: parse_key_list("MESH_ADMIN_KEYS", &s.string("MESH_ADMIN_KEYS"))
                 .map_err(StartupError::Config)?,
+            audit_retention_days: match s.parse::<u32>("MESH_AUDIT_RETENTION_DAYS")? {
+                0 => {
+                    return Err(StartupError::Setting(ConfigError {
+                        variable: "MESH_AUDIT_RETENTION_DAYS".into(),
+                        value: "0".into(),
+                        problem: "must be at least 1 day (an audit log kept for no time is none)"
+                            .into(),
+                    }))
+                }
+                days => days,
+            },
         })
     }
 }

@@ -620,6 +620,8 @@ async fn finish(
         delivery: delivery_text,
         fault_s: (fault.lift_unix.saturating_sub(fault.inject_unix)) as f64 / 1000.0,
         checks,
+        // The model lifecycle's scenarios are not judged on alerts.
+        alerts: crate::alerts::Report::default(),
         details,
         notes,
     })
