@@ -241,3 +241,51 @@ async fn another_instances_write_makes_redis_refuse_the_old_write_back() {
         .expect("get");
     assert_eq!(x_of(&fresh[0]), 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_materialization_restores_what_redis_lost_and_never_puts_an_older_version_over_a_newer_one(
+) {
+    let b = backends().await;
+    let (store, _) = store(&b, None).await;
+    store.put_many(&[entity(1.0)]).await.expect("write v1");
+    store.put_many(&[entity(2.0)]).await.expect("write v2");
+    redis_forget(&b).await;
+    let report = store.materialize().await.expect("materialize");
+    assert_eq!((report.entities, report.written), (1, 1));
+    assert_eq!(
+        redis_x(&b).await,
+        Some(2.0),
+        "Redis lost it; the materialization put it back"
+    );
+
+    // A newer version than PostgreSQL's (as a write-through racing the materialization's read
+    // would leave): the materialization must not put its older read over it.
+    let client = redis::Client::open(b.redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let newer = EntityFeatures {
+        features: [(
+            "x".to_owned(),
+            FeatureValue {
+                kind: Some(Kind::Number(9.0)),
+            },
+        )]
+        .into(),
+        ..entity(0.0)
+    };
+    redis::pipe()
+        .set(redis_key("cust-race"), newer.encode_to_vec())
+        .set(mesh_features::store::redis_version_key("cust-race"), 99)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("SET");
+    let report = store.materialize().await.expect("materialize");
+    assert_eq!((report.entities, report.written), (1, 0));
+    assert_eq!(
+        redis_x(&b).await,
+        Some(9.0),
+        "an older version overwrote a newer one"
+    );
+}
