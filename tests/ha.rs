@@ -59,6 +59,58 @@ async fn put_until_accepted(mesh: &HaMesh, x: f64, within: Duration) -> Option<D
     None
 }
 
+/// Promotes churn `version` through the gateway's admin API until the registry (on the new
+/// primary) accepts it, then waits until a prediction is answered by that version: the
+/// gateway's and the replicas' registry connections followed the failover. Returns how long.
+async fn promote_after_failover(mesh: &HaMesh, version: &str) -> Duration {
+    let started = Instant::now();
+    let mut admin = mesh_proto::admin::model_admin_client::ModelAdminClient::with_interceptor(
+        channel(mesh.gateway.addr),
+        |mut request: tonic::Request<()>| {
+            let key = ADMIN_KEY.parse().expect("ascii key");
+            request.metadata_mut().insert("x-admin-key", key);
+            Ok(request)
+        },
+    );
+    let promote = mesh_proto::admin::PromoteRequest {
+        model: "churn".into(),
+        version: version.into(),
+        alias: String::new(),
+        reason: "after the failover".into(),
+    };
+    while let Err(status) = admin.promote(promote.clone()).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "promotion refused for 30 s: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut gateway =
+        mesh_proto::gateway::gateway_client::GatewayClient::new(channel(mesh.gateway.addr));
+    loop {
+        let request = mesh_proto::gateway::PredictRequest {
+            model: "churn".into(),
+            entity_id: "cust-00001".into(),
+            features: [
+                ("support_calls_30d".to_owned(), num(1.0)),
+                ("channel".to_owned(), cat("web")),
+            ]
+            .into(),
+            model_version: String::new(),
+        };
+        if let Ok(answer) = gateway.predict(request).await {
+            if answer.into_inner().model_version == version {
+                return started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "version {version} never answered after the promotion"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// How long until a write through `url` lands on a primary other than `old` (PostgreSQL port).
 async fn wait_new_primary(url: &str, old: u16, within: Duration) -> Option<u16> {
     let started = Instant::now();
@@ -89,11 +141,16 @@ async fn killed_postgres_primary_and_redis_master_fail_over_under_load_without_a
     let pg = PatroniCluster::start().expect("patroni cluster");
     let mut redis = SentinelRedis::start().expect("redis under sentinel");
     println!("HA stores up in {:.1} s", started.elapsed().as_secs_f64());
-    let url = pg.url();
-    let mesh = HaMesh::start(&url, &redis.sentinels()).await;
+    let mesh = HaMesh::start(&pg.url(), &redis.sentinels()).await;
     seed(mesh.features_client(), ENTITIES).await;
+    postgres_primary_killed(&pg, &mesh).await;
+    redis_master_killed(&mut redis, &pg, &mesh).await;
+}
 
-    // 1. kill -9 the primary's postmaster under load.
+/// `kill -9` of the primary's postmaster under load: the standby is promoted, predictions keep
+/// flowing, writes resume on the new primary, every served record lands there once.
+async fn postgres_primary_killed(pg: &PatroniCluster, mesh: &HaMesh) {
+    let url = pg.url();
     let load = Load::start(mesh.gateway.addr, 50, ENTITIES);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let old = pg.kill_primary_postgres().expect("kill the primary");
@@ -102,7 +159,7 @@ async fn killed_postgres_primary_and_redis_master_fail_over_under_load_without_a
         .await
         .unwrap_or_else(|| panic!("no new primary within 30 s; logs in {}", pg.dir().display()));
     let failover = killed.elapsed();
-    let write_resumed = put_until_accepted(&mesh, 2.0, Duration::from_secs(30))
+    let write_resumed = put_until_accepted(mesh, 2.0, Duration::from_secs(30))
         .await
         .expect("PutFeatures resumes on the new primary");
     let features_write = killed.elapsed();
@@ -157,6 +214,11 @@ async fn killed_postgres_primary_and_redis_master_fail_over_under_load_without_a
         (served.len() as i64, served.len() as i64),
         "every served record reaches the new primary exactly once"
     );
+    let promoted = promote_after_failover(mesh, "2").await;
+    println!(
+        "registry: churn 2 promoted on the new primary and serving {:.2} s after the request",
+        promoted.as_secs_f64()
+    );
     let read = mesh
         .features_client()
         .get_features(GetFeaturesRequest {
@@ -166,9 +228,12 @@ async fn killed_postgres_primary_and_redis_master_fail_over_under_load_without_a
         .expect("read the probe")
         .into_inner();
     assert_eq!(read.entities[0].features.get("x"), Some(&num(2.0)));
+}
 
-    // 2. kill -9 the Redis master under load: Sentinel promotes the replica, and the features
-    //    service follows it without a restart.
+/// `kill -9` of the Redis master under load: Sentinel promotes the replica, and the features
+/// service follows it without a restart.
+async fn redis_master_killed(redis: &mut SentinelRedis, pg: &PatroniCluster, mesh: &HaMesh) {
+    let url = pg.url();
     let load = Load::start(mesh.gateway.addr, 50, ENTITIES);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let old_master = redis.kill_master().expect("kill the redis master");
@@ -198,7 +263,7 @@ async fn killed_postgres_primary_and_redis_master_fail_over_under_load_without_a
     let mut written = false;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !written && Instant::now() < deadline {
-        put_until_accepted(&mesh, 3.0, Duration::from_secs(5)).await;
+        put_until_accepted(mesh, 3.0, Duration::from_secs(5)).await;
         written = redis_cli(
             new_master,
             &["EXISTS", &mesh_features::store::redis_key("ha-probe")],

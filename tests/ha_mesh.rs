@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::*;
 
-/// The services, started against the given stores.
+/// The services, started against the given stores, with the live model registry.
 pub struct HaMesh {
     /// The features service.
     pub features: Running,
@@ -43,9 +43,14 @@ impl HaMesh {
         features_config.database.url = db_url.to_owned();
         features_config.database.pool_size = 8;
         let features = start_features(features_config).await;
+        // The live model registry in the same cluster: the gateway and the replicas follow it
+        // through the failover too.
         let mut inference = Vec::new();
         for _ in 0..2 {
-            inference.push(start_inference(inference_config()).await);
+            let mut config = inference_config();
+            config.registry.url = Some(db_url.to_owned());
+            config.models.warmup_iterations = 1;
+            inference.push(start_inference(config).await);
         }
         let mut logger_config = mesh_logger::Config::defaults();
         logger_config.server = test_server(256);
@@ -53,11 +58,15 @@ impl HaMesh {
         logger_config.batching.batch_size = 100;
         logger_config.batching.flush_interval = Duration::from_millis(20);
         let logger = start_logger(logger_config).await;
-        let config = gateway_config(
+        let mut config = gateway_config(
             features.url(),
             inference.iter().map(Running::url).collect(),
             logger.url(),
         );
+        config.lifecycle.registry.url = Some(db_url.to_owned());
+        config.lifecycle.admin_keys =
+            mesh_gateway::auth::parse_key_list("MESH_ADMIN_KEYS", &format!("ops:{ADMIN_KEY}"))
+                .expect("admin key");
         let (gateway, gateway_http) = start_gateway_with_http(config).await;
         wait_replicas_ready(gateway_http, inference.len()).await;
         for addr in [features.addr, logger.addr, gateway.addr]
