@@ -66,6 +66,18 @@ impl Drop for MaterializerGuard {
     }
 }
 
+/// `error` and its sources ("db error: canceling statement due to statement timeout"): the
+/// driver's own message alone says only "db error".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 impl FeatureStore {
     /// Asks the materializer for a run at its next check (after a failed write-through).
     pub fn materialize_soon(&self) {
@@ -80,7 +92,7 @@ impl FeatureStore {
         let Some(mut redis) = self.redis.clone() else {
             return Ok(report);
         };
-        let unavailable = |e: &dyn std::fmt::Display| FeaturesError::Unavailable(e.to_string());
+        let unavailable = |e: &dyn std::error::Error| FeaturesError::Unavailable(chain(e));
         let mut after = String::new();
         loop {
             let query = async {
@@ -101,7 +113,9 @@ impl FeatureStore {
             let write = script.invoke_async::<u64>(&mut redis);
             let written = tokio::time::timeout(PAGE_TIMEOUT, write)
                 .await
-                .map_err(|_| unavailable(&"Redis did not answer a page within 10 s"))?
+                .map_err(|_| {
+                    FeaturesError::Unavailable("Redis did not answer a page within 10 s".into())
+                })?
                 .map_err(|e| unavailable(&e))?;
             report.entities += count as u64;
             report.written += written;
@@ -112,7 +126,7 @@ impl FeatureStore {
         let mark = mark.query_async::<()>(&mut redis);
         tokio::time::timeout(PAGE_TIMEOUT, mark)
             .await
-            .map_err(|_| unavailable(&"Redis did not answer SET within 10 s"))?
+            .map_err(|_| FeaturesError::Unavailable("Redis did not answer SET within 10 s".into()))?
             .map_err(|e| unavailable(&e))?;
         report.took = started.elapsed();
         Ok(report)

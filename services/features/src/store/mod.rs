@@ -62,7 +62,7 @@ mod postgres_tier;
 pub mod redis_link;
 mod redis_tier;
 
-pub use materialize::{MaterializeReport, MaterializerGuard};
+pub use materialize::{MaterializeReport, MaterializerGuard, MATERIALIZED_KEY};
 pub use redis_link::RedisLink;
 
 /// One entity's stored features.

@@ -16,6 +16,9 @@ use tracing::Instrument as _;
 use super::redis_link::RedisLink;
 use super::{redis_key, redis_version_key, Entity, FeatureStore, Served};
 
+/// The least time a write-through may take (see [`FeatureStore::write_through`]).
+const WRITE_THROUGH_AT_LEAST: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Sets each entity's value and version only if its version is newer than the one Redis holds
 /// (none counts as older than any). KEYS: value and version key per entity; ARGV: TTL in
 /// milliseconds (0: no expiry), then version and value per entity. Returns how many it set.
@@ -185,7 +188,11 @@ impl FeatureStore {
             return;
         }
         let write = script.invoke_async::<u64>(&mut redis);
-        let failed = match tokio::time::timeout(self.redis_settings.timeout * 4, write).await {
+        // The caller already waited for PostgreSQL; a Redis that is only slow should not
+        // cost the entity its write-through (it would serve the old version until the next
+        // materialization).
+        let limit = (self.redis_settings.timeout * 4).max(WRITE_THROUGH_AT_LEAST);
+        let failed = match tokio::time::timeout(limit, write).await {
             Ok(Ok(_)) => return,
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timeout".to_owned(),
