@@ -151,7 +151,8 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 pgdata="$run/pg/data"
 
-# What this script supervises, in start order; they stop in the reverse order.
+# What this script supervises, in start order: the stores, then the rest (see cleanup for the
+# stop order).
 stores=(postgres redis)
 [ "$ha" = 1 ] && stores=("${ha_names[@]}")
 names=("${stores[@]}" features inference-1 inference-2 logger gateway)
