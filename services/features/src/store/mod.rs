@@ -368,7 +368,7 @@ impl FeatureStore {
     }
 
     /// Whether a PostgreSQL read failed within [`DB_FAILURE_NOTE_FOR`].
-    fn db_failing(&self) -> bool {
+    pub(super) fn db_failing(&self) -> bool {
         matches!(self.db_failed_at.lock().ok().and_then(|g| *g), Some(at) if at.elapsed() < DB_FAILURE_NOTE_FOR)
     }
 

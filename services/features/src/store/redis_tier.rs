@@ -16,6 +16,9 @@ use tracing::Instrument as _;
 use super::redis_link::RedisLink;
 use super::{redis_key, redis_version_key, Entity, FeatureStore, Served};
 
+/// How many times `MESH_REDIS_TIMEOUT_MS` a read may take while PostgreSQL is failing.
+const LAST_SOURCE_PATIENCE: u32 = 5;
+
 /// The least time a write-through may take (see [`FeatureStore::write_through`]).
 const WRITE_THROUGH_AT_LEAST: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -84,7 +87,13 @@ impl FeatureStore {
                 .await
         }
         .instrument(span);
-        let values = match tokio::time::timeout(self.redis_settings.timeout, call).await {
+        // While PostgreSQL fails, Redis is the last source: a slow answer is worth waiting
+        // for a little longer than usual.
+        let limit = match self.db_failing() {
+            true => self.redis_settings.timeout * LAST_SOURCE_PATIENCE,
+            false => self.redis_settings.timeout,
+        };
+        let values = match tokio::time::timeout(limit, call).await {
             Ok(Ok(values)) if values.len() == keys.len() => values,
             Ok(Ok(_)) => {
                 self.redis_failed("MGET answered a different number of values");
