@@ -273,7 +273,6 @@ impl FeatureStore {
     /// entities it still owns and publishes each result to its waiters.
     async fn load(self: Arc<Self>, load: u64, pending: Pending) {
         let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
-        let redis_skipped = self.redis.is_some() && self.redis_usable().is_none();
         let mut found = self.read_redis(&ids).await;
         let missing: Vec<String> = ids
             .iter()
@@ -288,9 +287,10 @@ impl FeatureStore {
                 Err(e) => db_error = Some(e),
             }
         }
-        // PostgreSQL failed and Redis was skipped in its cool-down: Redis is the last source
-        // left, so ask it after all (`redis_usable` no longer skips it while PostgreSQL fails).
-        if db_error.is_some() && redis_skipped {
+        // PostgreSQL failed: Redis is the last source left. Ask it (again) for what it did not
+        // give, in case it was skipped in its cool-down or one slow answer timed out
+        // (`redis_usable` does not skip it, and reads wait longer, while PostgreSQL fails).
+        if db_error.is_some() && self.redis.is_some() {
             found.extend(self.read_redis(&missing).await);
         }
         if let Some(hook) = &self.load_hook {
