@@ -1,9 +1,13 @@
 # The two commands a newcomer needs, and a few more. See README.md.
-.PHONY: up test bootstrap build bench check-deploy fmt lint
+.PHONY: up up-ha test bootstrap build bench check-deploy fmt lint
 
 ## Install what is missing, build, run the whole mesh locally until Ctrl-C.
 up:
 	bash scripts/up.sh
+
+## Like `make up`, with PostgreSQL as a Patroni cluster (primary + standby) and Redis under Sentinel.
+up-ha:
+	bash scripts/up.sh --ha
 
 ## Install what is missing and run the whole test suite (what CI runs).
 test:

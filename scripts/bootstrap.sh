@@ -8,6 +8,9 @@
 #     scripts/check-k8s.sh kubectl (its built-in kustomize renders deploy/k8s; left in the venv,
 #     not on PATH, so it never shadows your own) and kubernetes-validate.
 #
+# With `--ha` (make up-ha, and make test, whose HA tests start them): also Debian's `patroni`,
+# `etcd-server` and `redis-sentinel` (about 40 MB; a plain `make up` does not need them).
+#
 # Safe to run repeatedly: each step checks first. Writes .tools/env, which the Makefile sources
 # to find the ONNX Runtime library. Runs without standard input (CI).
 set -euo pipefail
@@ -19,7 +22,14 @@ ort_version="${MESH_ORT_VERSION:-1.31.1}"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
+want_ha=0
+[ "${1:-}" = --ha ] && want_ha=1
 need_apt=()
+if [ "$want_ha" = 1 ]; then
+  command -v patroni >/dev/null 2>&1 || need_apt+=(patroni)
+  command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+  command -v redis-sentinel >/dev/null 2>&1 || need_apt+=(redis-sentinel)
+fi
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)"
 [ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] || need_apt+=(postgresql)
@@ -47,6 +57,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # Same for the packaged redis service: the mesh starts its own on a port of its choosing.
   if [[ " ${need_apt[*]} " == *" redis-server "* ]]; then
     service redis-server stop >/dev/null 2>&1 || true
+  fi
+  # And for the packaged etcd, Patroni and Sentinel: the HA mode runs its own.
+  if [ "$want_ha" = 1 ]; then
+    for unit in etcd patroni redis-sentinel; do
+      service "$unit" stop >/dev/null 2>&1 || true
+    done
   fi
   # And for the packaged Prometheus, Alertmanager and node exporter: only their tools are needed.
   if [[ " ${need_apt[*]} " == *" prometheus"* ]]; then

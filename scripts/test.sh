@@ -11,7 +11,8 @@ started=$(date +%s)
 step() { printf '\n\033[1m== %s\033[0m (%ss)\n' "$*" "$(( $(date +%s) - started ))" >&2; }
 
 step "bootstrap"
-bash scripts/bootstrap.sh
+# --ha: the HA tests (tests/ha.rs) start Patroni, etcd and Redis Sentinel.
+bash scripts/bootstrap.sh --ha
 # shellcheck source=/dev/null
 source .tools/env
 

@@ -26,7 +26,17 @@
 # gateway and the next four for features, inference-1, inference-2, logger. Everything listens
 # on 127.0.0.1 only. MESH_PROFILE=debug runs the debug build; MESH_RUN_DIR (default .run) holds
 # data, logs, PID files (pids/<name>) and the token.
+#
+# `--ha` (`make up-ha`): PostgreSQL as a Patroni cluster (etcd, a primary and a synchronous
+# standby) and Redis as a master, a replica and three Sentinels, in place of the single
+# PostgreSQL and Redis; data in $MESH_RUN_DIR/ha. scripts/ha.sh has the details and timings.
 set -euo pipefail
+ha=0
+case "${1:-}" in
+  --ha) ha=1 ;;
+  "") ;;
+  *) echo "usage: scripts/up.sh [--ha]" >&2; exit 2 ;;
+esac
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -52,9 +62,16 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # A path as the user would type it from the repository root.
 show() { case $1 in "$root"/*) echo "${1#"$root"/}" ;; *) echo "$1" ;; esac; }
 
-bash scripts/bootstrap.sh
+if [ "$ha" = 1 ]; then bash scripts/bootstrap.sh --ha; else bash scripts/bootstrap.sh; fi
 # shellcheck source=/dev/null
 source .tools/env
+if [ "$ha" = 1 ]; then
+  # shellcheck source=scripts/ha.sh
+  source scripts/ha.sh
+  store_ports=$(ha_ports)
+else
+  store_ports="$pg_port $redis_port"
+fi
 
 # Prometheus with the shipped rules, scraping this mesh (MESH_PROMETHEUS=off skips it).
 prometheus_port="${MESH_PROMETHEUS_PORT:-9090}"
@@ -63,7 +80,7 @@ if [ "${MESH_PROMETHEUS:-on}" != off ] && command -v prometheus >/dev/null 2>&1;
   prometheus_on=1
 fi
 for port in "$gateway_port" "$features_port" "$inference1_port" "$inference2_port" "$logger_port" \
-            "$pg_port" "$redis_port" $(seq "$metrics_base" $((metrics_base + 4))) \
+            $store_ports $(seq "$metrics_base" $((metrics_base + 4))) \
             $([ "$prometheus_on" = 1 ] && echo "$prometheus_port"); do
   if port_open "$port"; then
     say "port $port is already in use (is the mesh already running?). Stop that process or pick other ports (see scripts/up.sh)."
@@ -117,6 +134,8 @@ else
   admin_hint="MESH_ADMIN_KEY=<a secret from MESH_ADMIN_KEYS>"
 fi
 export MESH_REDIS_URL="redis://127.0.0.1:$redis_port"
+# HA: every PostgreSQL member in one URL (writes go to the primary), Redis through Sentinel.
+[ "$ha" = 1 ] && ha_export_urls
 export MESH_MODELS_DIR="$root/models"
 export MESH_LOG_FORMAT="${MESH_LOG_FORMAT:-json}"
 # With MESH_API_KEYS set, the demo prediction below uses the first key's secret.
@@ -132,8 +151,11 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 pgdata="$run/pg/data"
 
-# What this script supervises, in start order; they stop in the reverse order.
-names=(postgres redis features inference-1 inference-2 logger gateway)
+# What this script supervises, in start order: the stores, then the rest (see cleanup for the
+# stop order).
+stores=(postgres redis)
+[ "$ha" = 1 ] && stores=("${ha_names[@]}")
+names=("${stores[@]}" features inference-1 inference-2 logger gateway)
 [ "$prometheus_on" = 1 ] && names+=(prometheus)
 declare -A pid=() starts=() started_at=() backoff=() due=()
 stopping=0
@@ -188,6 +210,7 @@ launch() {
         MESH_LOGGER_URL="http://127.0.0.1:$logger_port" \
         MESH_SPOOL_DIR="$run/spool" >>"$log" 2>&1 &
       ;;
+    *) ha_launch "$name" "$log" ;;
   esac
   pid[$name]=$!
   started_at[$name]=$SECONDS
@@ -199,47 +222,59 @@ cleanup() {
   trap - INT TERM EXIT
   stopping=1
   say "stopping…"
-  # Services first (they drain), then Redis, then PostgreSQL once the services have exited;
-  # only PIDs this script started.
+  # Services first (they drain), then the stores once the services have exited; only PIDs this
+  # script started.
   local i name
-  for ((i=${#names[@]}-1; i>=0; i--)); do
+  for ((i=${#names[@]}-1; i>=${#stores[@]}; i--)); do
     name=${names[$i]}
-    [ -n "${pid[$name]:-}" ] || continue
-    if [ "$name" = postgres ]; then
-      for other in "${names[@]:1}"; do
-        [ -n "${pid[$other]:-}" ] && { wait "${pid[$other]}" 2>/dev/null || true; }
-      done
-      # SIGINT is PostgreSQL's fast shutdown.
-      kill -INT "${pid[$name]}" 2>/dev/null || true
-    else
-      kill -TERM "${pid[$name]}" 2>/dev/null || true
-    fi
+    [ -n "${pid[$name]:-}" ] && kill -TERM "${pid[$name]}" 2>/dev/null || true
   done
-  for name in "${names[@]}"; do
+  for name in "${names[@]:${#stores[@]}}"; do
     [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
-    rm -f "$run/pids/$name"
   done
+  # The stores together (both Patroni members at once, so neither promotes itself when the
+  # other stops), etcd last: Patroni needs it to shut down. SIGINT is PostgreSQL's fast shutdown.
+  for name in "${stores[@]}"; do
+    [ -n "${pid[$name]:-}" ] && [ "$name" != etcd ] || continue
+    if [ "$name" = postgres ]; then kill -INT "${pid[$name]}" 2>/dev/null || true
+    else kill -TERM "${pid[$name]}" 2>/dev/null || true; fi
+  done
+  for name in "${stores[@]}"; do
+    [ "$name" != etcd ] && [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
+  done
+  if [ -n "${pid[etcd]:-}" ]; then
+    kill -TERM "${pid[etcd]}" 2>/dev/null || true
+    wait "${pid[etcd]}" 2>/dev/null || true
+  fi
+  for name in "${names[@]}"; do rm -f "$run/pids/$name"; done
   say "stopped. Data kept in $(show "$run")/ (delete it to start afresh)."
 }
 trap cleanup EXIT
 # Ctrl-C or SIGTERM: a requested stop, not a failure.
 trap 'stopping=1; exit 0' INT TERM
 
-if [ ! -f "$pgdata/PG_VERSION" ]; then
-  say "creating the PostgreSQL cluster in $(show "$run")/pg"
-  mkdir -p "$run/pg"
-  [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
-  "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 >"$logs/initdb.log" 2>&1
+if [ "$ha" = 1 ]; then
+  say "starting etcd, Patroni (PostgreSQL primary + standby), Redis master + replica, Sentinels in $(show "$ha_dir")"
+  ha_prepare
+  for name in "${stores[@]}"; do launch "$name"; done
+  ha_wait_ready || exit 1
+  ha_describe
+else
+  if [ ! -f "$pgdata/PG_VERSION" ]; then
+    say "creating the PostgreSQL cluster in $(show "$run")/pg"
+    mkdir -p "$run/pg"
+    [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
+    "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 >"$logs/initdb.log" 2>&1
+  fi
+  launch postgres
+  launch redis
+  for _ in $(seq 1 100); do
+    "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
+    sleep 0.1
+  done
+  "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { say "PostgreSQL did not start; see $(show "$logs")/postgres.log"; exit 1; }
+  say "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
 fi
-launch postgres
-launch redis
-for _ in $(seq 1 100); do
-  "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
-  sleep 0.1
-done
-"$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { say "PostgreSQL did not start; see $(show "$logs")/postgres.log"; exit 1; }
-say "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
-
 for name in features inference-1 inference-2 logger gateway; do launch "$name"; done
 if [ "$prometheus_on" = 1 ]; then
   mkdir -p "$run/prometheus"
@@ -292,7 +327,7 @@ Try (grpcurl is in .tools/bin after bootstrap):
   grpcurl -plaintext -d '{"model":"churn","items":[{"entity_id":"cust-00001","features":{"support_calls_30d":{"number":1},"channel":{"category":"web"}}},{"entity_id":"nobody","features":{"support_calls_30d":{"number":1},"channel":{"category":"web"}}}]}' 127.0.0.1:$gateway_port mesh.gateway.v1.Gateway/PredictBatch
   grpcurl -plaintext -d '{"service":"mesh.gateway.v1.Gateway"}' 127.0.0.1:$gateway_port grpc.health.v1.Health/Check
   grpcurl -plaintext -H "x-mesh-internal-token: $token_hint" -d '{"name":"churn"}' 127.0.0.1:$inference1_port inference.GRPCInferenceService/ModelMetadata
-  psql -h 127.0.0.1 -p $pg_port -U postgres -c 'SELECT prediction_id, entity_id, score, feature_tier, trace_id FROM predictions ORDER BY served_at DESC LIMIT 5'
+  psql "$MESH_DATABASE_URL" -c 'SELECT prediction_id, entity_id, score, feature_tier, trace_id FROM predictions ORDER BY served_at DESC LIMIT 5'
 
 $prometheus_hint
 Model lifecycle (admin key: $(show "$admin_file"), id "ops"):

@@ -160,7 +160,13 @@ async fn a_database_outage_behind_features_does_not_open_its_breaker() {
         .into_iter()
         .filter(|(k, _)| k == "support_calls_30d" || k == "channel")
         .collect();
-    // cust-00001 is loaded (and cached); the others never were.
+    // cust-00001 is loaded (and cached); the others never were, and are taken out of Redis
+    // (which holds every entity written) so that only PostgreSQL has them.
+    forget_in_redis(
+        mesh.redis.port(),
+        &["cust-00002", "cust-00003", "cust-00004", "cust-00005"],
+    )
+    .await;
     gateway
         .predict(request("cust-00001", partial.clone()))
         .await

@@ -19,6 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+pub mod ha_mesh;
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -668,5 +670,63 @@ pub fn num(v: f64) -> FeatureValue {
 pub fn cat(v: &str) -> FeatureValue {
     FeatureValue {
         kind: Some(Kind::Category(v.into())),
+    }
+}
+
+/// Deletes `ids` from the Redis on `redis_port` (value and version keys), as for entities Redis
+/// lost: their next read goes to PostgreSQL. First waits (at most 20 s) for the features
+/// service's first complete materialization (its marker key), which would otherwise put them
+/// back.
+pub async fn forget_in_redis(redis_port: u16, ids: &[&str]) {
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis_port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let started = std::time::Instant::now();
+    while cli(&["EXISTS", mesh_features::store::MATERIALIZED_KEY]) != "1" {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no materialization in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keys: Vec<String> = ids
+        .iter()
+        .flat_map(|id| {
+            [
+                mesh_features::store::redis_key(id),
+                mesh_features::store::redis_version_key(id),
+            ]
+        })
+        .collect();
+    let mut args = vec!["DEL"];
+    args.extend(keys.iter().map(String::as_str));
+    assert_eq!(cli(&args), keys.len().to_string(), "every key was there");
+}
+
+/// Waits (at most 20 s) until the Redis on `redis_port` holds every entity of `ids` (written
+/// through or materialized).
+pub async fn wait_in_redis(redis_port: u16, ids: &[&str]) {
+    let started = std::time::Instant::now();
+    for id in ids {
+        loop {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &redis_port.to_string(), "EXISTS"])
+                .arg(mesh_features::store::redis_key(id))
+                .output()
+                .expect("redis-cli");
+            if String::from_utf8_lossy(&out.stdout).trim() == "1" {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{id} not in Redis after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

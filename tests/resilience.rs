@@ -66,7 +66,7 @@ async fn tier_of(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn features_come_from_postgres_then_memory_then_redis_and_survive_redis_stopping() {
+async fn features_come_from_redis_memory_and_postgres_and_survive_redis_stopping() {
     telemetry();
     let mut redis = RedisServer::start().expect("redis");
     let pg = PostgresServer::start().expect("postgres");
@@ -82,21 +82,25 @@ async fn features_come_from_postgres_then_memory_then_redis_and_survive_redis_st
     let mut client =
         mesh_proto::features::features_client::FeaturesClient::new(internal_channel(features.addr));
 
-    assert_eq!(
-        tier_of(&mut client, "cust-00001").await,
-        FeatureTier::Database
-    );
-    assert_eq!(
-        tier_of(&mut client, "cust-00001").await,
-        FeatureTier::Memory
-    );
-    // Write-back to Redis is asynchronous; give it a moment, then let memory expire.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // PutFeatures wrote the entity through to Redis: the first read comes from there.
     assert_eq!(tier_of(&mut client, "cust-00001").await, FeatureTier::Redis);
     assert_eq!(
         tier_of(&mut client, "cust-00001").await,
         FeatureTier::Memory
     );
+    // An entity Redis does not hold comes from PostgreSQL and is written back.
+    forget_in_redis(redis.port(), &["cust-00002"]).await;
+    assert_eq!(
+        tier_of(&mut client, "cust-00002").await,
+        FeatureTier::Database
+    );
+    assert_eq!(
+        tier_of(&mut client, "cust-00002").await,
+        FeatureTier::Memory
+    );
+    // Write-back to Redis is asynchronous; give it a moment, then let memory expire.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(tier_of(&mut client, "cust-00002").await, FeatureTier::Redis);
 
     // Unknown entities are answered, not failed.
     let response = client

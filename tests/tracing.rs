@@ -202,6 +202,9 @@ async fn one_prediction_is_one_trace_across_all_four_services() {
         3,
     )
     .await;
+    // PutFeatures wrote it through to Redis: take it out, so that the prediction's features
+    // come from PostgreSQL and its span is there to check.
+    forget_in_redis(redis.port(), &["cust-00001"]).await;
 
     // The caller's own span: a sampled W3C traceparent.
     let trace_id: [u8; 16] = *b"mesh-trace-test!";

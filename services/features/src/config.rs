@@ -16,7 +16,10 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
     Setting::value("MESH_CACHE_NEGATIVE_CAPACITY", "10000", "ids known to be absent in the memory tier (a separate budget)"),
     Setting::value("MESH_REDIS_TIMEOUT_MS", "20", "per Redis call"),
     Setting::value("MESH_REDIS_COOLDOWN_MS", "1000", "Redis is skipped this long after a failure"),
-    Setting::value("MESH_REDIS_TTL_MS", "300000", "TTL of entries written back to Redis"),
+    Setting::unset("MESH_REDIS_SENTINELS", "unset: MESH_REDIS_URL is used", "Redis Sentinels (`host:port,...`): the features service follows the master they name, and MESH_REDIS_URL is not used"),
+    Setting::value("MESH_REDIS_MASTER_NAME", "mesh", "the master's name in the Sentinels' `sentinel monitor` line"),
+    Setting::value("MESH_REDIS_TTL_MS", "0", "TTL of entries in Redis; 0: none (Redis is the materialized online store: every entity in PostgreSQL is kept there)"),
+    Setting::value("MESH_MATERIALIZE_INTERVAL_MS", "600000", "full copy of PostgreSQL's entities into Redis this often (also at start, on SIGHUP, and when Redis lost them); 0: not periodically"),
     Setting::value("MESH_DB_TIMEOUT_MS", "1000", "one PostgreSQL load or connection attempt"),
     Setting::value("MESH_DB_POOL_SIZE", "16", "PostgreSQL connections"),
 );
@@ -55,8 +58,16 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// `MESH_REDIS_COOLDOWN_MS`: Redis is skipped this long after a failure.
     pub cooldown: Duration,
-    /// `MESH_REDIS_TTL_MS`: TTL of entries written back.
+    /// `MESH_REDIS_SENTINELS`: when not empty, Redis is whichever server these Sentinels name
+    /// master (and `url` is not used).
+    pub sentinels: Vec<String>,
+    /// `MESH_REDIS_MASTER_NAME`: the master's name at the Sentinels.
+    pub master_name: String,
+    /// `MESH_REDIS_TTL_MS`: TTL of entries in Redis; zero: none (the materialized store).
     pub ttl: Duration,
+    /// `MESH_MATERIALIZE_INTERVAL_MS`: a full materialization this often; zero: only at start,
+    /// on SIGHUP and when Redis lost the entries.
+    pub materialize_interval: Duration,
 }
 
 /// PostgreSQL.
@@ -85,7 +96,10 @@ impl FromSettings for Config {
                 url: s.optional("MESH_REDIS_URL"),
                 timeout: s.millis("MESH_REDIS_TIMEOUT_MS")?,
                 cooldown: s.millis("MESH_REDIS_COOLDOWN_MS")?,
+                sentinels: s.list("MESH_REDIS_SENTINELS"),
+                master_name: s.string("MESH_REDIS_MASTER_NAME"),
                 ttl: s.millis("MESH_REDIS_TTL_MS")?,
+                materialize_interval: s.millis("MESH_MATERIALIZE_INTERVAL_MS")?,
             },
             database: DatabaseSettings {
                 url: s.string("MESH_DATABASE_URL"),

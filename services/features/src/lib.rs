@@ -10,7 +10,8 @@
 //! - [`service`]: the gRPC handlers; [`metrics`]: tier counters; [`error`]: status mapping.
 //!
 //! Start-up: the schema is migrated (retrying while PostgreSQL is unreachable); health says
-//! SERVING once it is.
+//! SERVING once it is. The materializer (see `store`) copies PostgreSQL's entities into Redis in
+//! the background meanwhile and keeps them there.
 
 pub mod config;
 pub mod error;
@@ -22,7 +23,6 @@ pub mod validate;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mesh_proto::features::features_server::FeaturesServer;
 use mesh_runtime::postgres::Migration;
@@ -32,11 +32,13 @@ use tokio::net::TcpListener;
 pub use config::{Config, SETTINGS};
 pub use error::FeaturesError;
 
-/// The schema of the feature store: one row per (entity, feature), number or category.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "feature_values",
-    sql: "CREATE TABLE feature_values (
+/// The schema of the feature store: one row per (entity, feature), number or category; one
+/// version per entity, bumped by every write (Redis keeps only newer versions, see [`store`]).
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "feature_values",
+        sql: "CREATE TABLE feature_values (
               entity_id  text NOT NULL,
               name       text NOT NULL,
               number     double precision,
@@ -45,7 +47,18 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
               PRIMARY KEY (entity_id, name),
               CHECK ((number IS NULL) <> (category IS NULL))
           )",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "feature_entity_versions",
+        sql: "CREATE TABLE feature_entity_versions (
+              entity_id text PRIMARY KEY,
+              version   bigint NOT NULL
+          );
+          INSERT INTO feature_entity_versions (entity_id, version)
+              SELECT DISTINCT entity_id, 1 FROM feature_values",
+    },
+];
 
 /// Serves the feature store on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -61,10 +74,7 @@ pub async fn serve(
 
     let database = &config.database;
     let db = mesh_runtime::postgres::pool(&database.url, database.pool_size, database.timeout)?;
-    let redis = match &config.redis.url {
-        Some(url) => Some(redis_connection(url, config.redis.timeout)?),
-        None => None,
-    };
+    let redis = store::RedisLink::from_settings(&config.redis).map_err(StartupError::Config)?;
     let store = Arc::new(store::FeatureStore::new(
         config.redis.clone(),
         database.timeout,
@@ -79,6 +89,8 @@ pub async fn serve(
     ));
 
     mesh_runtime::postgres::migrate_then_serve(db.clone(), "features", MIGRATIONS, health.clone());
+    // Stops the materializer when `serve` returns.
+    let _materializer = store.spawn_materializer();
 
     let routes =
         tonic::service::Routes::new(FeaturesServer::new(service::FeaturesService::new(store)));
@@ -94,18 +106,4 @@ pub async fn serve(
     )
     .await
     .map_err(StartupError::from)
-}
-
-/// A lazily connecting Redis connection to `url`, each call bounded by `timeout`.
-fn redis_connection(
-    url: &str,
-    timeout: Duration,
-) -> Result<redis::aio::ConnectionManager, StartupError> {
-    let invalid = |e: redis::RedisError| StartupError::Config(format!("MESH_REDIS_URL: {e}"));
-    let client = redis::Client::open(url).map_err(invalid)?;
-    let manager_config = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
-        .set_number_of_retries(1);
-    redis::aio::ConnectionManager::new_lazy_with_config(client, manager_config).map_err(invalid)
 }

@@ -1,4 +1,5 @@
-//! A load racing a `PutFeatures` must not write the old values back into memory or Redis.
+//! A load racing a `PutFeatures` must not write the old values back into memory or Redis (which
+//! holds the write's values, written through with a newer version).
 //!
 //! Deterministic: the store's load hook holds the load exactly between its reads (Redis, then
 //! PostgreSQL, both done) and its cache fills, the write runs to completion, then the load is
@@ -11,10 +12,11 @@ use std::time::Duration;
 use mesh_features::config::RedisSettings;
 use mesh_features::memory::FeatureCache;
 use mesh_features::metrics::FeatureMetrics;
-use mesh_features::store::{redis_key, FeatureStore, LoadHook};
+use mesh_features::store::{redis_key, FeatureStore, LoadHook, RedisLink};
 use mesh_proto::features::EntityFeatures;
 use mesh_proto::types::{feature_value::Kind, FeatureValue};
 use mesh_testkit::{PostgresServer, RedisServer};
+use prost::Message as _;
 use tokio::sync::{mpsc, Semaphore};
 
 /// Holds loads at the hook while armed: says when one arrived, lets it go on `release`.
@@ -73,17 +75,19 @@ async fn store(b: &Backends, hook: Option<LoadHook>) -> (Arc<FeatureStore>, Feat
         url: Some(b.redis.url()),
         timeout: Duration::from_millis(500),
         cooldown: Duration::from_millis(100),
-        ttl: Duration::from_secs(300),
+        sentinels: Vec::new(),
+        master_name: "mesh".into(),
+        ttl: Duration::ZERO,
+        materialize_interval: Duration::ZERO,
     };
-    let client = redis::Client::open(b.redis.url()).expect("redis url");
-    let redis = client.get_connection_manager().await.expect("redis");
+    let redis = RedisLink::from_settings(&settings).expect("redis link");
     let pool = mesh_runtime::postgres::pool(&b.pg.url(), 4, Duration::from_secs(5)).expect("pool");
     let memory = FeatureCache::new(Duration::from_secs(60), 100, 100);
     let mut store = FeatureStore::new(
         settings,
         Duration::from_secs(5),
         memory,
-        Some(redis),
+        redis,
         pool,
         metrics.clone(),
     );
@@ -116,17 +120,39 @@ fn x_of(store_answer: &mesh_features::store::LoadResult) -> f64 {
     }
 }
 
-async fn redis_value(b: &Backends) -> Option<Vec<u8>> {
+/// Deletes the entity from Redis (value and version), as if it predated the materialization:
+/// the next load reads PostgreSQL and writes back what it read.
+async fn redis_forget(b: &Backends) {
     let client = redis::Client::open(b.redis.url()).expect("redis url");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
-    redis::cmd("GET")
+    redis::cmd("DEL")
+        .arg(redis_key("cust-race"))
+        .arg(mesh_features::store::redis_version_key("cust-race"))
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("DEL");
+}
+
+/// `x` of the entity Redis holds, if any.
+async fn redis_x(b: &Backends) -> Option<f64> {
+    let client = redis::Client::open(b.redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let bytes: Option<Vec<u8>> = redis::cmd("GET")
         .arg(redis_key("cust-race"))
         .query_async(&mut conn)
         .await
-        .expect("GET")
+        .expect("GET");
+    let decoded = EntityFeatures::decode(bytes?.as_slice()).expect("a stored entity");
+    match decoded.features["x"].kind {
+        Some(Kind::Number(x)) => Some(x),
+        ref other => panic!("x is {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,6 +161,7 @@ async fn a_load_that_started_before_a_write_does_not_fill_memory_or_redis_with_o
     let (mut gate, hook) = Gate::new();
     let (store, metrics) = store(&b, Some(hook)).await;
     store.put_many(&[entity(1.0)]).await.expect("write v1");
+    redis_forget(&b).await;
 
     gate.armed.store(true, Ordering::SeqCst);
     let load = tokio::spawn({
@@ -157,7 +184,11 @@ async fn a_load_that_started_before_a_write_does_not_fill_memory_or_redis_with_o
         "the racing load filled memory with old values"
     );
     assert_eq!(metrics.stale_skipped_total("memory"), 1);
-    assert_eq!(redis_value(&b).await, None, "no write-back of old values");
+    assert_eq!(
+        redis_x(&b).await,
+        Some(2.0),
+        "Redis holds the write, not the old values"
+    );
     let after = store
         .get_many(&["cust-race".to_owned()])
         .await
@@ -172,6 +203,7 @@ async fn another_instances_write_makes_redis_refuse_the_old_write_back() {
     let (loading, loading_metrics) = store(&b, Some(hook)).await;
     let (writing, _) = store(&b, None).await;
     writing.put_many(&[entity(1.0)]).await.expect("write v1");
+    redis_forget(&b).await;
 
     gate.armed.store(true, Ordering::SeqCst);
     let load = tokio::spawn({
@@ -198,10 +230,62 @@ async fn another_instances_write_makes_redis_refuse_the_old_write_back() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(loading_metrics.stale_skipped_total("redis"), 1);
-    assert_eq!(redis_value(&b).await, None, "Redis kept the old values");
+    assert_eq!(
+        redis_x(&b).await,
+        Some(2.0),
+        "Redis took the old values back"
+    );
     let fresh = writing
         .get_many(&["cust-race".to_owned()])
         .await
         .expect("get");
     assert_eq!(x_of(&fresh[0]), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_materialization_restores_what_redis_lost_and_never_puts_an_older_version_over_a_newer_one(
+) {
+    let b = backends().await;
+    let (store, _) = store(&b, None).await;
+    store.put_many(&[entity(1.0)]).await.expect("write v1");
+    store.put_many(&[entity(2.0)]).await.expect("write v2");
+    redis_forget(&b).await;
+    let report = store.materialize().await.expect("materialize");
+    assert_eq!((report.entities, report.written), (1, 1));
+    assert_eq!(
+        redis_x(&b).await,
+        Some(2.0),
+        "Redis lost it; the materialization put it back"
+    );
+
+    // A newer version than PostgreSQL's (as a write-through racing the materialization's read
+    // would leave): the materialization must not put its older read over it.
+    let client = redis::Client::open(b.redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let newer = EntityFeatures {
+        features: [(
+            "x".to_owned(),
+            FeatureValue {
+                kind: Some(Kind::Number(9.0)),
+            },
+        )]
+        .into(),
+        ..entity(0.0)
+    };
+    redis::pipe()
+        .set(redis_key("cust-race"), newer.encode_to_vec())
+        .set(mesh_features::store::redis_version_key("cust-race"), 99)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("SET");
+    let report = store.materialize().await.expect("materialize");
+    assert_eq!((report.entities, report.written), (1, 0));
+    assert_eq!(
+        redis_x(&b).await,
+        Some(9.0),
+        "an older version overwrote a newer one"
+    );
 }

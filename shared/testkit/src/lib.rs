@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - this module: [`RedisServer`], [`PostgresServer`], [`http_get`].
+//! - [`ha`]: the HA stores of `make up-ha`: a Patroni cluster, Redis under Sentinel.
 //! - [`proxy`]: the fault-injecting TCP proxy (delay, hold, refuse).
 //! - [`readme`]: the README's configuration table checked against the services' settings.
 
@@ -348,6 +349,7 @@ pub async fn http_get(
     })?
 }
 
+pub mod ha;
 pub mod proxy;
 
 /// The README's configuration table and the services' settings tables.

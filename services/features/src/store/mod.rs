@@ -2,20 +2,26 @@
 //!
 //! - Redis calls (module `redis_tier`) are bounded by a short timeout, and after a failure Redis
 //!   is skipped for a cool-down, so a Redis outage costs at most one timeout rather than one per
-//!   request.
+//!   request. Not while PostgreSQL is failing too: then Redis is the only source left, and
+//!   skipping it after one slow answer would fail entities it holds.
 //! - Concurrent misses for the same entity are coalesced: the first caller starts one load
 //!   (on its own task, so it finishes even if that caller gives up) and every caller waits on
 //!   its result.
 //! - Each entity of a call is answered on its own: one that cannot be loaded (PostgreSQL down
 //!   and no cache has it) is an error for that entity only.
-//! - Entities loaded from PostgreSQL are written back to Redis on a separate task; the answer
-//!   never waits for it.
+//! - Redis is the materialized online store (as in Feast): every `PutFeatures` is written through
+//!   (the whole entity as committed), every entity in PostgreSQL is copied in at start, on
+//!   `SIGHUP`, every `MESH_MATERIALIZE_INTERVAL_MS`, and whenever Redis lost them (module
+//!   `materialize`), and entries do not expire (`MESH_REDIS_TTL_MS` = 0). So a PostgreSQL
+//!   outage costs nothing for entities that exist. Entities loaded from PostgreSQL are also
+//!   written back to Redis on a separate task; the answer never waits for it.
+//! - Redis is one server or the master named by Sentinels (module `redis_link`).
 //!
 //! # A load racing a write
 //!
 //! A load reads Redis, then PostgreSQL, then fills the caches. A `PutFeatures` for the same
-//! entity in between must not be undone by that fill (the cache would serve the old values
-//! until its TTL). Two rules keep it from happening:
+//! entity in between must not be undone by that fill (a cache would serve the old values).
+//! Two rules keep it from happening:
 //!
 //! - **Memory (this instance).** A load *owns* each entity it registered in the in-flight map
 //!   (under its load number) and fills memory only for the entities it still owns when it
@@ -24,13 +30,13 @@
 //!   in-flight entries) and drops them from memory, under the same lock. So a load either filled
 //!   before the write dropped the entry, or sees that it lost the entity and does not fill. Later
 //!   callers start a fresh load instead of joining the stale one.
-//! - **Redis (all instances).** A write sets a fresh version token for the entity
-//!   (`mesh:features-version:v1:<id>`) in the same `MULTI` that deletes its value. A load reads
-//!   the token together with the value (one `MGET`) *before* it reads PostgreSQL, and writes the
-//!   value back with a script that sets it only if the token is still the one it read. A write
-//!   that happened after the load's read changed the token, so the stale write-back is refused
-//!   atomically inside Redis, whichever instance made it. Tokens are UUIDv7s, never reused, so
-//!   a token that expired and was set again cannot match by accident.
+//! - **Redis (all instances).** Every entity has a version in PostgreSQL
+//!   (`feature_entity_versions`), incremented by each write in the write's transaction; the
+//!   row lock orders concurrent writers, so versions follow commit order. Every value written to
+//!   Redis carries the version it was read at (`mesh:features-version:v1:<id>`), and a script
+//!   sets it only if that version is newer than the one Redis holds. A load that read version 5
+//!   cannot overwrite the write-through of version 6, whichever instance made either, and a
+//!   write-through cannot be overwritten by an older one that arrives late.
 //!
 //! Refused fills are counted in `mesh_feature_stale_fills_skipped_total{tier}`.
 
@@ -42,7 +48,6 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
 use mesh_proto::types::{FeatureTier, FeatureValue};
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -52,8 +57,13 @@ use crate::error::FeaturesError;
 use crate::memory::FeatureCache;
 use crate::metrics::FeatureMetrics;
 
+mod materialize;
 mod postgres_tier;
+pub mod redis_link;
 mod redis_tier;
+
+pub use materialize::{MaterializeReport, MaterializerGuard, MATERIALIZED_KEY};
+pub use redis_link::RedisLink;
 
 /// One entity's stored features.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -62,6 +72,8 @@ pub struct Entity {
     pub found: bool,
     /// Features by name.
     pub features: BTreeMap<String, FeatureValue>,
+    /// Its version in PostgreSQL when read from there (0 when read from Redis or unknown).
+    pub version: i64,
 }
 
 /// An entity and the tier that served it.
@@ -95,7 +107,8 @@ pub struct FeatureStore {
     redis_settings: RedisSettings,
     db_timeout: Duration,
     memory: FeatureCache,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisLink>,
+    materialize_wanted: Arc<tokio::sync::Notify>,
     redis_skip_until: Mutex<Option<Instant>>,
     db_failed_at: Mutex<Option<Instant>>,
     db: Pool,
@@ -114,8 +127,8 @@ pub fn redis_key(entity_id: &str) -> String {
     format!("mesh:features:v1:{entity_id}")
 }
 
-/// Redis key of an entity's version token, replaced by every write (see the module doc). A
-/// different prefix from [`redis_key`], so no entity id can make the two collide.
+/// Redis key of the PostgreSQL version of the entity held under [`redis_key`] (see the module
+/// doc). A different prefix from [`redis_key`], so no entity id can make the two collide.
 pub fn redis_version_key(entity_id: &str) -> String {
     format!("mesh:features-version:v1:{entity_id}")
 }
@@ -127,7 +140,7 @@ impl FeatureStore {
         redis_settings: RedisSettings,
         db_timeout: Duration,
         memory: FeatureCache,
-        redis: Option<ConnectionManager>,
+        redis: Option<RedisLink>,
         db: Pool,
         metrics: FeatureMetrics,
     ) -> Self {
@@ -136,6 +149,7 @@ impl FeatureStore {
             db_timeout,
             memory,
             redis,
+            materialize_wanted: Arc::new(tokio::sync::Notify::new()),
             redis_skip_until: Mutex::new(None),
             db_failed_at: Mutex::new(None),
             db,
@@ -163,8 +177,7 @@ impl FeatureStore {
         {
             notes.push("features: redis unavailable; served from memory/PostgreSQL".to_owned());
         }
-        if matches!(self.db_failed_at.lock().ok().and_then(|g| *g), Some(at) if now.duration_since(at) < DB_FAILURE_NOTE_FOR)
-        {
+        if self.db_failing() {
             notes.push("features: PostgreSQL unavailable; served from cache".to_owned());
         }
         notes
@@ -260,8 +273,7 @@ impl FeatureStore {
     /// entities it still owns and publishes each result to its waiters.
     async fn load(self: Arc<Self>, load: u64, pending: Pending) {
         let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
-        // The version tokens are read here, before PostgreSQL: see the module doc.
-        let (mut found, versions) = self.read_redis(&ids).await;
+        let mut found = self.read_redis(&ids).await;
         let missing: Vec<String> = ids
             .iter()
             .filter(|id| !found.contains_key(*id))
@@ -275,6 +287,12 @@ impl FeatureStore {
                 Err(e) => db_error = Some(e),
             }
         }
+        // PostgreSQL failed: Redis is the last source left. Ask it (again) for what it did not
+        // give, in case it was skipped in its cool-down or one slow answer timed out
+        // (`redis_usable` does not skip it, and reads wait longer, while PostgreSQL fails).
+        if db_error.is_some() && self.redis.is_some() {
+            found.extend(self.read_redis(&missing).await);
+        }
         if let Some(hook) = &self.load_hook {
             hook().await;
         }
@@ -287,7 +305,7 @@ impl FeatureStore {
         }
         let owned = self.settle(load, &ids, &found);
         loaded.retain(|(id, _)| owned.contains(id));
-        self.write_back(loaded, versions);
+        self.write_back(loaded);
         for (id, tx) in pending {
             let result = match found.remove(&id) {
                 Some(served) => {
@@ -347,6 +365,11 @@ impl FeatureStore {
                 }
             }
         }
+    }
+
+    /// Whether a PostgreSQL read failed within [`DB_FAILURE_NOTE_FOR`].
+    pub(super) fn db_failing(&self) -> bool {
+        matches!(self.db_failed_at.lock().ok().and_then(|g| *g), Some(at) if at.elapsed() < DB_FAILURE_NOTE_FOR)
     }
 
     /// PostgreSQL read of `ids`, bounded by the database timeout; remembers a failure for the
