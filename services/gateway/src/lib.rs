@@ -254,7 +254,8 @@ async fn wire(
     )?;
     let drift = lifecycle::drift::Drift::new(&config.models_dir, &metrics.registry)?;
     let exporting = lifecycle::drift::spawn(drift.clone());
-    let canary = lifecycle::canary::Canary::new(&metrics.registry)?;
+    let canary =
+        lifecycle::canary::Canary::new(&metrics.registry, config.lifecycle.canary_latency_slack)?;
     let judging = store
         .clone()
         .map(|store| lifecycle::canary::spawn(canary.clone(), router.clone(), store));

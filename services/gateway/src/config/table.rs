@@ -157,6 +157,11 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
             "re-read the live registry at least this often (changes are notified at once)",
         ),
         Setting::value(
+            "MESH_CANARY_LATENCY_SLACK_MS",
+            "20",
+            "a rollout's candidate breaches on latency when its p99 exceeds twice production's plus this (a candidate known to be slower needs more)",
+        ),
+        Setting::value(
             "MESH_AUDIT_RETENTION_DAYS",
             "365",
             "days of `model_audit` kept in the live registry; older records are deleted hourly in batches of 1,000",

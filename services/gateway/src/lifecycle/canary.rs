@@ -30,7 +30,8 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 pub const MIN_SAMPLE: usize = 50;
 /// Largest tolerated excess of the candidate's error rate over production's.
 pub const MAX_ERROR_EXCESS: f64 = 0.05;
-/// Added to twice production's p99 before the candidate's p99 is a breach.
+/// Added to twice production's p99 before the candidate's p99 is a breach, unless
+/// `MESH_CANARY_LATENCY_SLACK_MS` says otherwise.
 pub const LATENCY_SLACK: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Copy)]
@@ -51,6 +52,7 @@ struct Figures {
 /// The windows and the judge.
 pub struct Canary {
     calls: Mutex<HashMap<(String, String), VecDeque<Call>>>,
+    latency_slack: Duration,
     rollbacks: IntCounterVec,
     promotions: IntCounterVec,
 }
@@ -58,7 +60,7 @@ pub struct Canary {
 impl Canary {
     /// A canary judge; registers `mesh_canary_rollbacks_total{model}` and
     /// `mesh_canary_promotions_total{model}` in `registry`.
-    pub fn new(registry: &Registry) -> prometheus::Result<Arc<Self>> {
+    pub fn new(registry: &Registry, latency_slack: Duration) -> prometheus::Result<Arc<Self>> {
         let rollbacks = IntCounterVec::new(
             Opts::new(
                 "mesh_canary_rollbacks_total",
@@ -78,6 +80,7 @@ impl Canary {
         registry.register(Box::new(promotions.clone()))?;
         Ok(Arc::new(Self {
             calls: Mutex::default(),
+            latency_slack,
             rollbacks,
             promotions,
         }))
@@ -148,7 +151,7 @@ impl Canary {
                 "production": {"version": production, "calls": baseline.calls,
                                "error_rate": baseline.error_rate, "p99_ms": baseline.p99_ms},
             });
-            let (change, reason) = match breach(&candidate, &baseline) {
+            let (change, reason) = match breach(&candidate, &baseline, self.latency_slack) {
                 Some(why) => (Change::StopRollout, format!("canary breach: {why}")),
                 None => match baked(rollout, &candidate, &baseline, now_micros()) {
                     Some(why) => (
@@ -224,7 +227,7 @@ fn now_micros() -> i64 {
 }
 
 /// Why `candidate` breached against `baseline`, if it did and both have enough calls.
-fn breach(candidate: &Figures, baseline: &Figures) -> Option<String> {
+fn breach(candidate: &Figures, baseline: &Figures, slack: Duration) -> Option<String> {
     if candidate.calls < MIN_SAMPLE || baseline.calls < MIN_SAMPLE {
         return None;
     }
@@ -236,7 +239,7 @@ fn breach(candidate: &Figures, baseline: &Figures) -> Option<String> {
             candidate.calls
         ));
     }
-    let limit = 2.0 * baseline.p99_ms + LATENCY_SLACK.as_secs_f64() * 1e3;
+    let limit = 2.0 * baseline.p99_ms + slack.as_secs_f64() * 1e3;
     if candidate.p99_ms > limit {
         return Some(format!(
             "p99 latency {:.1} ms against production's {:.1} ms (limit {limit:.1} ms)",
@@ -282,19 +285,30 @@ mod tests {
     fn a_candidate_is_judged_only_on_enough_calls_and_by_both_measures() {
         let healthy = figures(200, 0.01, 4.0);
         assert_eq!(
-            breach(&figures(49, 1.0, 900.0), &healthy),
+            breach(&figures(49, 1.0, 900.0), &healthy, LATENCY_SLACK),
             None,
             "too few calls"
         );
         assert_eq!(
-            breach(&figures(200, 0.05, 9.0), &healthy),
+            breach(&figures(200, 0.05, 9.0), &healthy, LATENCY_SLACK),
             None,
             "within both limits"
         );
-        let errors = breach(&figures(200, 0.2, 4.0), &healthy).expect("error breach");
+        let errors =
+            breach(&figures(200, 0.2, 4.0), &healthy, LATENCY_SLACK).expect("error breach");
         assert!(errors.contains("error rate 20.0 %"), "{errors}");
-        let slow = breach(&figures(200, 0.0, 90.0), &healthy).expect("latency breach");
+        let slow =
+            breach(&figures(200, 0.0, 90.0), &healthy, LATENCY_SLACK).expect("latency breach");
         assert!(slow.contains("p99 latency 90.0 ms"), "{slow}");
+        assert_eq!(
+            breach(
+                &figures(200, 0.0, 90.0),
+                &healthy,
+                Duration::from_millis(100)
+            ),
+            None,
+            "a larger slack tolerates a slower candidate"
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct LifecycleSettings {
     /// `MESH_AUDIT_RETENTION_DAYS`: days of audit records kept (see
     /// [`mesh_registry::retention`]).
     pub audit_retention_days: u32,
+    /// `MESH_CANARY_LATENCY_SLACK_MS`: added to twice production's p99 before a candidate's p99
+    /// is a breach (see [`canary`]).
+    pub canary_latency_slack: std::time::Duration,
 }
 
 impl LifecycleSettings {
@@ -54,6 +57,7 @@ impl LifecycleSettings {
                 }
                 days => days,
             },
+            canary_latency_slack: s.millis("MESH_CANARY_LATENCY_SLACK_MS")?,
         })
     }
 }
