@@ -50,11 +50,21 @@ pub fn expected_alerts(n: u8) -> Expected {
             must: &["MeshRedisUnreachable"],
             may: &[BURN[0], BURN[1], BURN[2]],
         },
-        // PostgreSQL stopped: the logger's writes all fail (store), records age in the spool
-        // (log delivery).
+        // PostgreSQL stopped: records age in the spool (log delivery) while the logger's writes
+        // fail. The store alert may fire but is not required here: the logger retries the one
+        // batch in hand with back-off up to 2 s and refuses new calls at once, so its write
+        // errors come every 2 s, and on the compressed scale (a 2 s rate window, `for: 2s`)
+        // the rate flickers to zero between them; on the shipped scale (2 m, 2 m) it holds,
+        // which the promtool unit tests check. Seen in a CI run: not fired in a 10 s fault.
         3 => Expected {
-            must: &["MeshPostgresUnreachable", "MeshLogDeliveryLagging"],
-            may: &["MeshBreakerOpen", BURN[0], BURN[1], BURN[2]],
+            must: &["MeshLogDeliveryLagging"],
+            may: &[
+                "MeshPostgresUnreachable",
+                "MeshBreakerOpen",
+                BURN[0],
+                BURN[1],
+                BURN[2],
+            ],
         },
         // +500 ms on inference-2: the gateway ejects it or its health check times out.
         4 => Expected {
