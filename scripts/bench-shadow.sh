@@ -66,6 +66,7 @@ for i, r in enumerate(runs):
     if r["phase"] == "on":
         base = (runs[i - 1]["ok_rps"] + runs[i + 1]["ok_rps"]) / 2
         shares.append(r["ok_rps"] / base)
-        print(f"shadow on: {r[\"ok_rps\"]:.0f}/s = {100 * r[\"ok_rps\"] / base:.1f} % of the runs around it ({base:.0f}/s); copies scored {r[\"shadow_scored\"]}, shed {r[\"shadow_shed\"]}, not logged {r[\"shadow_not_logged\"]}; errors {r[\"errors\"]}")
+        print("shadow on: {:.0f}/s = {:.1f} % of the runs around it ({:.0f}/s); copies scored {}, shed {}, not logged {}; errors {}".format(
+            r["ok_rps"], 100 * r["ok_rps"] / base, base, r["shadow_scored"], r["shadow_shed"], r["shadow_not_logged"], r["errors"]))
 json.dump({"runs": runs, "on_over_off": shares}, open(sys.argv[1], "w"), indent=2)
 print("target: each share >= 90 %:", "met" if all(s >= 0.9 for s in shares) else "NOT met")' "$out/shadow.json"
