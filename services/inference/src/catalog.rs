@@ -37,19 +37,12 @@ pub struct Catalog {
     slots: RwLock<BTreeMap<Key, Slot>>,
 }
 
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
 impl Catalog {
     /// Sets `key`'s state.
     pub fn set(&self, key: Key, state: State) {
         let slot = Slot {
             state,
-            since_unix_micros: now_micros(),
+            since_unix_micros: mesh_runtime::clock::unix_micros(),
         };
         self.slots
             .write()

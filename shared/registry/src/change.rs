@@ -138,13 +138,6 @@ pub(crate) fn changed(
     }
 }
 
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
 /// The rollout `SetRollout` asks for, checked against `before`.
 fn rollout(
     before: &Policy,
@@ -170,7 +163,7 @@ fn rollout(
     // Adjusting the same candidate keeps its bake's start; a new candidate starts anew.
     let since = match &before.rollout {
         Some(r) if r.candidate == candidate && r.since_unix_micros > 0 => r.since_unix_micros,
-        _ => now_micros(),
+        _ => mesh_runtime::clock::unix_micros(),
     };
     Ok(Rollout {
         candidate: candidate.to_owned(),

@@ -13,11 +13,13 @@
 //! - [`postgres`]: connection pools and schema migrations.
 //! - [`registry`]: the model registry on disk (manifests, versions, aliases).
 //! - [`reference`](mod@reference): training reference distributions and PSI (drift).
+//! - [`clock`]: wall-clock time in Unix microseconds.
 //! - [`text`]: what stored strings (entity ids, categories) may contain.
 //! - [`startup`]: why a service cannot start, apart from request errors.
 
 pub mod batch;
 pub mod bulkhead;
+pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod deadline;

@@ -153,7 +153,12 @@ impl Canary {
             });
             let (change, reason) = match breach(&candidate, &baseline, self.latency_slack) {
                 Some(why) => (Change::StopRollout, format!("canary breach: {why}")),
-                None => match baked(rollout, &candidate, &baseline, now_micros()) {
+                None => match baked(
+                    rollout,
+                    &candidate,
+                    &baseline,
+                    mesh_runtime::clock::unix_micros(),
+                ) {
                     Some(why) => (
                         Change::PromoteCandidate {
                             candidate: rollout.candidate.clone(),
@@ -217,13 +222,6 @@ fn baked(
         baseline.p99_ms,
         candidate.calls
     ))
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// Why `candidate` breached against `baseline`, if it did and both have enough calls.

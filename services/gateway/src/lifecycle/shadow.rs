@@ -179,7 +179,7 @@ impl Shadow {
             self.count(manifest, "not_logged", copies.len() as u64);
             return;
         }
-        let time = crate::pipeline::now_micros();
+        let time = mesh_runtime::clock::unix_micros();
         for (copy, score) in copies.iter().zip(scores).filter(|(_, s)| s.is_finite()) {
             let record = PredictionRecord {
                 prediction_id: uuid::Uuid::now_v7().to_string(),

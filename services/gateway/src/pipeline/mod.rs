@@ -30,7 +30,6 @@ use mesh_tensor::decode_output_f32;
 
 mod rows;
 
-pub(crate) use rows::now_micros;
 use rows::{assemble, infer_request, plan};
 
 use crate::client::Compartments;
@@ -369,7 +368,7 @@ impl GatewayService {
     ) -> Vec<PredictResponse> {
         let trace_id = current_trace_id().unwrap_or_default();
         let latency = call.started.elapsed().as_micros() as u64;
-        let time = now_micros();
+        let time = mesh_runtime::clock::unix_micros();
         let remaining = call.deadline.remaining();
         let wait = SPOOL_WAIT.min(remaining.saturating_sub(SPOOL_WAIT_MARGIN));
         let delivery_note = self.log.status().delivery_failing().then(|| {

@@ -1,7 +1,5 @@
 //! The pipeline's pure steps: planning items, assembling rows, building the KServe request.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use mesh_proto::features::EntityFeatures;
 use mesh_proto::inference::model_infer_request::InferRequestedOutputTensor;
 use mesh_proto::inference::ModelInferRequest;
@@ -151,11 +149,4 @@ pub(super) fn infer_request(manifest: &ModelManifest, rows: &[Row]) -> ModelInfe
         }],
         raw_input_contents: Vec::new(),
     }
-}
-
-pub(crate) fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
