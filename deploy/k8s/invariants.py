@@ -269,7 +269,7 @@ class Checker:
         # Every downstream URL names a rendered Service and one of its ports.
         for var in ("MESH_FEATURES_URL", "MESH_INFERENCE_URLS", "MESH_LOGGER_URL"):
             for url in (env.get(var) or "").split(","):
-                match = re.fullmatch(r"http://([a-z0-9-]+):([0-9]+)", url.strip())
+                match = re.fullmatch(r"(?:http://|dns:///)([a-z0-9-]+):([0-9]+)", url.strip())
                 svc = match and self.get("Service", match.group(1))
                 if not svc or int(match.group(2)) not in [p["port"] for p in svc["spec"]["ports"]]:
                     self.fail(f"mesh-gateway: {var}={url!r} names no rendered Service and port")
