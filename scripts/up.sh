@@ -26,6 +26,12 @@
 # gateway and the next four for features, inference-1, inference-2, logger. Everything listens
 # on 127.0.0.1 only. MESH_PROFILE=debug runs the debug build; MESH_RUN_DIR (default .run) holds
 # data, logs, PID files (pids/<name>) and the token.
+#
+# Run as root, PostgreSQL runs as the `postgres` user, which must be able to enter its cluster:
+# when it cannot enter MESH_RUN_DIR (a checkout below a private home such as /root, mode 700),
+# the cluster lives in /var/lib/mesh/pg-<hash of the run directory's path> instead, owned by
+# postgres; root's home is left as it is. A step that fails prints its own error (the end of its
+# log) before "stopping…".
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,6 +54,15 @@ stable_secs=60
 
 say() { printf '\033[1m[mesh]\033[0m %s\n' "$*" >&2; }
 shout() { printf '\033[1;31m[mesh] %s\033[0m\n' "$*" >&2; }
+# A failed step: say which, show the end of its log (the reason), and stop.
+fail_with_log() { # message log
+  shout "$1"
+  if [ -s "$2" ]; then
+    say "the end of $(show "$2"):"
+    tail -n 20 "$2" | cut -c1-300 | sed 's/^/    /' >&2
+  fi
+  exit 1
+}
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # A path as the user would type it from the repository root.
 show() { case $1 in "$root"/*) echo "${1#"$root"/}" ;; *) echo "$1" ;; esac; }
@@ -130,7 +145,11 @@ pg_run=()
 if [ "$(id -u)" -eq 0 ]; then
   pg_run=(setpriv --reuid=postgres --regid=postgres --init-groups)
 fi
-pgdata="$run/pg/data"
+pg_home="$run/pg"
+if [ "$(id -u)" -eq 0 ] && ! "${pg_run[@]}" test -x "$run"; then
+  pg_home="/var/lib/mesh/pg-$(printf '%s' "$run" | sha256sum | cut -c1-16)"
+fi
+pgdata="$pg_home/data"
 
 # What this script supervises, in start order; they stop in the reverse order.
 names=(postgres redis features inference-1 inference-2 logger gateway)
@@ -158,9 +177,9 @@ launch() {
   # (they drain) but not the stores, which cleanup stops once the services have flushed.
   case $name in
     postgres)
-      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
+      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$pg_home"
       setsid "${pg_run[@]}" "$MESH_PG_BIN/postgres" -D "$pgdata" -p "$pg_port" -h 127.0.0.1 \
-        -k "$run/pg" >>"$log" 2>&1 &
+        -k "$pg_home" >>"$log" 2>&1 &
       ;;
     redis)
       setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
@@ -196,7 +215,11 @@ launch() {
 }
 
 cleanup() {
+  local rc=$?
   trap - INT TERM EXIT
+  if [ "$rc" -ne 0 ] && [ "$stopping" = 0 ] && [ -n "${failed_cmd:-}" ]; then
+    shout "failed (exit status $rc) at scripts/up.sh line $failed_line: $failed_cmd"
+  fi
   stopping=1
   say "stopping…"
   # Services first (they drain), then Redis, then PostgreSQL once the services have exited;
@@ -219,17 +242,23 @@ cleanup() {
     [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
     rm -f "$run/pids/$name"
   done
-  say "stopped. Data kept in $(show "$run")/ (delete it to start afresh)."
+  local pg_note=""
+  [ "$pg_home" = "$run/pg" ] || pg_note=" and $pg_home (the PostgreSQL cluster)"
+  say "stopped. Data kept in $(show "$run")/$pg_note (delete it to start afresh)."
 }
 trap cleanup EXIT
+# Any other failing command: remember which, so cleanup can name it.
+trap 'failed_cmd=$BASH_COMMAND failed_line=$LINENO' ERR
 # Ctrl-C or SIGTERM: a requested stop, not a failure.
 trap 'stopping=1; exit 0' INT TERM
 
 if [ ! -f "$pgdata/PG_VERSION" ]; then
-  say "creating the PostgreSQL cluster in $(show "$run")/pg"
-  mkdir -p "$run/pg"
-  [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
-  "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 >"$logs/initdb.log" 2>&1
+  say "creating the PostgreSQL cluster in $(show "$pg_home")"
+  [ "$pg_home" = "$run/pg" ] || say "(the postgres user cannot enter $(show "$run"), so the cluster lives outside it)"
+  mkdir -p "$pg_home"
+  [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$pg_home" && chmod 700 "$pg_home"
+  "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 \
+    >"$logs/initdb.log" 2>&1 || fail_with_log "initdb failed (creating the cluster in $pgdata)" "$logs/initdb.log"
 fi
 launch postgres
 launch redis
@@ -237,7 +266,8 @@ for _ in $(seq 1 100); do
   "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
   sleep 0.1
 done
-"$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { say "PostgreSQL did not start; see $(show "$logs")/postgres.log"; exit 1; }
+"$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" ||
+  fail_with_log "PostgreSQL did not start on 127.0.0.1:$pg_port" "$logs/postgres.log"
 say "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
 
 for name in features inference-1 inference-2 logger gateway; do launch "$name"; done
@@ -263,15 +293,17 @@ YML
   launch prometheus
 fi
 
-for port in "$features_port" "$inference1_port" "$inference2_port" "$logger_port" "$gateway_port"; do
+for entry in "features:$features_port" "inference-1:$inference1_port" \
+             "inference-2:$inference2_port" "logger:$logger_port" "gateway:$gateway_port"; do
+  name=${entry%%:*} port=${entry#*:}
   if ! "$bin/meshctl" health --url "http://127.0.0.1:$port" --wait-secs 60 >/dev/null; then
-    say "the service on port $port did not become SERVING; logs are in $(show "$logs")/"
-    exit 1
+    fail_with_log "$name (port $port) did not become SERVING" "$logs/$name.log"
   fi
 done
 say "all services SERVING"
 
-"$bin/meshctl" seed --features-url "http://127.0.0.1:$features_port" --file data/demo_entities.jsonl 2>/dev/null
+"$bin/meshctl" seed --features-url "http://127.0.0.1:$features_port" --file data/demo_entities.jsonl \
+  2>"$logs/seed.log" || fail_with_log "seeding the demo entities failed" "$logs/seed.log"
 say "one prediction:"
 "$bin/meshctl" predict --gateway-url "http://127.0.0.1:$gateway_port" --entity cust-00001 \
   --feature support_calls_30d=2 --feature channel=web
