@@ -72,7 +72,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" </dev/null >/dev/null
   # Debian's postgresql package starts a cluster on 5432; the mesh runs its own, so stop that one.
   if [[ " ${need_apt[*]} " == *" postgresql "* ]] && command -v pg_ctlcluster >/dev/null 2>&1; then
-    pg_ctlcluster --mode fast "$(ls /etc/postgresql | sort -V | tail -n1)" main stop 2>/dev/null || true
+    pg_ctlcluster --mode fast "$(ls /etc/postgresql | sort -V | tail -n1)" main stop >/dev/null 2>&1 || true
   fi
   # Same for the packaged redis service: the mesh starts its own on a port of its choosing.
   if [[ " ${need_apt[*]} " == *" redis-server "* ]]; then

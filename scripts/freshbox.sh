@@ -139,6 +139,10 @@ record "debootstrap (minbase bookworm): $((SECONDS - t0)) s"
 # 2. What makes the registries reachable from here, as the host has it.
 mkdir -p "$dir/etc/ssl/certs" "$dir/root/.cargo/bin" "$dir/root/.rustup"
 cp /etc/ssl/certs/ca-certificates.crt "$dir/etc/ssl/certs/ca-certificates.crt"
+# Also where update-ca-certificates looks: Debian's ca-certificates package, pulled in later by
+# the bootstrap's installs, rebuilds the bundle and would drop a re-signing CA otherwise.
+mkdir -p "$dir/usr/local/share/ca-certificates"
+cp /etc/ssl/certs/ca-certificates.crt "$dir/usr/local/share/ca-certificates/freshbox-host.crt"
 cp -L /etc/resolv.conf "$dir/etc/resolv.conf" 2>/dev/null || true
 for f in /etc/apt/apt.conf.d/*; do
   grep -qs 'Acquire::' "$f" && cp "$f" "$dir/etc/apt/apt.conf.d/"
@@ -207,6 +211,7 @@ record "checkout: $head in /root/mesh (/root mode $(stat -c %a "$dir/root")); to
 # `until` (a pattern), when given, ends the wait once the log shows it. Sets ran_rc, ran_secs.
 run_phase() { # log timeout script [until]
   local log=$1 limit=$2 script=$3 until=${4:-} started=$SECONDS pgid
+  : >"$log"
   setsid chroot "$dir" /usr/bin/env -i "${envs[@]}" /bin/bash -c "$script" >"$log" 2>&1 </dev/null &
   pgid=$!
   ran_rc=""
@@ -262,7 +267,7 @@ if [ "$up_only" = 0 ]; then
     record "make test: PASS after $ran_secs s"
   else
     record "make test: FAIL (exit $ran_rc) after $ran_secs s; first error: $(first_error "$logs/test.log")"
-    record "  last step: $(grep '^== \|\[1m== ' "$logs/test.log" | tail -n1 | tr -d '\033' | cut -c1-200)"
+    record "  last step: $(sed 's/\x1b\[[0-9;]*m//g' "$logs/test.log" | grep '^== ' | tail -n1 | cut -c1-200)"
     up_ok=0
   fi
 fi
