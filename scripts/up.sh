@@ -242,9 +242,11 @@ cleanup() {
     [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
     rm -f "$run/pids/$name"
   done
-  local pg_note=""
-  [ "$pg_home" = "$run/pg" ] || pg_note=" and $pg_home (the PostgreSQL cluster)"
-  say "stopped. Data kept in $(show "$run")/$pg_note (delete it to start afresh)."
+  if [ "$pg_home" = "$run/pg" ]; then
+    say "stopped. Data kept in $(show "$run")/ (delete it to start afresh)."
+  else
+    say "stopped. Data kept in $(show "$run")/ and, for PostgreSQL, $pg_home (delete both to start afresh)."
+  fi
 }
 trap cleanup EXIT
 # Any other failing command: remember which, so cleanup can name it.
