@@ -106,6 +106,9 @@ finish() {
     umount "${mounted[$i]}" 2>/dev/null || umount -l "${mounted[$i]}" 2>/dev/null ||
       say "could not unmount ${mounted[$i]}"
   done
+  if [ -d "$dir/root/mesh" ] && ! findmnt -rn -o TARGET | grep -q "^$dir/"; then
+    record "disk: the root $(du -sh "$dir" | cut -f1), of which the checkout's target/ $(du -sh "$dir/root/mesh/target" 2>/dev/null | cut -f1)"
+  fi
   if findmnt -rn -o TARGET | grep -q "^$dir/"; then
     say "something is still mounted below $dir: not deleting it"
   elif [ "$keep" = 0 ] && [ -d "$dir" ]; then
