@@ -58,8 +58,8 @@ shout() { printf '\033[1;31m[mesh] %s\033[0m\n' "$*" >&2; }
 fail_with_log() { # message log
   shout "$1"
   if [ -s "$2" ]; then
-    say "the end of $(show "$2"):"
-    tail -n 20 "$2" | cut -c1-300 | sed 's/^/    /' >&2
+    say "the end of $(show "$2") (backtrace frames left out):"
+    grep -vE '^ +([0-9]+: |at )' "$2" | tail -n 20 | cut -c1-300 | sed 's/^/    /' >&2 || true
   fi
   exit 1
 }
@@ -214,9 +214,24 @@ launch() {
   echo "${pid[$name]}" >"$run/pids/$name"
 }
 
+# Waits until the child `pid` has exited, even when a signal interrupts `wait`.
+wait_gone() {
+  local s
+  while kill -0 "$1" 2>/dev/null; do
+    s=0
+    wait "$1" 2>/dev/null || s=$?
+    [ "$s" -eq 127 ] && return 0  # not (or no longer) our child
+  done
+  return 0
+}
+
 cleanup() {
   local rc=$?
-  trap - INT TERM EXIT
+  # A second Ctrl-C or SIGTERM (make forwards SIGTERM to up.sh, which also gets the group's)
+  # must not cut the clean-up short: PostgreSQL and Redis run in their own sessions and would
+  # be left running.
+  trap - EXIT
+  trap 'say "already stopping…"' INT TERM
   if [ "$rc" -ne 0 ] && [ "$stopping" = 0 ] && [ -n "${failed_cmd:-}" ]; then
     shout "failed (exit status $rc) at scripts/up.sh line $failed_line: $failed_cmd"
   fi
@@ -230,7 +245,7 @@ cleanup() {
     [ -n "${pid[$name]:-}" ] || continue
     if [ "$name" = postgres ]; then
       for other in "${names[@]:1}"; do
-        [ -n "${pid[$other]:-}" ] && { wait "${pid[$other]}" 2>/dev/null || true; }
+        [ -n "${pid[$other]:-}" ] && wait_gone "${pid[$other]}"
       done
       # SIGINT is PostgreSQL's fast shutdown.
       kill -INT "${pid[$name]}" 2>/dev/null || true
@@ -239,7 +254,7 @@ cleanup() {
     fi
   done
   for name in "${names[@]}"; do
-    [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
+    [ -n "${pid[$name]:-}" ] && wait_gone "${pid[$name]}"
     rm -f "$run/pids/$name"
   done
   if [ "$pg_home" = "$run/pg" ]; then
