@@ -210,13 +210,16 @@ git clone -q --no-hardlinks "$root" "$dir/root/mesh"
 git -C "$dir/root/mesh" checkout -q "$head"
 record "checkout: $head in /root/mesh (/root mode $(stat -c %a "$dir/root")); toolchain: $(in_root 'rustc --version')"
 
-# Runs `script` in the root in its own process group, up to `timeout` s, logging to `log`;
+# Runs `script` in the root as a job of its own (its own process group, SIGINT not ignored, as
+# at a terminal), up to `timeout` s, logging to `log`;
 # `until` (a pattern), when given, ends the wait once the log shows it. Sets ran_rc, ran_secs.
 run_phase() { # log timeout script [until]
   local log=$1 limit=$2 script=$3 until=${4:-} started=$SECONDS pgid
   : >"$log"
-  setsid chroot "$dir" /usr/bin/env -i "${envs[@]}" /bin/bash -c "$script" >"$log" 2>&1 </dev/null &
+  set -m
+  chroot "$dir" /usr/bin/env -i "${envs[@]}" /bin/bash -c "$script" >"$log" 2>&1 </dev/null &
   pgid=$!
+  set +m
   ran_rc=""
   while kill -0 "$pgid" 2>/dev/null; do
     if [ -n "$until" ] && grep -q "$until" "$log"; then ran_rc=reached; break; fi
@@ -229,13 +232,13 @@ run_phase() { # log timeout script [until]
     wait "$pgid" || ran_rc=$?
     return 0
   fi
-  # SIGTERM to the whole process group, which up.sh treats as Ctrl-C (a background job ignores
-  # SIGINT itself); then wait for everything in the root to finish its own clean-up.
-  kill -TERM -- "-$pgid" 2>/dev/null || true
+  # Ctrl-C: SIGINT to the job's process group, as a terminal sends it; then wait for everything
+  # in the root to finish its own clean-up.
+  kill -INT -- "-$pgid" 2>/dev/null || true
   for _ in $(seq 1 90); do [ -n "$(root_pids)" ] || break; sleep 1; done
   local stop_rc=0
   wait "$pgid" || stop_rc=$?
-  echo "[freshbox] stopped with SIGTERM after ${ran_secs} s; exit status $stop_rc" >>"$log"
+  echo "[freshbox] stopped with Ctrl-C (SIGINT) after ${ran_secs} s; exit status $stop_rc" >>"$log"
   stop_root_pids
 }
 
