@@ -53,8 +53,12 @@ record() { printf '%s\n' "$*" | tee -a "$summary" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # The first line of a log that looks like the error that stopped it.
 first_error() {
-  grep -m1 -E 'error(\[E[0-9]+\])?:|\bFAIL|failed|panicked|Permission denied|cannot|No such' "$1" \
-    2>/dev/null | cut -c1-300 || true
+  local pattern
+  for pattern in 'panicked at|^error(\[E[0-9]+\])?:|FAILED|\bFAIL\b' \
+                 'failed|Permission denied|cannot|No such|ERROR'; do
+    sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | grep -m1 -E "$pattern" | cut -c1-300 && return 0
+  done
+  return 0
 }
 
 # The Debian mirror apt uses for bookworm (one-line and deb822 source formats).
