@@ -2,8 +2,9 @@
 # Installs what the mesh needs on a fresh Debian 12 machine, and nothing that is already there.
 #
 #   - first checks for a Rust toolchain (it cannot install one: it says how, and stops);
-#   - a C compiler and make (build-essential), pkg-config, CA certificates, python3 and its venv
-#     module, from Debian's packages (only if missing: a minbase Debian has none of them);
+#   - a C compiler and make (build-essential), pkg-config, CA certificates, procps (`kill`),
+#     python3 and its venv module, from Debian's packages (only if missing: a minbase Debian has
+#     none of them);
 #   - redis-server, PostgreSQL 15, and Prometheus and Alertmanager (for promtool and amtool)
 #     from Debian's packages (only if missing);
 #   - a project-local Python virtualenv in .tools/venv holding the `onnxruntime` wheel (its
@@ -45,6 +46,9 @@ need_apt=()
 command -v cc >/dev/null 2>&1 && command -v make >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
+# tests/tracing.rs stops the services it started with the `kill` program, which a minbase Debian
+# lacks (the shell's builtin does not count).
+type -P kill >/dev/null 2>&1 || need_apt+=(procps)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)"
 [ -n "$pg_bin" ] && [ -x "$pg_bin/initdb" ] || need_apt+=(postgresql)
