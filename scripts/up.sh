@@ -30,6 +30,12 @@
 # `--ha` (`make up-ha`): PostgreSQL as a Patroni cluster (etcd, a primary and a synchronous
 # standby) and Redis as a master, a replica and three Sentinels, in place of the single
 # PostgreSQL and Redis; data in $MESH_RUN_DIR/ha. scripts/ha.sh has the details and timings.
+#
+# Run as root, PostgreSQL runs as the `postgres` user, which must be able to enter its cluster:
+# when it cannot enter MESH_RUN_DIR (a checkout below a private home such as /root, mode 700),
+# the cluster lives in /var/lib/mesh/pg-<hash of the run directory's path> instead, owned by
+# postgres; root's home is left as it is. A step that fails prints its own error (the end of its
+# log) before "stopping…".
 set -euo pipefail
 ha=0
 case "${1:-}" in
@@ -58,6 +64,15 @@ stable_secs=60
 
 say() { printf '\033[1m[mesh]\033[0m %s\n' "$*" >&2; }
 shout() { printf '\033[1;31m[mesh] %s\033[0m\n' "$*" >&2; }
+# A failed step: say which, show the end of its log (the reason), and stop.
+fail_with_log() { # message log
+  shout "$1"
+  if [ -s "$2" ]; then
+    say "the end of $(show "$2") (backtrace frames left out):"
+    grep -vE '^ +([0-9]+: |at )' "$2" | tail -n 20 | cut -c1-300 | sed 's/^/    /' >&2 || true
+  fi
+  exit 1
+}
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # A path as the user would type it from the repository root.
 show() { case $1 in "$root"/*) echo "${1#"$root"/}" ;; *) echo "$1" ;; esac; }
@@ -149,7 +164,11 @@ pg_run=()
 if [ "$(id -u)" -eq 0 ]; then
   pg_run=(setpriv --reuid=postgres --regid=postgres --init-groups)
 fi
-pgdata="$run/pg/data"
+pg_home="$run/pg"
+if [ "$(id -u)" -eq 0 ] && ! "${pg_run[@]}" test -x "$run"; then
+  pg_home="/var/lib/mesh/pg-$(printf '%s' "$run" | sha256sum | cut -c1-16)"
+fi
+pgdata="$pg_home/data"
 
 # What this script supervises, in start order: the stores, then the rest (see cleanup for the
 # stop order).
@@ -180,9 +199,9 @@ launch() {
   # (they drain) but not the stores, which cleanup stops once the services have flushed.
   case $name in
     postgres)
-      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
+      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$pg_home"
       setsid "${pg_run[@]}" "$MESH_PG_BIN/postgres" -D "$pgdata" -p "$pg_port" -h 127.0.0.1 \
-        -k "$run/pg" >>"$log" 2>&1 &
+        -k "$pg_home" >>"$log" 2>&1 &
       ;;
     redis)
       setsid redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
@@ -218,8 +237,27 @@ launch() {
   echo "${pid[$name]}" >"$run/pids/$name"
 }
 
+# Waits until the child `pid` has exited, even when a signal interrupts `wait`.
+wait_gone() {
+  local s
+  while kill -0 "$1" 2>/dev/null; do
+    s=0
+    wait "$1" 2>/dev/null || s=$?
+    [ "$s" -eq 127 ] && return 0  # not (or no longer) our child
+  done
+  return 0
+}
+
 cleanup() {
-  trap - INT TERM EXIT
+  local rc=$?
+  # A second Ctrl-C or SIGTERM (make forwards SIGTERM to up.sh, which also gets the group's)
+  # must not cut the clean-up short: PostgreSQL and Redis run in their own sessions and would
+  # be left running.
+  trap - EXIT
+  trap 'say "already stopping…"' INT TERM
+  if [ "$rc" -ne 0 ] && [ "$stopping" = 0 ] && [ -n "${failed_cmd:-}" ]; then
+    shout "failed (exit status $rc) at scripts/up.sh line $failed_line: $failed_cmd"
+  fi
   stopping=1
   say "stopping…"
   # Services first (they drain), then the stores once the services have exited; only PIDs this
@@ -230,7 +268,7 @@ cleanup() {
     [ -n "${pid[$name]:-}" ] && kill -TERM "${pid[$name]}" 2>/dev/null || true
   done
   for name in "${names[@]:${#stores[@]}}"; do
-    [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
+    [ -n "${pid[$name]:-}" ] && wait_gone "${pid[$name]}"
   done
   # The stores together (both Patroni members at once, so neither promotes itself when the
   # other stops), etcd last: Patroni needs it to shut down. SIGINT is PostgreSQL's fast shutdown.
@@ -240,16 +278,22 @@ cleanup() {
     else kill -TERM "${pid[$name]}" 2>/dev/null || true; fi
   done
   for name in "${stores[@]}"; do
-    [ "$name" != etcd ] && [ -n "${pid[$name]:-}" ] && { wait "${pid[$name]}" 2>/dev/null || true; }
+    [ "$name" != etcd ] && [ -n "${pid[$name]:-}" ] && wait_gone "${pid[$name]}"
   done
   if [ -n "${pid[etcd]:-}" ]; then
     kill -TERM "${pid[etcd]}" 2>/dev/null || true
-    wait "${pid[etcd]}" 2>/dev/null || true
+    wait_gone "${pid[etcd]}"
   fi
   for name in "${names[@]}"; do rm -f "$run/pids/$name"; done
-  say "stopped. Data kept in $(show "$run")/ (delete it to start afresh)."
+  if [ "$pg_home" = "$run/pg" ] || [ "$ha" = 1 ]; then
+    say "stopped. Data kept in $(show "$run")/ (delete it to start afresh)."
+  else
+    say "stopped. Data kept in $(show "$run")/ and, for PostgreSQL, $pg_home (delete both to start afresh)."
+  fi
 }
 trap cleanup EXIT
+# Any other failing command: remember which, so cleanup can name it.
+trap 'failed_cmd=$BASH_COMMAND failed_line=$LINENO' ERR
 # Ctrl-C or SIGTERM: a requested stop, not a failure.
 trap 'stopping=1; exit 0' INT TERM
 
@@ -261,10 +305,12 @@ if [ "$ha" = 1 ]; then
   ha_describe
 else
   if [ ! -f "$pgdata/PG_VERSION" ]; then
-    say "creating the PostgreSQL cluster in $(show "$run")/pg"
-    mkdir -p "$run/pg"
-    [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$run/pg"
-    "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 >"$logs/initdb.log" 2>&1
+    say "creating the PostgreSQL cluster in $(show "$pg_home")"
+    [ "$pg_home" = "$run/pg" ] || say "(the postgres user cannot enter $(show "$run"), so the cluster lives outside it)"
+    mkdir -p "$pg_home"
+    [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$pg_home" && chmod 700 "$pg_home"
+    "${pg_run[@]}" "$MESH_PG_BIN/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 \
+      >"$logs/initdb.log" 2>&1 || fail_with_log "initdb failed (creating the cluster in $pgdata)" "$logs/initdb.log"
   fi
   launch postgres
   launch redis
@@ -272,7 +318,8 @@ else
     "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
     sleep 0.1
   done
-  "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { say "PostgreSQL did not start; see $(show "$logs")/postgres.log"; exit 1; }
+  "$MESH_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" ||
+    fail_with_log "PostgreSQL did not start on 127.0.0.1:$pg_port" "$logs/postgres.log"
   say "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
 fi
 for name in features inference-1 inference-2 logger gateway; do launch "$name"; done
@@ -298,15 +345,17 @@ YML
   launch prometheus
 fi
 
-for port in "$features_port" "$inference1_port" "$inference2_port" "$logger_port" "$gateway_port"; do
+for entry in "features:$features_port" "inference-1:$inference1_port" \
+             "inference-2:$inference2_port" "logger:$logger_port" "gateway:$gateway_port"; do
+  name=${entry%%:*} port=${entry#*:}
   if ! "$bin/meshctl" health --url "http://127.0.0.1:$port" --wait-secs 60 >/dev/null; then
-    say "the service on port $port did not become SERVING; logs are in $(show "$logs")/"
-    exit 1
+    fail_with_log "$name (port $port) did not become SERVING" "$logs/$name.log"
   fi
 done
 say "all services SERVING"
 
-"$bin/meshctl" seed --features-url "http://127.0.0.1:$features_port" --file data/demo_entities.jsonl 2>/dev/null
+"$bin/meshctl" seed --features-url "http://127.0.0.1:$features_port" --file data/demo_entities.jsonl \
+  2>"$logs/seed.log" || fail_with_log "seeding the demo entities failed" "$logs/seed.log"
 say "one prediction:"
 "$bin/meshctl" predict --gateway-url "http://127.0.0.1:$gateway_port" --entity cust-00001 \
   --feature support_calls_30d=2 --feature channel=web

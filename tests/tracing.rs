@@ -79,12 +79,7 @@ struct Process {
 
 impl Process {
     fn terminate(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .status();
-        }
+        mesh_testkit::sigterm(&mut self.child);
     }
 
     fn wait(&mut self, timeout: Duration) {

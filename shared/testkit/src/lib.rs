@@ -64,6 +64,14 @@ fn stop_child(child: &mut Child, signal: i32) {
     }
 }
 
+/// Sends SIGTERM to a child this process spawned and has not reaped yet (no `kill` program
+/// needed: a minimal Debian has none); does nothing once it has exited.
+pub fn sigterm(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        unsafe_kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
 #[allow(unsafe_code)]
 fn unsafe_kill(pid: libc::pid_t, signal: i32) {
     // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions.
@@ -168,7 +176,9 @@ impl PostgresServer {
         let out = initdb.output()?;
         if !out.status.success() {
             return Err(HarnessError::Setup(format!(
-                "initdb failed: {}",
+                "initdb in {} failed (the PostgreSQL user must be able to enter it; TMPDIR \
+                 picks its parent): {}",
+                dir.path().display(),
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
@@ -195,7 +205,7 @@ impl PostgresServer {
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(self.log_file()?);
         as_user(&mut cmd, self.run_as);
         self.child = Some(cmd.spawn().map_err(|e| {
             HarnessError::Setup(format!(
@@ -206,7 +216,8 @@ impl PostgresServer {
         // Accepting TCP is not enough: wait until it accepts a real login.
         let started = Instant::now();
         loop {
-            wait_for_port(self.port, Duration::from_secs(20), "postgres")?;
+            wait_for_port(self.port, Duration::from_secs(20), "postgres")
+                .map_err(|e| self.with_log(e))?;
             let ready = Command::new(self.bin.join("pg_isready"))
                 .args([
                     "-h",
@@ -225,10 +236,28 @@ impl PostgresServer {
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(20) {
-                return Err(HarnessError::Setup("postgres never became ready".into()));
+                let e = HarnessError::Setup("postgres never became ready".into());
+                return Err(self.with_log(e));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The server's stderr, appended across restarts, so a failed start can say why.
+    fn log_file(&self) -> Result<std::fs::File, HarnessError> {
+        let path = self.dir.path().join("postgres.log");
+        Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?)
+    }
+
+    /// `e` with the last lines of the server's log: the reason, not just the symptom.
+    fn with_log(&self, e: HarnessError) -> HarnessError {
+        let log = std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+        HarnessError::Setup(format!("{e}; the end of postgres's log:\n{tail}"))
     }
 
     /// Its port.
