@@ -628,7 +628,11 @@ async fn meshctl_models_promotes_rolls_back_and_shows_the_audit_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_is_compared_and_shed_but_never_seen_by_callers() {
-    let mesh = Mesh::start_live(|c| c.bulkheads.shadow = 1).await;
+    let mesh = Mesh::start_live(|c| {
+        c.bulkheads.shadow = 1;
+        c.bulkheads.shadow_queue = 4;
+    })
+    .await;
     mesh.seed(50).await;
     let mut ops = admin(mesh.gateway.addr, Some(ADMIN_KEY));
     ops.set_shadow(mesh_proto::admin::SetShadowRequest {
@@ -643,7 +647,7 @@ async fn a_shadow_is_compared_and_shed_but_never_seen_by_callers() {
     tokio::time::sleep(Duration::from_millis(600)).await; // one readiness poll
 
     // 200 predictions, 16 at a time: every one answered by production, as if there were no
-    // shadow; the shadow's single place sheds some copies.
+    // shadow; the shadow scores them in batches, and its queue of 4 sheds some copies.
     let calls = futures::stream::iter(0..200)
         .map(|i| {
             let mut client = mesh.gateway_client();
@@ -695,7 +699,28 @@ async fn a_shadow_is_compared_and_shed_but_never_seen_by_callers() {
     );
     assert!(
         shadow.shed > 0,
-        "one place for 16 concurrent copies sheds some: {shadow:?}"
+        "a queue of 4 for 16 concurrent callers sheds some: {shadow:?}"
+    );
+    // Scored in batches: every compared copy was in exactly one call, and calls carried
+    // several copies.
+    let calls = metric(
+        mesh.gateway_http,
+        r#"mesh_shadow_batch_rows_count{model="churn",version="2"}"#,
+    )
+    .await;
+    let rows = metric(
+        mesh.gateway_http,
+        r#"mesh_shadow_batch_rows_sum{model="churn",version="2"}"#,
+    )
+    .await;
+    println!(
+        "shadow: {} copies compared in {calls} calls, {} shed",
+        shadow.count, shadow.shed
+    );
+    assert_eq!(rows as u64, shadow.count, "each compared copy in one call");
+    assert!(
+        calls < rows,
+        "several copies per call: {calls} calls for {rows} copies"
     );
     // Version 2 is a different model: its scores differ, and mostly agree at 0.5.
     assert!(shadow.mean_abs_diff > 0.001, "{shadow:?}");

@@ -250,6 +250,7 @@ async fn wire(
         inference.clone(),
         log.clone(),
         Bulkhead::new("shadow", limits.shadow, bulkheads),
+        limits.shadow_queue,
         &metrics.registry,
     )?;
     let drift = lifecycle::drift::Drift::new(&config.models_dir, &metrics.registry)?;

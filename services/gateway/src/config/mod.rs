@@ -83,6 +83,8 @@ pub struct Bulkheads {
     pub logger: usize,
     /// `MESH_SHADOW_CONCURRENCY`: shadow scoring calls in flight; more are shed (counted).
     pub shadow: usize,
+    /// `MESH_SHADOW_QUEUE`: shadow copies waiting per shadow; beyond, new ones are shed.
+    pub shadow_queue: usize,
     /// `MESH_MAX_BATCH_ITEMS`: items per `PredictBatch`.
     pub max_batch_items: usize,
 }
@@ -161,6 +163,7 @@ impl FromSettings for Config {
                 batch: s.positive("MESH_BATCH_CONCURRENCY")?,
                 logger: s.positive("MESH_LOGGER_CONCURRENCY")?,
                 shadow: s.positive("MESH_SHADOW_CONCURRENCY")?,
+                shadow_queue: s.positive("MESH_SHADOW_QUEUE")?,
                 max_batch_items: s.positive("MESH_MAX_BATCH_ITEMS")?,
             },
             spool: SpoolSettings {

@@ -56,7 +56,12 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
         Setting::value(
             "MESH_SHADOW_CONCURRENCY",
             "8",
-            "shadow scoring calls in flight; beyond, shadow copies are shed (counted), never the primary",
+            "shadow scoring calls in flight (each a batch of up to 64 copies); none free: the batch is shed (counted), never the primary",
+        ),
+        Setting::value(
+            "MESH_SHADOW_QUEUE",
+            "1024",
+            "shadow copies waiting per shadow while its worker scores a batch; beyond, new copies are shed (counted)",
         ),
         Setting::value("MESH_MAX_BATCH_ITEMS", "1000", "items per `PredictBatch`"),
         Setting::value(

@@ -2,9 +2,10 @@
 //! primary answer, and never allowed to touch it.
 //!
 //! After a group of items is answered, the gateway hands their assembled feature vectors and
-//! primary scores to [`Shadow::send`], which returns at once: the copy takes a place in its own
-//! bulkhead (`shadow`, `MESH_SHADOW_CONCURRENCY`) or is shed and counted, and is scored on a
-//! task of its own with a budget of its own. The caller's answer is already on its way, so a slow
+//! primary scores to [`Shadow::send`], which returns at once: the copies join the shadow's queue
+//! (or are shed and counted when it is full) and its worker scores them in batches, each call
+//! in a place of the shadow's own bulkhead (`shadow`, `MESH_SHADOW_CONCURRENCY`; none free: the
+//! batch is shed) with a budget of its own. The caller's answer is already on its way, so a slow
 //! or failing shadow cannot delay, fail or change it. Each comparison goes into a window per
 //! (model, shadow version), summarised by the admin API's `ShadowReport`, and into metrics.
 //!
@@ -14,18 +15,21 @@
 //! once half of `MESH_SPOOL_MAX_BYTES` is waiting, shadow records are not logged (counted as
 //! `mesh_shadow_predictions_total{outcome="not_logged"}`) so they can never fill it.
 
+mod rows;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_proto::admin::ShadowSummary;
 use mesh_proto::logger::PredictionRecord;
-use mesh_proto::types::{feature_value::Kind, FeatureValue};
-use mesh_runtime::registry::{FeatureKind, ModelManifest};
+use mesh_proto::types::FeatureValue;
+use mesh_runtime::registry::ModelManifest;
 use mesh_runtime::{Bulkhead, Deadline};
-use mesh_tensor::{decode_output_f32, encode_input, Column};
+use mesh_tensor::decode_output_f32;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
+use self::rows::{fits, request};
 use crate::client::InferenceDownstream;
 use crate::logship::LogShipper;
 
@@ -33,6 +37,8 @@ use crate::logship::LogShipper;
 const WINDOW: usize = 10_000;
 /// The budget of one shadow call.
 const BUDGET: Duration = Duration::from_secs(1);
+/// Rows in one shadow `ModelInfer`.
+pub const MAX_BATCH: usize = 64;
 /// Scores on the same side of this agree.
 pub const THRESHOLD: f64 = 0.5;
 
@@ -59,25 +65,57 @@ pub struct Copied {
     pub trace_id: String,
 }
 
+/// The copies waiting for one shadow, and whether its worker runs.
+struct Queue {
+    manifest: ModelManifest,
+    copies: VecDeque<Copied>,
+    running: bool,
+}
+
+/// Marks a shadow's worker stopped if it ends without saying so itself (a panic, or the
+/// runtime dropping the task), so the next copy starts a new one.
+struct Running<'a> {
+    shadow: &'a Shadow,
+    key: &'a (String, String),
+    done: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut queues = self.shadow.queues.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(queue) = queues.get_mut(self.key) {
+                queue.running = false;
+            }
+        }
+    }
+}
+
 /// Shadow scoring and what it found.
 pub struct Shadow {
+    queues: Mutex<HashMap<(String, String), Queue>>,
     inference: InferenceDownstream,
     log: LogShipper,
     bulkhead: Bulkhead,
     windows: Mutex<HashMap<(String, String), VecDeque<Comparison>>>,
     shed: Mutex<HashMap<(String, String), u64>>,
+    queue_limit: usize,
     outcomes: IntCounterVec,
     diffs: HistogramVec,
+    batch_rows: HistogramVec,
 }
 
 impl Shadow {
-    /// Shadow calls through `inference` within `bulkhead`, records into `log`; registers
-    /// `mesh_shadow_predictions_total{model,version,outcome}` and
-    /// `mesh_shadow_abs_diff{model,version}` in `registry`.
+    /// Shadow calls through `inference` within `bulkhead`, at most `queue_limit` copies waiting
+    /// per shadow, records into `log`; registers
+    /// `mesh_shadow_predictions_total{model,version,outcome}`,
+    /// `mesh_shadow_abs_diff{model,version}` and `mesh_shadow_batch_rows{model,version}` in
+    /// `registry`.
     pub fn new(
         inference: InferenceDownstream,
         log: LogShipper,
         bulkhead: Bulkhead,
+        queue_limit: usize,
         registry: &Registry,
     ) -> prometheus::Result<Arc<Self>> {
         let outcomes = IntCounterVec::new(
@@ -97,16 +135,28 @@ impl Shadow {
             .buckets(vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]),
             &["model", "version"],
         )?;
+        let batch_rows = HistogramVec::new(
+            HistogramOpts::new(
+                "mesh_shadow_batch_rows",
+                "Copies scored together in one shadow ModelInfer call",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            &["model", "version"],
+        )?;
         registry.register(Box::new(outcomes.clone()))?;
         registry.register(Box::new(diffs.clone()))?;
+        registry.register(Box::new(batch_rows.clone()))?;
         Ok(Arc::new(Self {
+            queues: Mutex::default(),
             inference,
             log,
             bulkhead,
+            queue_limit,
             windows: Mutex::default(),
             shed: Mutex::default(),
             outcomes,
             diffs,
+            batch_rows,
         }))
     }
 
@@ -116,55 +166,126 @@ impl Shadow {
             .inc_by(n);
     }
 
-    /// Scores `copies` with the shadow `manifest` in the background, to compare with the
-    /// primary scores and log. Returns at once.
+    /// Queues `copies` to be scored with the shadow `manifest` in the background, to compare
+    /// with the primary scores and log. Returns at once; never waits for a lock held across
+    /// anything slower than a queue push.
+    ///
+    /// Copies of one shadow are scored in batches: one worker per shadow takes everything queued
+    /// (up to [`MAX_BATCH`] rows) into one `ModelInfer`, and what arrives while that call is in
+    /// flight forms the next batch, so the shadow costs one call per batch rather than one per
+    /// prediction, and an idle mesh scores a copy at once. Beyond `MESH_SHADOW_QUEUE` waiting copies
+    /// (the shadow cannot keep up: the machine is saturated) new copies are shed and counted.
     pub fn send(self: &Arc<Self>, manifest: ModelManifest, copies: Vec<Copied>) {
-        let n = copies.len() as u64;
+        let (fitting, misfits): (Vec<Copied>, Vec<Copied>) =
+            copies.into_iter().partition(|c| fits(&manifest, c));
+        if !misfits.is_empty() {
+            self.count(&manifest, "incompatible", misfits.len() as u64);
+        }
+        if fitting.is_empty() {
+            return;
+        }
+        let key = (manifest.name.clone(), manifest.version.clone());
+        let (start, shed) = {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = queues.entry(key.clone()).or_insert_with(|| Queue {
+                manifest: manifest.clone(),
+                copies: VecDeque::new(),
+                running: false,
+            });
+            let room = self.queue_limit.saturating_sub(queue.copies.len());
+            let shed = fitting.len().saturating_sub(room);
+            queue.copies.extend(fitting.into_iter().take(room));
+            let start = !queue.running && !queue.copies.is_empty();
+            queue.running |= start;
+            (start, shed)
+        };
+        if shed > 0 {
+            self.shed_copies(&manifest, shed as u64);
+        }
+        if start {
+            tokio::spawn(self.clone().drain(key));
+        }
+    }
+
+    fn shed_copies(&self, manifest: &ModelManifest, n: u64) {
+        self.count(manifest, "shed", n);
+        let key = (manifest.name.clone(), manifest.version.clone());
+        *self
+            .shed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default() += n;
+    }
+
+    /// The shadow's worker: scores what is queued, a batch at a time, until the queue is empty.
+    async fn drain(self: Arc<Self>, key: (String, String)) {
+        let mut running = Running {
+            shadow: &self,
+            key: &key,
+            done: false,
+        };
+        loop {
+            let (manifest, batch) = {
+                let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = queues.get_mut(&key) else {
+                    running.done = true;
+                    return;
+                };
+                if queue.copies.is_empty() {
+                    // Decided under the lock `send` takes: a copy queued after this starts a
+                    // worker of its own.
+                    queue.running = false;
+                    running.done = true;
+                    return;
+                }
+                let n = queue.copies.len().min(MAX_BATCH);
+                let batch: Vec<Copied> = queue.copies.drain(..n).collect();
+                (queue.manifest.clone(), batch)
+            };
+            self.score(manifest, batch).await;
+        }
+    }
+
+    /// Scores one batch in a place of the shadow bulkhead (shed if there is none), compares and
+    /// logs.
+    async fn score(&self, manifest: ModelManifest, copies: Vec<Copied>) {
         let Ok(permit) = self.bulkhead.try_enter() else {
-            self.count(&manifest, "shed", n);
-            let key = (manifest.name.clone(), manifest.version.clone());
-            *self
-                .shed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(key)
-                .or_default() += n;
+            self.shed_copies(&manifest, copies.len() as u64);
             return;
         };
         let Some(request) = request(&manifest, &copies) else {
-            self.count(&manifest, "incompatible", n);
+            self.count(&manifest, "incompatible", copies.len() as u64);
             return;
         };
-        let shadow = self.clone();
-        tokio::spawn(async move {
-            // The place in the shadow bulkhead is held until the copy is scored or fails.
-            let started = Instant::now();
-            let result = shadow
-                .inference
-                .infer_admitted(request, Deadline::after(BUDGET), permit)
-                .await;
-            let latency = started.elapsed();
-            let scores = result.ok().and_then(|(response, _)| {
-                let (values, width) = decode_output_f32(&response, &manifest.output.name).ok()?;
-                (values.len() == copies.len() * width).then(|| {
-                    (0..copies.len())
-                        .map(|r| f64::from(values[r * width + manifest.output.index]))
-                        .collect::<Vec<f64>>()
-                })
-            });
-            let primary: Vec<f64> = copies.iter().map(|c| c.score).collect();
-            shadow.record(
-                &manifest,
-                &primary,
-                scores.as_deref(),
-                latency.as_secs_f64() * 1e3,
-            );
-            if let Some(scores) = scores {
-                shadow
-                    .log_scores(&manifest, &copies, &scores, latency)
-                    .await;
-            }
+        self.batch_rows
+            .with_label_values(&[manifest.name.as_str(), manifest.version.as_str()])
+            .observe(copies.len() as f64);
+        // The place in the shadow bulkhead is held until the batch is scored or fails.
+        let started = Instant::now();
+        let result = self
+            .inference
+            .infer_admitted(request, Deadline::after(BUDGET), permit)
+            .await;
+        let latency = started.elapsed();
+        let scores = result.ok().and_then(|(response, _)| {
+            let (values, width) = decode_output_f32(&response, &manifest.output.name).ok()?;
+            (values.len() == copies.len() * width).then(|| {
+                (0..copies.len())
+                    .map(|r| f64::from(values[r * width + manifest.output.index]))
+                    .collect::<Vec<f64>>()
+            })
         });
+        let primary: Vec<f64> = copies.iter().map(|c| c.score).collect();
+        self.record(
+            &manifest,
+            &primary,
+            scores.as_deref(),
+            latency.as_secs_f64() * 1e3,
+        );
+        if let Some(scores) = scores {
+            self.log_scores(&manifest, &copies, &scores, latency).await;
+        }
     }
 
     /// Logs each finite shadow score with its primary's id, unless the spool is filling up.
@@ -296,49 +417,4 @@ fn summarise(window: &VecDeque<Comparison>) -> ShadowSummary {
         shadow_p99_latency_ms: p99(&mut latencies),
         ..Default::default()
     }
-}
-
-/// The KServe request for the copies' rows in the shadow manifest's order; `None` if a row
-/// lacks one of its features or has one of the wrong type.
-fn request(
-    manifest: &ModelManifest,
-    rows: &[Copied],
-) -> Option<mesh_proto::inference::ModelInferRequest> {
-    let mut inputs = Vec::with_capacity(manifest.features.len());
-    for spec in &manifest.features {
-        let values = rows
-            .iter()
-            .map(|r| r.features.get(&spec.name).and_then(|v| v.kind.as_ref()));
-        let column = match spec.kind {
-            FeatureKind::Number => Column::Numbers(
-                values
-                    .map(|v| match v {
-                        Some(Kind::Number(n)) => Some(*n as f32),
-                        _ => None,
-                    })
-                    .collect::<Option<_>>()?,
-            ),
-            FeatureKind::Category => Column::Categories(
-                values
-                    .map(|v| match v {
-                        Some(Kind::Category(c)) if spec.allows_category(c) => Some(c.clone()),
-                        _ => None,
-                    })
-                    .collect::<Option<_>>()?,
-            ),
-        };
-        inputs.push(encode_input(&spec.name, column));
-    }
-    Some(mesh_proto::inference::ModelInferRequest {
-        model_name: manifest.name.clone(),
-        model_version: manifest.version.clone(),
-        inputs,
-        outputs: vec![
-            mesh_proto::inference::model_infer_request::InferRequestedOutputTensor {
-                name: manifest.output.name.clone(),
-                parameters: Default::default(),
-            },
-        ],
-        ..Default::default()
-    })
 }
