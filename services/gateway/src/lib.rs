@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod health;
@@ -157,7 +158,7 @@ async fn discover_replicas(
 
 /// What [`wire`] builds.
 struct Wired {
-    service: service::GatewayService,
+    service: Arc<service::GatewayService>,
     shipping: tokio::task::JoinHandle<()>,
     admin: lifecycle::admin::AdminService,
 }
@@ -269,7 +270,10 @@ async fn wire(
         router.clone(),
         shadow.clone(),
     );
-    let service = service::GatewayService {
+    let coalescer =
+        coalesce::Coalescer::new(limits.coalesce, limits.coalesce_runs, &metrics.registry)?;
+    let predictions = prediction_metrics::PredictionMetrics::register(&metrics.registry)?;
+    let service = Arc::new_cyclic(|me| service::GatewayService {
         router,
         features: client::FeaturesDownstream::new(
             channels.features.clone(),
@@ -284,13 +288,15 @@ async fn wire(
         drift,
         _exporting: exporting,
         log,
-        predictions: prediction_metrics::PredictionMetrics::register(&metrics.registry)?,
+        predictions,
         online: compartments("", limits.features, limits.inference),
         batch: compartments("batch-", limits.batch, limits.batch),
         batch_calls: Bulkhead::new("batch-calls", limits.batch, bulkheads),
         max_batch_items: limits.max_batch_items,
         default_budget: config.budgets.default,
-    };
+        coalescer,
+        me: me.clone(),
+    });
     Ok(Wired {
         service,
         shipping,
@@ -331,7 +337,7 @@ pub async fn serve(
     }
     // Health and reflection stay open (probes carry no key); only the Gateway API is guarded.
     let routes = tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
-        GatewayServer::new(service).max_decoding_message_size(4 * 1024 * 1024),
+        GatewayServer::from_arc(service).max_decoding_message_size(4 * 1024 * 1024),
         move |request| access.check(request),
     ))
     // The admin API checks its own keys (MESH_ADMIN_KEYS), never the API keys.

@@ -5,8 +5,10 @@
 //!   item's gRPC code (`OK`, `NOT_FOUND`, `UNAVAILABLE`, …), or `CANCELLED` for items whose call
 //!   was dropped before it answered (deadline or caller gone); `tier` is where its features came
 //!   from (`memory`, `redis`, `database`, `request`), `none` for an item that failed.
-//! - `mesh_prediction_duration_seconds{model,version}`: one per call and version (a batch the
-//!   router splits across versions counts once per version), from arrival to answer.
+//! - `mesh_prediction_duration_seconds{model,version}`: one per pipeline run and version (a
+//!   `PredictBatch`, a lone `Predict`, or a coalesced run of queued `Predict`s; a batch the
+//!   router splits across versions counts once per version), from the earliest arrival to the
+//!   answer.
 //! - `mesh_prediction_score{model,version}`: each score served.
 //!
 //! Labels are only ever the name and version of a manifest the router resolved (a version the

@@ -13,6 +13,7 @@ use mesh_runtime::{Bulkhead, Deadline};
 use tonic::{Request, Response, Status};
 
 use crate::client::{Compartments, FeaturesDownstream, InferenceDownstream};
+use crate::coalesce::{Coalescer, Joined, Pending};
 use crate::error::GatewayError;
 use crate::lifecycle::routing::Router;
 use crate::logship::LogShipper;
@@ -53,6 +54,10 @@ pub struct GatewayService {
     pub max_batch_items: usize,
     /// Budget when the caller sent none (also applied by the deadline layer).
     pub default_budget: Duration,
+    /// Concurrent `Predict`s of one model, run together.
+    pub coalescer: Coalescer,
+    /// This service itself, for the coalescer's workers.
+    pub me: std::sync::Weak<GatewayService>,
 }
 
 impl GatewayService {
@@ -60,32 +65,50 @@ impl GatewayService {
         Deadline::of(request).unwrap_or_else(|| Deadline::after(self.default_budget))
     }
 
-    /// `Predict`: the pipeline with one item; its error is the call's.
+    /// `Predict`: the pipeline with one item, run by this call or, while another run of the
+    /// same model is in flight, coalesced with other calls ([`crate::coalesce`]); its error is
+    /// the call's.
     async fn predict_one(
         &self,
         request: Request<PredictRequest>,
     ) -> Result<PredictResponse, GatewayError> {
-        let call = Call {
-            started: Instant::now(),
-            deadline: self.deadline(&request),
-            compartments: &self.online,
-        };
+        let started = Instant::now();
+        let deadline = self.deadline(&request);
         let PredictRequest {
             model,
             entity_id,
             features,
             model_version,
         } = request.into_inner();
+        crate::validate::model_ref(&model, &model_version)?;
         let item = Item {
             entity_id,
             features,
+            arrived: started,
+            trace_id: None,
         };
-        let outcome = self.run(&model, &model_version, vec![item], call).await?;
-        outcome
-            .results
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| Err(GatewayError::Internal("no result for the item".into())))
+        let key = (model, model_version);
+        let answer = match self.join(key.clone(), Pending { item, deadline }) {
+            Joined::Lead(_lead, Pending { item, .. }) => {
+                let call = Call {
+                    started,
+                    deadline,
+                    compartments: &self.online,
+                };
+                let outcome = self.run(&key.0, &key.1, vec![item], call).await?;
+                return outcome.results.into_iter().next().unwrap_or_else(|| {
+                    Err(GatewayError::Internal("no result for the item".into()))
+                });
+            }
+            Joined::Wait(answer) => answer,
+        };
+        match tokio::time::timeout_at(deadline.instant(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(GatewayError::Unavailable(
+                "the gateway stopped the run this call was queued for".into(),
+            )),
+            Err(_) => Err(GatewayError::DeadlineExceeded),
+        }
     }
 
     /// `PredictBatch`: admission in the batch class, limits, then the pipeline; each item's
@@ -114,6 +137,8 @@ impl GatewayService {
             .map(|i| Item {
                 entity_id: i.entity_id,
                 features: i.features,
+                arrived: call.started,
+                trace_id: None,
             })
             .collect();
         let outcome = self.run(&model, &model_version, items, call).await?;

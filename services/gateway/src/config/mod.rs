@@ -85,6 +85,10 @@ pub struct Bulkheads {
     pub shadow: usize,
     /// `MESH_SHADOW_QUEUE`: shadow copies waiting per shadow; beyond, new ones are shed.
     pub shadow_queue: usize,
+    /// `MESH_PREDICT_COALESCE`: `Predict`s of one model run together at most (1: never).
+    pub coalesce: usize,
+    /// `MESH_PREDICT_RUNS`: runs of one model in flight before further `Predict`s queue.
+    pub coalesce_runs: usize,
     /// `MESH_MAX_BATCH_ITEMS`: items per `PredictBatch`.
     pub max_batch_items: usize,
 }
@@ -164,6 +168,8 @@ impl FromSettings for Config {
                 logger: s.positive("MESH_LOGGER_CONCURRENCY")?,
                 shadow: s.positive("MESH_SHADOW_CONCURRENCY")?,
                 shadow_queue: s.positive("MESH_SHADOW_QUEUE")?,
+                coalesce: s.positive("MESH_PREDICT_COALESCE")?,
+                coalesce_runs: s.positive("MESH_PREDICT_RUNS")?,
                 max_batch_items: s.positive("MESH_MAX_BATCH_ITEMS")?,
             },
             spool: SpoolSettings {

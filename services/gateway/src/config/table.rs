@@ -63,6 +63,16 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
             "1024",
             "shadow copies waiting per shadow while its worker scores a batch; beyond, new copies are shed (counted)",
         ),
+        Setting::value(
+            "MESH_PREDICT_COALESCE",
+            "32",
+            "queued `Predict` calls of one model run together as one batch at most; 1 turns coalescing off",
+        ),
+        Setting::value(
+            "MESH_PREDICT_RUNS",
+            "8",
+            "pipeline runs of one model in flight before further `Predict` calls queue to be coalesced",
+        ),
         Setting::value("MESH_MAX_BATCH_ITEMS", "1000", "items per `PredictBatch`"),
         Setting::value(
             "MESH_LOG_QUEUE",

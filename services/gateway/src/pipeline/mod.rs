@@ -50,6 +50,11 @@ pub struct Item {
     pub entity_id: String,
     /// Request-time features (they win over stored ones).
     pub features: HashMap<String, FeatureValue>,
+    /// When its call arrived (the latency in its record).
+    pub arrived: Instant,
+    /// Its call's trace id, when the pipeline runs outside that call's span (a coalesced run);
+    /// `None`: the current span's.
+    pub trace_id: Option<String>,
 }
 
 /// What one call of the pipeline is for.
@@ -93,6 +98,8 @@ enum Stored {
 /// One row to score.
 struct Row {
     entity_id: String,
+    arrived: Instant,
+    trace_id: Option<String>,
     values: Vec<Kind>,
     logged: BTreeMap<String, FeatureValue>,
     tier: FeatureTier,
@@ -369,7 +376,6 @@ impl GatewayService {
         call: &Call<'_>,
     ) -> Vec<PredictResponse> {
         let trace_id = current_trace_id().unwrap_or_default();
-        let latency = call.started.elapsed().as_micros() as u64;
         let time = mesh_runtime::clock::unix_micros();
         let remaining = call.deadline.remaining();
         let wait = SPOOL_WAIT.min(remaining.saturating_sub(SPOOL_WAIT_MARGIN));
@@ -392,9 +398,9 @@ impl GatewayService {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 score: *score,
-                latency_micros: latency,
+                latency_micros: row.arrived.elapsed().as_micros() as u64,
                 feature_tier: row.tier as i32,
-                trace_id: trace_id.clone(),
+                trace_id: row.trace_id.clone().unwrap_or_else(|| trace_id.clone()),
                 shadow_of: String::new(),
             })
             .collect();

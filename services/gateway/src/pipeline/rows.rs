@@ -51,6 +51,8 @@ pub(super) fn assemble(
     Ok(Row {
         logged: validate::merged(&item.features, stored_features),
         entity_id: item.entity_id,
+        arrived: item.arrived,
+        trace_id: item.trace_id,
         values,
         tier,
         degraded: notes,

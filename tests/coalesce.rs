@@ -1,0 +1,319 @@
+//! Adaptive batching of `Predict` at the gateway (`mesh_gateway::coalesce`), whole mesh: calls
+//! that queue while a run of the same model is in flight share one pipeline run, and each keeps
+//! its own answer, error, deadline and trace.
+//!
+//! To make runs overlap on any machine, the test proxy between the gateway and each inference
+//! replica adds a fixed delay (the one faked fault: a slow network; the services are real).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use mesh_proto::gateway::PredictRequest;
+use mesh_proto::types::FeatureValue;
+use mesh_tests::*;
+use tonic::Code;
+
+/// Scores are float32 inside the graph; the fixture is scikit-learn's float64.
+const SKEW_TOLERANCE: f64 = 1e-5;
+
+fn request(
+    entity: &str,
+    features: HashMap<String, FeatureValue>,
+    timeout: Duration,
+) -> tonic::Request<PredictRequest> {
+    let mut r = tonic::Request::new(PredictRequest {
+        model: "churn".into(),
+        entity_id: entity.into(),
+        features,
+        model_version: String::new(),
+    });
+    r.set_timeout(timeout);
+    r
+}
+
+/// The request-time features of a fixture row (the rest come from the store).
+fn request_features(row: &FixtureRow) -> HashMap<String, FeatureValue> {
+    let all = json_features(&row.features);
+    ["support_calls_30d", "channel"]
+        .iter()
+        .map(|k| ((*k).to_owned(), all[*k].clone()))
+        .collect()
+}
+
+async fn coalesced(mesh: &Mesh) -> (f64, f64) {
+    (
+        metric(mesh.gateway_http, "mesh_predict_coalesced_items_count").await,
+        metric(mesh.gateway_http, "mesh_predict_coalesced_items_sum").await,
+    )
+}
+
+/// What one burst of concurrent calls got: per fixture row its answer, plus the unknown
+/// entities' and the short deadlines' results.
+struct Burst {
+    known: Vec<(
+        FixtureRow,
+        Result<mesh_proto::gateway::PredictResponse, tonic::Status>,
+    )>,
+    unknown: Vec<Result<mesh_proto::gateway::PredictResponse, tonic::Status>>,
+    short: Vec<Result<mesh_proto::gateway::PredictResponse, tonic::Status>>,
+}
+
+/// 20 fixture rows, 4 unknown entities and 2 calls with a 5 ms deadline, all at once.
+async fn burst(mesh: &Mesh) -> Burst {
+    let rows: Vec<FixtureRow> = fixture().into_iter().take(20).collect();
+    let known = rows.iter().map(|row| {
+        let mut client = mesh.gateway_client();
+        let row = row.clone();
+        async move {
+            let answer = client
+                .predict(request(
+                    &row.entity_id,
+                    request_features(&row),
+                    Duration::from_secs(5),
+                ))
+                .await
+                .map(|r| r.into_inner());
+            (row, answer)
+        }
+    });
+    let first = rows[0].clone();
+    let unknown = (0..4).map(|i| {
+        let mut client = mesh.gateway_client();
+        let features = request_features(&first);
+        async move {
+            client
+                .predict(request(
+                    &format!("nobody-{i}"),
+                    features,
+                    Duration::from_secs(5),
+                ))
+                .await
+                .map(|r| r.into_inner())
+        }
+    });
+    let short = (0..2).map(|_| {
+        let mut client = mesh.gateway_client();
+        let row = first.clone();
+        async move {
+            // Queued behind a run that takes at least the proxy's delay.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            client
+                .predict(request(
+                    &row.entity_id,
+                    request_features(&row),
+                    Duration::from_millis(5),
+                ))
+                .await
+                .map(|r| r.into_inner())
+        }
+    });
+    let (known, unknown, short) = tokio::join!(
+        futures::future::join_all(known),
+        futures::future::join_all(unknown),
+        futures::future::join_all(short)
+    );
+    Burst {
+        known,
+        unknown,
+        short,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_predicts_share_runs_and_keep_their_own_answers_errors_deadlines_and_traces() {
+    let mesh = Mesh::start(|_| {}).await;
+    mesh.seed(50).await;
+    for proxy in &mesh.inference_proxies {
+        proxy.set_delay(Duration::from_millis(30));
+    }
+    let burst = burst(&mesh).await;
+    let (runs, calls) = coalesced(&mesh).await;
+    println!("coalesced: {calls} calls in {runs} runs");
+    assert!(runs >= 1.0, "queued calls ran coalesced");
+    assert!(
+        calls > runs,
+        "some run served several calls: {calls} calls in {runs} runs"
+    );
+
+    // Each answer is its own entity's score (a mix-up between items would not match), with a
+    // trace of its own.
+    let mut traces = std::collections::HashSet::new();
+    for (row, answer) in &burst.known {
+        let answer = answer
+            .as_ref()
+            .unwrap_or_else(|s| panic!("{}: {s}", row.entity_id));
+        assert!(
+            (answer.score - row.probability).abs() < SKEW_TOLERANCE,
+            "{}: {} vs the fixture's {}",
+            row.entity_id,
+            answer.score,
+            row.probability
+        );
+        assert!(
+            traces.insert(answer.trace_id.clone()),
+            "trace {} given twice",
+            answer.trace_id
+        );
+    }
+    for result in &burst.unknown {
+        let status = result
+            .as_ref()
+            .expect_err("an unknown entity fails on its own");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert!(status.message().contains("nobody-"), "{status:?}");
+    }
+    for result in &burst.short {
+        let status = result
+            .as_ref()
+            .expect_err("a 5 ms deadline behind a 30 ms run");
+        assert!(
+            matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{status:?}"
+        );
+    }
+
+    // Every answer is logged under its own id with its own trace id and score.
+    let db = mesh.db().await;
+    let started = Instant::now();
+    for (_, answer) in &burst.known {
+        let answer = answer.as_ref().expect("answer");
+        let row = loop {
+            let found = db
+                .query_opt(
+                    "SELECT trace_id, score FROM predictions WHERE prediction_id = $1",
+                    &[&answer.prediction_id],
+                )
+                .await
+                .expect("query");
+            if let Some(row) = found {
+                break row;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{} not logged",
+                answer.prediction_id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(row.get::<_, String>(0), answer.trace_id);
+        assert_eq!(row.get::<_, f64>(1), answer.score);
+    }
+    mesh.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_coalescing_off_every_predict_runs_alone() {
+    let mesh = Mesh::start(|c| c.bulkheads.coalesce = 1).await;
+    mesh.seed(50).await;
+    for proxy in &mesh.inference_proxies {
+        proxy.set_delay(Duration::from_millis(30));
+    }
+    let burst = burst(&mesh).await;
+    assert!(burst.known.iter().all(|(_, a)| a.is_ok()));
+    assert_eq!(coalesced(&mesh).await, (0.0, 0.0), "no coalesced run");
+    mesh.assert_idle().await;
+}
+
+/// The call that leads a run goes away mid-run (its client gives up); the calls queued behind
+/// it are still answered, and the lane keeps working afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_call_cancelled_mid_run_does_not_strand_the_queue() {
+    // One run at a time: the other calls queue behind the lead call's.
+    let mesh = Mesh::start(|c| c.bulkheads.coalesce_runs = 1).await;
+    mesh.seed(50).await;
+    for proxy in &mesh.inference_proxies {
+        proxy.set_delay(Duration::from_millis(200));
+    }
+    let rows: Vec<FixtureRow> = fixture().into_iter().take(9).collect();
+    let mut lead_client = mesh.gateway_client();
+    let lead = lead_client.predict(request(
+        &rows[0].entity_id,
+        request_features(&rows[0]),
+        Duration::from_secs(5),
+    ));
+    let queued = rows[1..].iter().map(|row| {
+        let mut client = mesh.gateway_client();
+        let row = row.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let answer = client
+                .predict(request(
+                    &row.entity_id,
+                    request_features(&row),
+                    Duration::from_secs(5),
+                ))
+                .await;
+            (row, answer)
+        }
+    });
+    // The lead call is dropped 100 ms in: inside its run (the proxy holds it 200 ms).
+    let cancelled = tokio::time::timeout(Duration::from_millis(100), lead);
+    let (cancelled, answers) = tokio::join!(cancelled, futures::future::join_all(queued));
+    assert!(
+        cancelled.is_err(),
+        "the lead call was still running at 100 ms"
+    );
+    for (row, answer) in answers {
+        let answer = answer.unwrap_or_else(|s| panic!("{} stranded: {s}", row.entity_id));
+        assert!((answer.into_inner().score - row.probability).abs() < SKEW_TOLERANCE);
+    }
+    for proxy in &mesh.inference_proxies {
+        proxy.set_delay(Duration::ZERO);
+    }
+    let again = mesh
+        .gateway_client()
+        .predict(request(
+            &rows[0].entity_id,
+            request_features(&rows[0]),
+            Duration::from_secs(5),
+        ))
+        .await
+        .expect("the lane works after the cancellation");
+    assert!((again.into_inner().score - rows[0].probability).abs() < SKEW_TOLERANCE);
+    mesh.assert_idle().await;
+}
+
+/// Every caller of a coalesced run goes away (their clients give up long before their 10 s
+/// deadlines): the run stops and releases what it held, instead of waiting out the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_callers_all_went_away_stops() {
+    let mesh = Mesh::start(|c| c.bulkheads.coalesce_runs = 1).await;
+    mesh.seed(50).await;
+    for proxy in &mesh.inference_proxies {
+        proxy.set_fault(mesh_testkit::proxy::Fault::Hold);
+    }
+    let rows: Vec<FixtureRow> = fixture().into_iter().take(6).collect();
+    // The lead call gives up at 100 ms; the five queued behind it then run together (held by
+    // the proxy) and give up at 400 ms.
+    let calls = rows.iter().enumerate().map(|(i, row)| {
+        let mut client = mesh.gateway_client();
+        let row = row.clone();
+        async move {
+            let (delay, patience) = if i == 0 {
+                (Duration::ZERO, Duration::from_millis(100))
+            } else {
+                (Duration::from_millis(30), Duration::from_millis(400))
+            };
+            tokio::time::sleep(delay).await;
+            let call = client.predict(request(
+                &row.entity_id,
+                request_features(&row),
+                Duration::from_secs(10),
+            ));
+            tokio::time::timeout(patience, call).await.is_err()
+        }
+    });
+    let gave_up = futures::future::join_all(calls).await;
+    assert!(
+        gave_up.iter().all(|g| *g),
+        "every call was still held: {gave_up:?}"
+    );
+    let (runs, calls) = coalesced(&mesh).await;
+    assert_eq!(
+        (runs, calls),
+        (1.0, 5.0),
+        "the five queued calls ran as one"
+    );
+    // Still held by the proxy: only stopping the run can have released its counts.
+    mesh.assert_idle().await;
+}
