@@ -247,10 +247,66 @@ async fn wire(
     let limits = &config.bulkheads;
     let inference =
         client::InferenceDownstream::new(replicas, versions, margin, downstream("inference"));
+    let parts = lifecycle_parts(config, metrics, store, &router, &inference, &log)?;
+    let coalescer =
+        coalesce::Coalescer::new(limits.coalesce, limits.coalesce_runs, &metrics.registry)?;
+    let predictions = prediction_metrics::PredictionMetrics::register(&metrics.registry)?;
+    let service = Arc::new_cyclic(|me| service::GatewayService {
+        router,
+        features: client::FeaturesDownstream::new(
+            channels.features.clone(),
+            margin,
+            downstream("features"),
+        ),
+        inference,
+        shadow: parts.shadow,
+        canary: parts.canary,
+        _judging: parts.judging,
+        _trimming: parts.trimming,
+        drift: parts.drift,
+        _exporting: parts.exporting,
+        log,
+        predictions,
+        online: compartments("", limits.features, limits.inference),
+        batch: compartments("batch-", limits.batch, limits.batch),
+        batch_calls: Bulkhead::new("batch-calls", limits.batch, bulkheads),
+        max_batch_items: limits.max_batch_items,
+        default_budget: config.budgets.default,
+        coalescer,
+        me: me.clone(),
+    });
+    Ok(Wired {
+        service,
+        shipping,
+        admin: parts.admin,
+    })
+}
+
+/// The model lifecycle's parts of the gateway: shadow scoring, drift, the canary judge, the
+/// audit log's retention and the admin API.
+struct LifecycleParts {
+    shadow: Arc<lifecycle::shadow::Shadow>,
+    drift: Arc<lifecycle::drift::Drift>,
+    exporting: lifecycle::drift::Exporting,
+    canary: Arc<lifecycle::canary::Canary>,
+    judging: Option<lifecycle::canary::Judging>,
+    trimming: Option<mesh_registry::retention::AuditRetention>,
+    admin: lifecycle::admin::AdminService,
+}
+
+fn lifecycle_parts(
+    config: &Config,
+    metrics: &ServiceMetrics,
+    store: Option<mesh_registry::RegistryStore>,
+    router: &Arc<lifecycle::routing::Router>,
+    inference: &client::InferenceDownstream,
+    log: &logship::LogShipper,
+) -> Result<LifecycleParts, StartupError> {
+    let limits = &config.bulkheads;
     let shadow = lifecycle::shadow::Shadow::new(
         inference.clone(),
         log.clone(),
-        Bulkhead::new("shadow", limits.shadow, bulkheads),
+        Bulkhead::new("shadow", limits.shadow, &metrics.bulkheads),
         limits.shadow_queue,
         &metrics.registry,
     )?;
@@ -270,36 +326,13 @@ async fn wire(
         router.clone(),
         shadow.clone(),
     );
-    let coalescer =
-        coalesce::Coalescer::new(limits.coalesce, limits.coalesce_runs, &metrics.registry)?;
-    let predictions = prediction_metrics::PredictionMetrics::register(&metrics.registry)?;
-    let service = Arc::new_cyclic(|me| service::GatewayService {
-        router,
-        features: client::FeaturesDownstream::new(
-            channels.features.clone(),
-            margin,
-            downstream("features"),
-        ),
-        inference,
+    Ok(LifecycleParts {
         shadow,
-        canary,
-        _judging: judging,
-        _trimming: trimming,
         drift,
-        _exporting: exporting,
-        log,
-        predictions,
-        online: compartments("", limits.features, limits.inference),
-        batch: compartments("batch-", limits.batch, limits.batch),
-        batch_calls: Bulkhead::new("batch-calls", limits.batch, bulkheads),
-        max_batch_items: limits.max_batch_items,
-        default_budget: config.budgets.default,
-        coalescer,
-        me: me.clone(),
-    });
-    Ok(Wired {
-        service,
-        shipping,
+        exporting,
+        canary,
+        judging,
+        trimming,
         admin,
     })
 }
