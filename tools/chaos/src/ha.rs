@@ -223,7 +223,9 @@ pub const DEFINITIONS: &str = "
   fault column): from the kill until a write through the multi-host URL commits on another
   member (target < 15 s). Also measured: until the features service accepts a `PutFeatures`
   (invariant: within 30 s of the failover), and until the logger's first record is committed on
-  the new primary (`logged_at` after the kill). Time to recover is counted from the kill. Found
+  the new primary (`logged_at` after the kill). Time to recover (14 and 15: nothing is lifted):
+  from the kill until the first 1 s window, after the last request of the fault time that did
+  not succeed within its deadline, in which every request did (0 if none failed). Found
   is read through the same URL, i.e. on the new primary; exactly once: the served ids have as
   many rows there as distinct ids (`predictions`' key is (id, served_at), so a second row for an
   id is possible and counted). Afterwards the suite waits for the old primary to rejoin as the
@@ -232,7 +234,7 @@ pub const DEFINITIONS: &str = "
   Sentinel names another master. Then a `PutFeatures` is repeated until its write-through
   version is on the new master (the version key read there equals the entity's version in
   PostgreSQL): the features service followed Sentinel (invariant, within 20 s). Time to recover
-  is counted from the kill. The killed master is not restarted.
+  as in 14. The killed master is not restarted (the HA mode's Redis has no replica after it).
 - **scenario 16**: scale up: the third address (127.0.0.4) is put in DNS first, then its replica
   is started (a Service publishing not-ready addresses: the hardest order); it must take no
   call before the gateway's health watch sees it SERVING (`mesh_replica_calls_total` of it with
