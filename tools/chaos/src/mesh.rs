@@ -30,7 +30,6 @@ use mesh_testkit::proxy::DelayProxy;
 use mesh_testkit::{free_port, PostgresServer, RedisServer};
 
 use crate::ha::DnsHosts;
-
 use crate::procs::{wait_serving, Frozen, Service};
 use crate::say;
 
