@@ -31,7 +31,7 @@ fmt:
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
-.PHONY: chaos chaos-short check-supervise check-alerts check-k8s
+.PHONY: chaos chaos-short chaos-ha chaos-ha-short check-supervise check-alerts check-k8s
 ## Render deploy/k8s (dev and prod) with kustomize, validate strictly for Kubernetes 1.30, check its invariants.
 check-k8s:
 	bash scripts/check-k8s.sh
@@ -47,6 +47,14 @@ chaos:
 ## The short chaos suite CI can run: debug build, 10 s faults, invariants enforced.
 chaos-short:
 	bash scripts/chaos.sh --short
+
+## The HA chaos scenarios (14-16): Patroni and Sentinel failovers, inference scaled through DNS (release).
+chaos-ha:
+	bash scripts/chaos.sh --ha
+
+## The HA chaos scenarios, short: debug build, 10 s faults, invariants enforced (not run by `make test`).
+chaos-ha-short:
+	bash scripts/chaos.sh --short --ha
 
 ## Check that `make up` restarts a crashed service (debug build, its own ports and run directory).
 check-supervise:

@@ -27,6 +27,14 @@
 #
 #   bash scripts/chaos.sh            release build, 30 s faults, 300 req/s, all targets enforced
 #   bash scripts/chaos.sh --short    debug build, 10 s faults, 100 req/s, invariants enforced (CI)
+#   bash scripts/chaos.sh [--short] --ha
+#                                    the HA mode (`make chaos-ha`, `make chaos-ha-short`), written
+#                                    to chaos-results/ha/: the mesh on a Patroni cluster and Redis
+#                                    under Sentinel (scripts/bootstrap.sh --ha installs patroni,
+#                                    etcd-server, redis-sentinel), the gateways finding the
+#                                    inference replicas through DNS, and scenarios 14-16: kill -9
+#                                    of the PostgreSQL primary, kill -9 of the Redis master,
+#                                    inference scaled 2 -> 3 -> 1. Not part of `make test`.
 #
 # Further arguments go to mesh-chaos (e.g. --only 1,4 or --only 11,12,13; see target/<profile>/mesh-chaos --help).
 # Everything it starts is stopped on exit, error or Ctrl-C; it does not touch `make up`'s .run/.
@@ -35,12 +43,18 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 short=0
-if [ "${1:-}" = "--short" ]; then
-  short=1
+ha=()
+out=chaos-results
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --short) short=1 ;;
+    --ha) ha=(--ha); out=chaos-results/ha ;;
+    *) break ;;
+  esac
   shift
-fi
+done
 
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh "${ha[@]}"
 # shellcheck source=/dev/null
 source .tools/env
 
@@ -56,4 +70,4 @@ else
         --bad-requests 5000 --enforce)
 fi
 profile_dir=$([ "$short" = 1 ] && echo debug || echo release)
-exec "$root/target/$profile_dir/mesh-chaos" --repo "$root" --out chaos-results "${args[@]}" "$@"
+exec "$root/target/$profile_dir/mesh-chaos" --repo "$root" --out "$out" "${ha[@]}" "${args[@]}" "$@"

@@ -24,12 +24,18 @@
 //! it lasts until released (see `lifecycle`). Scenarios 11-13 (the model lifecycle) are in
 //! `lifecycle`.
 //!
+//! Scenarios 14–16 are the HA mode (`--ha`, [`ha`]): the mesh on a Patroni cluster and Redis
+//! under Sentinel, the gateways finding the inference replicas through DNS discovery; `kill -9`
+//! of the PostgreSQL primary, `kill -9` of the Redis master, and inference scaled 2 → 3 → 1.
+//! Without `--ha` none of it runs, and Patroni, etcd and Sentinel are not needed.
+//!
 //! Everything is bounded in time; only processes this program started are signalled (by PID);
 //! all of them stop on exit, on error and on Ctrl-C (the mesh is a guard that stops what it
 //! started when dropped).
 
 mod alerts;
 mod badinput;
+mod ha;
 mod lifecycle;
 mod load;
 mod mesh;
@@ -47,7 +53,7 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 
 use crate::load::{Class, Load};
-use crate::mesh::{Mesh, Paths};
+use crate::mesh::{Mesh, Paths, StoreMode};
 
 /// Wall clock, unix ms.
 pub fn unix_ms() -> u64 {
@@ -94,9 +100,14 @@ struct Opts {
     #[arg(long, default_value = "chaos-results")]
     out: PathBuf,
     /// Scenarios to run, e.g. `1,4` (default: all, 0-13; 0 is the steady baseline, 11-13 the
-    /// model lifecycle).
+    /// model lifecycle; with `--ha`: 14-16).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
+    /// The HA mode: the mesh on Patroni and Sentinel with DNS discovery of the inference
+    /// replicas, and scenarios 14-16 (PostgreSQL primary killed, Redis master killed, inference
+    /// scaled 2 -> 3 -> 1). Needs patroni, etcd and redis-sentinel (scripts/bootstrap.sh --ha).
+    #[arg(long)]
+    ha: bool,
     /// Open-loop load, requests per second.
     #[arg(long, default_value_t = 300)]
     rate: u64,
@@ -129,7 +140,10 @@ struct Opts {
     /// every accepted request completes, scenario 9: memory bounded, scenario 10: valid records
     /// stored and poison ones kept as rejects, scenarios 11-13: every answer from an allowed
     /// version, each swap or rollback reaching every gateway, no request to a version a replica
-    /// has not reported ready); the other targets are printed.
+    /// has not reported ready, scenarios 14-16: no mesh service restarted, writes resume on the
+    /// new primary with every served record there once, the features service follows the new
+    /// Redis master, an added replica joins only once SERVING and removed ones drain out); the
+    /// other targets are printed.
     #[arg(long, conflicts_with = "enforce")]
     enforce_invariants: bool,
 }
@@ -240,37 +254,57 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
     } else {
         repo.join(&opts.out)
     };
+    let (first, last) = if opts.ha {
+        (ha::FIRST, ha::LAST)
+    } else {
+        (0, LAST)
+    };
     let scenarios: Vec<u8> = if opts.only.is_empty() {
-        (0..=LAST).collect()
+        (first..=last).collect()
     } else {
         let mut s = opts.only.clone();
         s.sort_unstable();
         s.dedup();
-        if let Some(bad) = s.iter().find(|n| !(0..=LAST).contains(*n)) {
-            anyhow::bail!("--only: there is no scenario {bad} (0-{LAST})");
+        if let Some(bad) = s.iter().find(|n| !(first..=last).contains(*n)) {
+            anyhow::bail!(
+                "--only: scenario {bad} is not in {first}-{last}{}",
+                if opts.ha {
+                    " (--ha runs only the HA scenarios)"
+                } else {
+                    " (14-16 need --ha)"
+                }
+            );
         }
         s
     };
     if out.join("logs").exists() {
         std::fs::remove_dir_all(out.join("logs"))?;
     }
-    for n in 0..=LAST {
+    for n in 0..=ha::LAST {
         let _ = std::fs::remove_dir_all(out.join(format!("scenario-{n}")));
     }
     std::fs::create_dir_all(out.join("logs"))?;
     say!(
-        "mesh-chaos: {profile} build, scenarios {:?}, load {}/s open-loop, deadline {} ms, faults {} s",
+        "mesh-chaos: {profile} build{}, scenarios {:?}, load {}/s open-loop, deadline {} ms, faults {} s",
+        if opts.ha { ", HA mode (Patroni, Sentinel, DNS discovery)" } else { "" },
         scenarios,
         opts.rate,
         opts.timeout_ms,
         opts.fault_secs
     );
     let suite_started = Instant::now();
-    let mut mesh = Mesh::start(Paths {
-        repo: repo.clone(),
-        bin: repo.join("target").join(profile),
-        logs: out.join("logs"),
-    })
+    let mut mesh = Mesh::start(
+        Paths {
+            repo: repo.clone(),
+            bin: repo.join("target").join(profile),
+            logs: out.join("logs"),
+        },
+        if opts.ha {
+            StoreMode::Ha
+        } else {
+            StoreMode::Single
+        },
+    )
     .await?;
     mesh.seed(&repo.join("data/demo_entities.jsonl")).await?;
     let targets: Vec<alerts::Target> = mesh
@@ -307,7 +341,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
 
     let mut outcomes = Vec::new();
     for &n in &scenarios {
-        let outcome = if n >= lifecycle::FIRST {
+        let outcome = if (lifecycle::FIRST..ha::FIRST).contains(&n) {
             lifecycle::run(&mut mesh, &opts, n, &out).await?
         } else {
             scenario(&mut mesh, &alerting, &opts, n, &out).await?
@@ -325,6 +359,7 @@ async fn run(opts: Opts) -> anyhow::Result<ExitCode> {
         out.join("chaos.json"),
         serde_json::to_string_pretty(&json!({
             "profile": profile,
+            "ha": opts.ha,
             "rate": opts.rate,
             "timeout_ms": opts.timeout_ms,
             "fault_secs": opts.fault_secs,
@@ -380,7 +415,7 @@ struct Delivery {
 /// stable for 5 s; bounded by `bound`.
 async fn wait_delivery(mesh: &Mesh, ids: &[String], bound: Duration) -> Delivery {
     let started = Instant::now();
-    let url = mesh.pg.url();
+    let url = mesh.db_url();
     let mut last_rows = -1;
     let mut rows_since = Instant::now();
     let mut d = Delivery {
@@ -441,7 +476,11 @@ async fn scenario(
     n: u8,
     out: &std::path::Path,
 ) -> anyhow::Result<Outcome> {
-    let name = NAMES[n as usize];
+    let name = if n >= ha::FIRST {
+        ha::NAMES[usize::from(n - ha::FIRST)]
+    } else {
+        NAMES[n as usize]
+    };
     let deadline_ms = opts.timeout_ms as f64;
     let fault = Duration::from_secs(opts.fault_secs);
     let mut notes = Vec::new();
@@ -457,7 +496,7 @@ async fn scenario(
     if !wait_healthy(mesh, Duration::from_secs(30)).await {
         notes.push("gateway /health was not `healthy` before the scenario (waited 30 s)".into());
     }
-    let pg_url = mesh.pg.url();
+    let pg_url = mesh.db_url();
     let rows_before = probe::log_counts(&pg_url, &[]).await?.rows;
     let max_secs = (opts.baseline_secs + opts.fault_secs + opts.recover_secs + 60) as f64;
     let mut load = Load::start(
@@ -479,6 +518,9 @@ async fn scenario(
     let mut frozen = None;
     let mut poisoner = None;
     let mut memory = MemoryWatch::default();
+    let pids_before = ha::pids(mesh);
+    let mut killed = None;
+    let mut scaling = None;
     match n {
         0 => say!("no fault: steady load (the baseline; no alert may fire)"),
         1 => {
@@ -486,11 +528,11 @@ async fn scenario(
             say!("fault injected: kill -9 inference-1");
         }
         2 => {
-            mesh.stop_redis();
+            mesh.stop_redis()?;
             say!("fault injected: Redis stopped");
         }
         3 => {
-            mesh.stop_pg();
+            mesh.stop_pg()?;
             say!("fault injected: PostgreSQL stopped");
         }
         4 => {
@@ -550,11 +592,32 @@ async fn scenario(
             say!("fault injected: Record calls straight to the logger, 20 records each, 1 in 5 poison (timestamp i64::MAX or NaN score)");
             poisoner = Some(tokio::spawn(poison::run(plan)));
         }
+        14 => {
+            let kill = ha::failover::kill_primary(mesh)?;
+            say!(
+                "fault injected: kill -9 of the PostgreSQL primary's postmaster (127.0.0.1:{}); Patroni fails over",
+                kill.old_port
+            );
+            killed = Some(kill);
+        }
+        15 => {
+            let kill = ha::failover::kill_master(mesh)?;
+            say!(
+                "fault injected: kill -9 of the Redis master (127.0.0.1:{}); Sentinel fails over",
+                kill.old_port
+            );
+            killed = Some(kill);
+        }
+        16 => {
+            let metrics_port = mesh_testkit::free_port()?;
+            scaling = Some(ha::scaling::Scaling::scale_up(mesh, metrics_port).await?);
+        }
         _ => unreachable!(),
     }
 
     // Hold.
     let hold_until = tokio::time::Instant::now() + fault;
+    let mut failed_over = None;
     match n {
         6 => {
             let exited = mesh.gateway.wait_exit(Duration::from_secs(60)).await;
@@ -590,6 +653,30 @@ async fn scenario(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+        // The failovers are measured while the load goes on.
+        14 | 15 => {
+            if let Some(kill) = &killed {
+                let failover = if n == 14 {
+                    ha::failover::watch_pg(mesh, kill, hold_until).await
+                } else {
+                    ha::failover::watch_redis(mesh, kill, hold_until).await
+                };
+                failed_over = Some(failover);
+            }
+        }
+        16 => {
+            if let Some(s) = scaling.as_mut() {
+                // The fault time counts from the scale-up: half on three replicas, half on one.
+                let inject_at = hold_until - fault;
+                s.scale_down(
+                    mesh,
+                    inject_at + fault / 2,
+                    hold_until,
+                    Duration::from_millis(opts.timeout_ms),
+                )
+                .await?;
+            }
+        }
         _ => tokio::time::sleep_until(hold_until).await,
     }
 
@@ -603,6 +690,11 @@ async fn scenario(
         6 | 8 => mesh.gateway.start()?,
         // SIGCONT to every process it stopped.
         9 => drop(frozen.take()),
+        16 => {
+            if let Some(s) = scaling.as_mut() {
+                s.restore(mesh).await?;
+            }
+        }
         _ => {}
     }
     let poisoned = match poisoner.take() {
@@ -622,6 +714,8 @@ async fn scenario(
             6 | 8 => ": gateway restarted with the same MESH_SPOOL_DIR",
             9 => ": PostgreSQL resumed (SIGCONT)",
             10 => ": poison sender done",
+            14 | 15 => ": nothing to lift (the stores failed over by themselves; recovery counts from the kill)",
+            16 => ": 127.0.0.3 back in DNS (inference-2 rejoined)",
             _ => "",
         }
     );
@@ -629,6 +723,19 @@ async fn scenario(
     // Recover (load goes on meanwhile).
     let lift_off = load.offset_of(lift_unix);
     let inject_off = load.offset_of(inject_unix);
+    // A failover has nothing to lift: how long predictions were disturbed counts from the kill,
+    // until the first clean window after the last request of the fault time that failed.
+    let recover_from = if matches!(n, 14 | 15) {
+        load.poll()?;
+        load.reqs
+            .iter()
+            .filter(|r| r.start_ms >= inject_off && r.start_ms < lift_off)
+            .filter(|r| !r.ok_within(deadline_ms))
+            .map(|r| r.start_ms)
+            .fold(inject_off, f64::max)
+    } else {
+        lift_off
+    };
     let (time_to_recover_s, recovery) = if n == 7 {
         // No fault to recover from: keep the load a little longer, then check survival.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -649,7 +756,7 @@ async fn scenario(
             load.poll()?;
             if success_at.is_none() {
                 success_at =
-                    load::success_back_at(&load.reqs, lift_off, load.now_ms(), deadline_ms);
+                    load::success_back_at(&load.reqs, recover_from, load.now_ms(), deadline_ms);
             }
             if (healthy_at.is_some() && success_at.is_some()) || Instant::now() >= bound {
                 break;
@@ -657,6 +764,23 @@ async fn scenario(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         match (healthy_at, success_at) {
+            (Some(h), Some(s)) if matches!(n, 14 | 15) => {
+                // 14, 15: health is read only after the fault time, so it cannot say when
+                // during the failover the gateway was healthy; the success rate can.
+                let t = ((s - inject_off) / 1000.0).max(0.0);
+                let t = (t * 10.0).round() / 10.0;
+                say!(
+                    "recovered {t:.1} s after the kill (success back to 100 %; health healthy {:.1} s after the fault time)",
+                    (h - lift_off).max(0.0) / 1000.0
+                );
+                (
+                    Some(t),
+                    format!(
+                        "{t:.1} s after the kill (success {t:.1} s; health healthy {:.1} s after the fault time)",
+                        (h - lift_off).max(0.0) / 1000.0
+                    ),
+                )
+            }
             (Some(h), Some(s)) => {
                 let t = ((h.max(s) - lift_off) / 1000.0).max(0.0);
                 let t = (t * 10.0).round() / 10.0;
@@ -804,7 +928,7 @@ async fn scenario(
         },
     ];
     match n {
-        0 | 1 | 2 | 4 | 5 => checks.push(Check {
+        0 | 1 | 2 | 4 | 5 | 14 | 15 | 16 => checks.push(Check {
             what: format!("succeeded within deadline >= 99.9 % ({ok_pct:.2} %)"),
             pass: ok_pct >= 99.9,
             invariant: false,
@@ -968,6 +1092,30 @@ async fn scenario(
     }
     if let Some(sent) = &poisoned {
         poison_checks(&pg_url, sent, opts, &mut checks, &mut details).await;
+    }
+    if n >= ha::FIRST {
+        match (n, &killed, &failed_over) {
+            (14, Some(kill), Some(f)) => {
+                ha::failover::pg_checks(
+                    mesh,
+                    kill,
+                    f,
+                    &fin.ids,
+                    &mut checks,
+                    &mut details,
+                    &mut notes,
+                )
+                .await
+            }
+            (15, Some(kill), Some(f)) => {
+                ha::failover::redis_checks(kill, f, &mut checks, &mut details)
+            }
+            _ => {}
+        }
+        if let Some(s) = &scaling {
+            s.checks(&mut checks, &mut details);
+        }
+        checks.push(ha::no_restart_check(mesh, &pids_before));
     }
     let alerts = alerting
         .settle(
@@ -1304,7 +1452,7 @@ fn summarise(
     let enforce = if opts.enforce {
         "all targets"
     } else if opts.enforce_invariants {
-        "invariants only (served > 0, served == OK answers, found == served, no id received twice, serve time kept, no crashes, scenario 6: accepted requests complete, scenario 9: memory bounded, scenario 10: valid stored and poison kept as rejects, alerts (0-10): expected fired, nothing unexpected, all resolved, scenarios 11-13: answers from allowed versions, swaps and rollbacks reach every gateway, nothing sent to a version not ready)"
+        "invariants only (served > 0, served == OK answers, found == served, no id received twice, serve time kept, no crashes, scenario 6: accepted requests complete, scenario 9: memory bounded, scenario 10: valid stored and poison kept as rejects, alerts (0-10, 14-16): expected fired, nothing unexpected, all resolved, scenarios 11-13: answers from allowed versions, swaps and rollbacks reach every gateway, nothing sent to a version not ready, scenarios 14-16: no mesh service restarted, 14: writes resume and every served record on the new primary once, 15: the features service follows the new master, 16: the added replica joins only once SERVING, the removed ones drain out)"
     } else {
         "nothing (report only)"
     };
@@ -1395,6 +1543,9 @@ fn summarise(
     }
     s.push_str(DEFINITIONS);
     s.push_str(lifecycle::DEFINITIONS);
+    if opts.ha {
+        s.push_str(ha::DEFINITIONS);
+    }
     (s, failed)
 }
 

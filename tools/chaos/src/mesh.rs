@@ -11,14 +11,25 @@
 //! ([`crate::lifecycle::models_dir`]): churn 1 and 2, the broken test versions 90–93, and
 //! version 3 (version 2's graph) for scenario 13. A second gateway ([`Mesh::gateway2`]) follows
 //! the same registry; scenarios 1–10 load only the first.
+//!
+//! With `--ha` ([`StoreMode::Ha`]) the stores are the HA ones `make up-ha` runs
+//! (`mesh_testkit::ha`): a Patroni cluster (etcd, a primary and a synchronous standby) that every
+//! service reaches through one multi-host URL with `target_session_attrs=read-write`, and Redis
+//! under three Sentinels that the features service follows (`MESH_REDIS_SENTINELS`,
+//! `MESH_REDIS_MASTER_NAME`). The gateways then find the inference replicas through DNS
+//! discovery (see [`crate::ha`]): both replicas listen on one port, on 127.0.0.2 and 127.0.0.3,
+//! behind one name that each gateway resolves through the system resolver in a private
+//! `/etc/hosts` ([`DnsHosts`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use mesh_testkit::ha::{PatroniCluster, SentinelRedis};
 use mesh_testkit::proxy::DelayProxy;
 use mesh_testkit::{free_port, PostgresServer, RedisServer};
 
+use crate::ha::DnsHosts;
 use crate::procs::{wait_serving, Frozen, Service};
 use crate::say;
 
@@ -53,12 +64,12 @@ pub struct Mesh {
     /// replica 2. A real replica cannot be told to be slow, so scenario 4 adds latency here.
     /// Every other fault is real (processes killed, servers stopped).
     pub proxy: DelayProxy,
-    /// Redis (`None` while stopped).
-    pub redis: Option<RedisServer>,
-    /// Redis's port, kept across restarts.
-    pub redis_port: u16,
-    /// PostgreSQL: the features' source of truth and the prediction log.
-    pub pg: PostgresServer,
+    /// PostgreSQL (the features' source of truth, the prediction log, the model registry) and
+    /// Redis.
+    pub stores: Stores,
+    /// `--ha`: the name the gateways resolve to find the inference replicas, in their private
+    /// `/etc/hosts`.
+    pub dns: Option<DnsHosts>,
     /// The internal credential every service was started with.
     pub internal_token: String,
     /// The admin key (`x-admin-key`) both gateways accept for `mesh.admin.v1.ModelAdmin`.
@@ -69,9 +80,105 @@ pub struct Mesh {
     _tmp: tempfile::TempDir,
 }
 
+/// Which stores the mesh runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum StoreMode {
+    /// One PostgreSQL, one Redis (scenarios 0–13).
+    Single,
+    /// Patroni and Sentinel (scenarios 14–16, `--ha`).
+    Ha,
+}
+
+/// The stores, as started.
+pub enum Stores {
+    /// One PostgreSQL, one Redis.
+    Single {
+        /// PostgreSQL.
+        pg: PostgresServer,
+        /// Redis (`None` while stopped).
+        redis: Option<RedisServer>,
+        /// Redis's port, kept across restarts.
+        redis_port: u16,
+    },
+    /// PostgreSQL on Patroni, Redis under Sentinel.
+    Ha {
+        /// etcd, a primary and a synchronous standby.
+        pg: PatroniCluster,
+        /// A master, a replica and three Sentinels.
+        redis: SentinelRedis,
+    },
+}
+
+impl Stores {
+    async fn start(mode: StoreMode) -> anyhow::Result<Self> {
+        Ok(match mode {
+            StoreMode::Single => {
+                let pg = tokio::task::block_in_place(PostgresServer::start)
+                    .context("cannot start PostgreSQL")?;
+                let redis = tokio::task::block_in_place(RedisServer::start)
+                    .context("cannot start Redis")?;
+                say!(
+                    "PostgreSQL on 127.0.0.1:{}, Redis on 127.0.0.1:{}",
+                    pg.port(),
+                    redis.port()
+                );
+                let redis_port = redis.port();
+                Self::Single {
+                    pg,
+                    redis: Some(redis),
+                    redis_port,
+                }
+            }
+            StoreMode::Ha => {
+                let started = std::time::Instant::now();
+                let pg = tokio::task::block_in_place(PatroniCluster::start).context(
+                    "cannot start the Patroni cluster (scripts/bootstrap.sh --ha installs patroni and etcd)",
+                )?;
+                let redis = tokio::task::block_in_place(SentinelRedis::start).context(
+                    "cannot start Redis under Sentinel (scripts/bootstrap.sh --ha installs redis-sentinel)",
+                )?;
+                say!(
+                    "HA stores up in {:.1} s: Patroni (primary on 127.0.0.1:{}, {}; logs in {}), Redis master 127.0.0.1:{} with a replica, Sentinels {}",
+                    started.elapsed().as_secs_f64(),
+                    pg.primary_port().unwrap_or_default(),
+                    pg.url(),
+                    pg.dir().display(),
+                    redis.master_port().unwrap_or_default(),
+                    redis.sentinels()
+                );
+                Self::Ha { pg, redis }
+            }
+        })
+    }
+
+    /// The URL every service is given (`MESH_DATABASE_URL`, `MESH_REGISTRY_DATABASE_URL`).
+    pub fn db_url(&self) -> String {
+        match self {
+            Self::Single { pg, .. } => pg.url(),
+            Self::Ha { pg, .. } => pg.url(),
+        }
+    }
+
+    /// The features service's Redis settings.
+    fn redis_env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::Single { redis_port, .. } => {
+                vec![("MESH_REDIS_URL", format!("redis://127.0.0.1:{redis_port}"))]
+            }
+            Self::Ha { redis, .. } => vec![
+                ("MESH_REDIS_SENTINELS", redis.sentinels()),
+                (
+                    "MESH_REDIS_MASTER_NAME",
+                    mesh_testkit::ha::MASTER_NAME.to_owned(),
+                ),
+            ],
+        }
+    }
+}
+
 impl Mesh {
     /// Starts everything and waits until every service reports SERVING.
-    pub async fn start(paths: Paths) -> anyhow::Result<Self> {
+    pub async fn start(paths: Paths, mode: StoreMode) -> anyhow::Result<Self> {
         for binary in [
             "mesh-gateway",
             "mesh-features",
@@ -91,15 +198,8 @@ impl Mesh {
             bail!("ORT_DYLIB_PATH is not set: `source .tools/env` first (scripts/chaos.sh does)");
         }
         std::fs::create_dir_all(&paths.logs)?;
-        let pg = tokio::task::block_in_place(PostgresServer::start)
-            .context("cannot start PostgreSQL")?;
-        let redis =
-            tokio::task::block_in_place(RedisServer::start).context("cannot start Redis")?;
-        let redis_port = redis.port();
-        say!(
-            "PostgreSQL on 127.0.0.1:{}, Redis on 127.0.0.1:{redis_port}",
-            pg.port()
-        );
+        let stores = Stores::start(mode).await?;
+        let db_url = stores.db_url();
         let tmp = tempfile::Builder::new().prefix("mesh-chaos-").tempdir()?;
         let spool = tmp.path().join("spool");
         std::fs::create_dir_all(&spool)?;
@@ -131,40 +231,47 @@ impl Mesh {
         };
         let ports = || -> anyhow::Result<(u16, u16)> { Ok((distinct()?, distinct()?)) };
         let bin = |name: &str| paths.bin.join(name);
-        let (p, m) = ports()?;
-        let mut inference1 = Service::new(
-            "inference-1",
-            &bin("mesh-inference"),
-            p,
-            m,
-            common(&[
-                ("MESH_REPLICA_ID", "inference-1".into()),
-                ("MESH_REGISTRY_DATABASE_URL", pg.url()),
-            ]),
-            &paths.logs,
-        );
-        let (p, m) = ports()?;
-        let mut inference2 = Service::new(
-            "inference-2",
-            &bin("mesh-inference"),
-            p,
-            m,
-            common(&[
-                ("MESH_REPLICA_ID", "inference-2".into()),
-                ("MESH_REGISTRY_DATABASE_URL", pg.url()),
-            ]),
-            &paths.logs,
-        );
+        // --ha: both replicas on one port, on addresses of their own, behind one name.
+        let dns = match mode {
+            StoreMode::Single => None,
+            StoreMode::Ha => {
+                let port = crate::ha::shared_port(|p| taken.borrow_mut().insert(p))?;
+                Some(DnsHosts::create(tmp.path(), port)?)
+            }
+        };
+        let mut inference = Vec::new();
+        for n in 1..=2u8 {
+            let port = match &dns {
+                Some(d) => d.port,
+                None => distinct()?,
+            };
+            let service = Service::new(
+                &format!("inference-{n}"),
+                &bin("mesh-inference"),
+                port,
+                distinct()?,
+                common(&[
+                    ("MESH_REPLICA_ID", format!("inference-{n}")),
+                    ("MESH_REGISTRY_DATABASE_URL", db_url.clone()),
+                ]),
+                &paths.logs,
+            );
+            inference.push(match &dns {
+                Some(_) => service.on(crate::ha::replica_ip(n)),
+                None => service,
+            });
+        }
+        let mut inference2 = inference.pop().context("two replicas")?;
+        let mut inference1 = inference.pop().context("two replicas")?;
+        let mut features_env = vec![("MESH_DATABASE_URL", db_url.clone())];
+        features_env.extend(stores.redis_env());
         let (p, m) = ports()?;
         let mut features = Service::new(
             "features",
             &bin("mesh-features"),
             p,
             m,
-            common(&[
-                ("MESH_DATABASE_URL", pg.url()),
-                ("MESH_REDIS_URL", redis.url()),
-            ]),
+            common(&features_env),
             &paths.logs,
         );
         let (p, m) = ports()?;
@@ -173,52 +280,70 @@ impl Mesh {
             &bin("mesh-logger"),
             p,
             m,
-            common(&[("MESH_DATABASE_URL", pg.url())]),
+            common(&[("MESH_DATABASE_URL", db_url.clone())]),
             &paths.logs,
         );
         inference1.start()?;
         inference2.start()?;
         features.start()?;
         logger.start()?;
-        // The injected fake: replica 2 is reached through this proxy (see `Mesh::proxy`).
-        let proxy = DelayProxy::start(([127, 0, 0, 1], inference2.port).into()).await?;
-        say!(
-            "injected fake: DelayProxy {} -> inference-2 127.0.0.1:{} (adds latency in scenario 4; every other fault is real)",
-            proxy.addr(),
-            inference2.port
-        );
+        // The injected fake: replica 2 is reached through this proxy (see `Mesh::proxy`); with
+        // --ha the gateways find the replicas through DNS instead and the proxy is not used.
+        let proxy = DelayProxy::start((inference2.ip, inference2.port).into()).await?;
+        let inference_urls = match &dns {
+            Some(d) => {
+                say!(
+                    "--ha: the gateways resolve {} in a private /etc/hosts ({}: {}); no injected proxy",
+                    d.target(),
+                    d.path.display(),
+                    d.describe()
+                );
+                d.target()
+            }
+            None => {
+                say!(
+                    "injected fake: DelayProxy {} -> inference-2 127.0.0.1:{} (adds latency in scenario 4; every other fault is real)",
+                    proxy.addr(),
+                    inference2.port
+                );
+                format!("{},{}", inference1.url(), proxy.url())
+            }
+        };
         let gateway_env = |spool: &Path| {
-            common(&[
+            let mut env = common(&[
                 ("MESH_FEATURES_URL", features.url()),
-                (
-                    "MESH_INFERENCE_URLS",
-                    format!("{},{}", inference1.url(), proxy.url()),
-                ),
+                ("MESH_INFERENCE_URLS", inference_urls.clone()),
                 ("MESH_LOGGER_URL", logger.url()),
                 ("MESH_SPOOL_DIR", spool.display().to_string()),
-                ("MESH_REGISTRY_DATABASE_URL", pg.url()),
+                ("MESH_REGISTRY_DATABASE_URL", db_url.clone()),
                 ("MESH_ADMIN_KEYS", format!("chaos:{admin_key}")),
-            ])
+            ]);
+            if dns.is_some() {
+                env.push((
+                    "MESH_DISCOVERY_INTERVAL_MS".into(),
+                    crate::ha::DISCOVERY_INTERVAL_MS.to_string(),
+                ));
+            }
+            env
         };
-        let (p, m) = ports()?;
-        let mut gateway = Service::new(
-            "gateway",
-            &bin("mesh-gateway"),
-            p,
-            m,
-            gateway_env(&spool),
-            &paths.logs,
-        );
+        let gateway_service = |name: &str, spool: &Path| -> anyhow::Result<Service> {
+            let (p, m) = ports()?;
+            let service = Service::new(
+                name,
+                &bin("mesh-gateway"),
+                p,
+                m,
+                gateway_env(spool),
+                &paths.logs,
+            );
+            Ok(match &dns {
+                Some(d) => service.wrapped(d.wrapper()),
+                None => service,
+            })
+        };
+        let mut gateway = gateway_service("gateway", &spool)?;
         gateway.start()?;
-        let (p, m) = ports()?;
-        let mut gateway2 = Service::new(
-            "gateway-2",
-            &bin("mesh-gateway"),
-            p,
-            m,
-            gateway_env(&spool2),
-            &paths.logs,
-        );
+        let mut gateway2 = gateway_service("gateway-2", &spool2)?;
         gateway2.start()?;
         let mesh = Self {
             paths,
@@ -229,9 +354,8 @@ impl Mesh {
             inference1,
             inference2,
             proxy,
-            redis: Some(redis),
-            redis_port,
-            pg,
+            stores,
+            dns,
             internal_token,
             admin_key,
             models,
@@ -315,38 +439,67 @@ impl Mesh {
         Ok(())
     }
 
+    /// The URL every service is given for PostgreSQL.
+    pub fn db_url(&self) -> String {
+        self.stores.db_url()
+    }
+
+    /// The single PostgreSQL (scenarios 3 and 9 stop and hang it).
+    fn single_pg(&mut self) -> anyhow::Result<&mut PostgresServer> {
+        match &mut self.stores {
+            Stores::Single { pg, .. } => Ok(pg),
+            Stores::Ha { .. } => {
+                bail!("this scenario needs the single PostgreSQL (run without --ha)")
+            }
+        }
+    }
+
     /// Stops Redis (its data goes: it has no persistence, like in `make up`).
-    pub fn stop_redis(&mut self) {
-        if let Some(mut redis) = self.redis.take() {
-            tokio::task::block_in_place(|| redis.stop());
+    pub fn stop_redis(&mut self) -> anyhow::Result<()> {
+        match &mut self.stores {
+            Stores::Single { redis, .. } => {
+                if let Some(mut redis) = redis.take() {
+                    tokio::task::block_in_place(|| redis.stop());
+                }
+                Ok(())
+            }
+            Stores::Ha { .. } => bail!("scenario 2 needs the single Redis (run without --ha)"),
         }
     }
 
     /// Starts Redis again on the same port.
     pub fn start_redis(&mut self) -> anyhow::Result<()> {
-        if self.redis.is_none() {
-            let port = self.redis_port;
-            self.redis = Some(tokio::task::block_in_place(|| RedisServer::start_on(port))?);
+        if let Stores::Single {
+            redis: redis @ None,
+            redis_port,
+            ..
+        } = &mut self.stores
+        {
+            let port = *redis_port;
+            *redis = Some(tokio::task::block_in_place(|| RedisServer::start_on(port))?);
         }
         Ok(())
     }
 
     /// Stops PostgreSQL (fast shutdown), keeping its data.
-    pub fn stop_pg(&mut self) {
-        tokio::task::block_in_place(|| self.pg.stop());
+    pub fn stop_pg(&mut self) -> anyhow::Result<()> {
+        let pg = self.single_pg()?;
+        tokio::task::block_in_place(|| pg.stop());
+        Ok(())
     }
 
     /// Starts PostgreSQL again on the same port with the same data.
     pub fn restart_pg(&mut self) -> anyhow::Result<()> {
-        tokio::task::block_in_place(|| self.pg.restart())?;
+        let pg = self.single_pg()?;
+        tokio::task::block_in_place(|| pg.restart())?;
         Ok(())
     }
 
     /// SIGSTOPs PostgreSQL's postmaster and its children (the server hangs: connections stay
     /// open, nothing answers) until the returned guard is dropped. The postmaster's PID comes
     /// from `postmaster.pid` in the cluster this suite created, and must be our own child.
-    pub fn freeze_pg(&self) -> anyhow::Result<Frozen> {
-        let pid_file = self.pg.dir().join("data").join("postmaster.pid");
+    pub fn freeze_pg(&mut self) -> anyhow::Result<Frozen> {
+        let pid_file = self.single_pg()?.dir().join("data").join("postmaster.pid");
         let text = std::fs::read_to_string(&pid_file)
             .with_context(|| format!("cannot read {}", pid_file.display()))?;
         let pid: u32 = text

@@ -68,8 +68,9 @@ pub async fn grpc_serving(url: &str) -> bool {
     )
 }
 
-/// A fresh connection to PostgreSQL (one per question: the server restarts in scenario 3).
-async fn pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+/// A fresh connection to PostgreSQL (one per question: the server restarts in scenario 3, and
+/// fails over in scenario 14).
+pub async fn pg(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio::time::timeout(
         Duration::from_secs(3),
         tokio_postgres::connect(url, tokio_postgres::NoTls),

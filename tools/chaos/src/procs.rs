@@ -1,9 +1,13 @@
 //! The service processes mesh-chaos starts: each one spawned from `target/<profile>/<binary>`
 //! with its `MESH_*` environment, its output appended to `chaos-results/logs/<name>.log`, and
-//! signalled only through the PID of the child we spawned and have not reaped.
+//! signalled only through the PID of the child we spawned and have not reaped. A service may
+//! listen on another loopback address than 127.0.0.1 ([`Service::on`]) and may be started
+//! through a wrapper that `exec`s it ([`Service::wrapped`]), so the PID is still the service's.
 
+use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::Write as _;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,10 +26,14 @@ pub fn send_signal(pid: u32, signal: i32) -> bool {
 pub struct Service {
     /// Name in logs and reports (`gateway`, `inference-1`, …).
     pub name: String,
-    /// Its gRPC port on 127.0.0.1.
+    /// Its gRPC port on [`Service::ip`].
     pub port: u16,
     /// Its metrics port on 127.0.0.1.
     pub metrics_port: u16,
+    /// The loopback address its gRPC port listens on (127.0.0.1 unless [`Service::on`]).
+    pub ip: Ipv4Addr,
+    /// Program and arguments run in front of the binary (which they must `exec`).
+    wrapper: Vec<OsString>,
     binary: PathBuf,
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -47,6 +55,8 @@ impl Service {
             name: name.to_owned(),
             port,
             metrics_port,
+            ip: Ipv4Addr::LOCALHOST,
+            wrapper: Vec::new(),
             binary: binary.to_owned(),
             env,
             log: logs.join(format!("{name}.log")),
@@ -55,9 +65,44 @@ impl Service {
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// Another process of the same binary, wrapper and environment (one more replica, say),
+    /// with `overrides` replacing or adding variables; not started.
+    pub fn like(
+        &self,
+        name: &str,
+        port: u16,
+        metrics_port: u16,
+        overrides: &[(&str, String)],
+        logs: &Path,
+    ) -> Self {
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
+            .cloned()
+            .collect();
+        env.extend(overrides.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Self::new(name, &self.binary, port, metrics_port, env, logs)
+            .on(self.ip)
+            .wrapped(self.wrapper.clone())
+    }
+
+    /// Listens on `ip` (another loopback address: Linux routes all of 127/8 to `lo`).
+    pub fn on(mut self, ip: Ipv4Addr) -> Self {
+        self.ip = ip;
+        self
+    }
+
+    /// Started as `wrapper… <binary>`; the wrapper must `exec` the binary, so that the PID this
+    /// program holds and signals is the service's own.
+    pub fn wrapped(mut self, wrapper: Vec<OsString>) -> Self {
+        self.wrapper = wrapper;
+        self
+    }
+
+    /// `http://<ip>:<port>`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
 
     /// The PID of the running child, if any.
@@ -84,7 +129,14 @@ impl Service {
                 crate::unix_ms()
             )?;
         }
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
         // The service's configuration is exactly what we pass: drop inherited MESH_* settings.
         for (key, _) in std::env::vars() {
             if key.starts_with("MESH_") {
@@ -92,7 +144,7 @@ impl Service {
             }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("MESH_LISTEN_ADDR", format!("127.0.0.1:{}", self.port))
+            .env("MESH_LISTEN_ADDR", format!("{}:{}", self.ip, self.port))
             .env(
                 "MESH_METRICS_ADDR",
                 format!("127.0.0.1:{}", self.metrics_port),

@@ -123,6 +123,36 @@ pub fn expected_alerts(n: u8) -> Expected {
             must: &["MeshLogRejectsGrowing"],
             may: NONE,
         },
+        // HA: kill -9 of the PostgreSQL primary. Patroni fails over in seconds; meanwhile the
+        // logger's writes fail and records wait in the spool, so the store and delivery
+        // alerts may fire (whether they do depends on the failover time against their scaled
+        // `for:`), as may the logger breaker's. Predictions are served from the caches, so
+        // nothing must fire: a failover that the mesh rides out pages nobody.
+        14 => Expected {
+            must: NONE,
+            may: &[
+                "MeshPostgresUnreachable",
+                "MeshLogDeliveryLagging",
+                "MeshBreakerOpen",
+                BURN[0],
+                BURN[1],
+                BURN[2],
+            ],
+        },
+        // HA: kill -9 of the Redis master. The features service counts Redis errors until the
+        // Sentinels name the new master and it follows, so the Redis alert may fire.
+        15 => Expected {
+            must: NONE,
+            may: &["MeshRedisUnreachable", BURN[0], BURN[1], BURN[2]],
+        },
+        // HA: inference scaled 2 -> 3 -> 1 through DNS. Scaling is not a fault: the replicas
+        // that leave drop out of the gateway's metrics (no replica alert), the one that keeps
+        // running stays scraped, and the added one is not scraped. Only the burn-rate alerts
+        // may fire, if requests fail around the changes.
+        16 => Expected {
+            must: NONE,
+            may: &[BURN[0], BURN[1], BURN[2]],
+        },
         // A scenario without expectations yet: report what fires, require nothing, allow
         // nothing (so a new scenario's alerts are looked at before they are accepted).
         _ => Expected {

@@ -67,7 +67,7 @@ pub async fn run(mesh: &mut Mesh, opts: &Opts, n: u8, out: &Path) -> anyhow::Res
         n,
     };
     reset(&mut ctx).await?;
-    let pg_url = ctx.mesh.pg.url();
+    let pg_url = ctx.mesh.db_url();
     let rows_before = crate::probe::log_counts(&pg_url, &[]).await?.rows;
     let mut fault = match n {
         11 => promote_under_load(&mut ctx).await?,
@@ -448,7 +448,7 @@ async fn finish(
             .map_or("unreadable".into(), |p| p.to_string())
     );
     say!("delivered: {delivery_text}");
-    let pg_url = ctx.mesh.pg.url();
+    let pg_url = ctx.mesh.db_url();
     let mut order = crate::ServeTimeOrder {
         checked: 0,
         max_inversion_ms: 0.0,
