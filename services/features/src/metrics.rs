@@ -1,5 +1,5 @@
 //! Feature-store metrics: answers per tier, coalesced waits, Redis errors, cache fills refused
-//! because a write raced the load.
+//! because a write raced the load, materializations.
 
 use mesh_proto::types::FeatureTier;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
@@ -13,11 +13,14 @@ pub struct FeatureMetrics {
     /// Redis calls that failed or timed out.
     pub redis_errors: IntCounter,
     stale_skipped: IntCounterVec,
+    /// Materializations by outcome (`ok`, `failed`).
+    pub materializations: IntCounterVec,
 }
 
 impl FeatureMetrics {
     /// Registers `mesh_feature_tier_hits_total{tier}`, `mesh_feature_coalesced_total`,
-    /// `mesh_feature_redis_errors_total`, `mesh_feature_stale_fills_skipped_total{tier}`.
+    /// `mesh_feature_redis_errors_total`, `mesh_feature_stale_fills_skipped_total{tier}`,
+    /// `mesh_feature_materializations_total{outcome}`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let tier_hits = IntCounterVec::new(
             Opts::new("mesh_feature_tier_hits_total", "Entities served, by tier"),
@@ -38,6 +41,17 @@ impl FeatureMetrics {
             ),
             &["tier"],
         )?;
+        let materializations = IntCounterVec::new(
+            Opts::new(
+                "mesh_feature_materializations_total",
+                "Bulk copies of PostgreSQL's entities into Redis, by outcome (ok, failed)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(materializations.clone()))?;
+        for outcome in ["ok", "failed"] {
+            materializations.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(stale_skipped.clone()))?;
         registry.register(Box::new(tier_hits.clone()))?;
         registry.register(Box::new(coalesced.clone()))?;
@@ -53,6 +67,7 @@ impl FeatureMetrics {
             coalesced,
             redis_errors,
             stale_skipped,
+            materializations,
         })
     }
 

@@ -289,3 +289,29 @@ async fn a_materialization_restores_what_redis_lost_and_never_puts_an_older_vers
         "an older version overwrote a newer one"
     );
 }
+
+/// During a Redis failover every write-through fails and asks for a materialization: a burst of
+/// such requests is served by one run after `REPAIR_GAP`, not one full run each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_failed_write_throughs_costs_one_materialization_not_one_each() {
+    use mesh_features::store::materialize::REPAIR_GAP;
+    let b = backends().await;
+    let (store, metrics) = store(&b, None).await;
+    let runs = || metrics.materializations.with_label_values(&["ok"]).get();
+    let _task = store.spawn_materializer().expect("a Redis tier");
+    let started = std::time::Instant::now();
+    while runs() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no run at start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        store.materialize_soon();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(runs(), 1, "held back: the start's run only, 1 s after it");
+    tokio::time::sleep(REPAIR_GAP + Duration::from_secs(1)).await;
+    assert_eq!(runs(), 2, "the twenty requests served by one run");
+}

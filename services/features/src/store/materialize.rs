@@ -12,7 +12,10 @@
 //! - when Redis lost the entries: the task checks every [`CHECK_EVERY`] that the marker key
 //!   [`MATERIALIZED_KEY`] (set after each complete run) still exists, so a Redis restarted empty
 //!   is refilled within seconds;
-//! - after a write-through failed ([`FeatureStore::materialize_soon`]).
+//! - after a write-through failed ([`FeatureStore::materialize_soon`]), but no sooner than
+//!   [`REPAIR_GAP`] after the previous run ended: during a Redis failover every write-through
+//!   fails, and one full run per failure (seen: four back to back in 1.5 s) would starve the
+//!   machine for the sake of a few entities; the requests in between are served by one run.
 //!
 //! Entities are read in pages of [`PAGE`] by entity id and written with the same version check
 //! as every other Redis write, so a materialization racing `PutFeatures` never puts an older
@@ -33,6 +36,8 @@ use crate::error::FeaturesError;
 pub const MATERIALIZED_KEY: &str = "mesh:features-materialized:v1";
 /// How often the task checks for [`MATERIALIZED_KEY`] and for a requested run.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Least time between the end of a run and a run asked for by a failed write-through.
+pub const REPAIR_GAP: Duration = Duration::from_secs(5);
 /// Entities per page (one PostgreSQL query and one Redis script call each).
 pub const PAGE: i64 = 500;
 /// One page's PostgreSQL query or Redis call may take this long.
@@ -160,12 +165,22 @@ impl FeatureStore {
         let interval = self.redis_settings.materialize_interval;
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // A run is owed: at start, on SIGHUP, after a failed run.
         let mut wanted = true;
+        // A failed write-through asked for one (held back by REPAIR_GAP).
+        let mut repair = false;
         let mut last_run: Option<Instant> = None;
         loop {
-            let due = !interval.is_zero() && last_run.is_some_and(|t| t.elapsed() >= interval);
-            if wanted || due || self.redis_lost_entries().await {
-                match self.materialize().await {
+            let since = |gap: Duration| last_run.is_none_or(|t| t.elapsed() >= gap);
+            let due = !interval.is_zero() && last_run.is_some() && since(interval);
+            if wanted || due || (repair && since(REPAIR_GAP)) || self.redis_lost_entries().await {
+                let outcome = self.materialize().await;
+                let label = if outcome.is_ok() { "ok" } else { "failed" };
+                self.metrics
+                    .materializations
+                    .with_label_values(&[label])
+                    .inc();
+                match outcome {
                     Ok(report) => {
                         tracing::info!(
                             entities = report.entities,
@@ -174,13 +189,14 @@ impl FeatureStore {
                             "materialized PostgreSQL's entities into Redis"
                         );
                         wanted = false;
-                        last_run = Some(Instant::now());
+                        repair = false;
                     }
                     Err(error) => {
                         tracing::warn!(%error, "materialization failed; retrying shortly");
                         wanted = true;
                     }
                 }
+                last_run = Some(Instant::now());
             }
             let hup = async {
                 match hangup.as_mut() {
@@ -188,11 +204,16 @@ impl FeatureStore {
                     None => std::future::pending().await,
                 }
             };
+            let wake = match last_run {
+                // Woken for a held-back repair as soon as its gap is over.
+                Some(t) if repair => CHECK_EVERY.min(REPAIR_GAP.saturating_sub(t.elapsed())),
+                _ => CHECK_EVERY,
+            };
             tokio::select! {
                 // The regular check: the marker, the interval, a failed run to retry.
-                _ = tokio::time::sleep(CHECK_EVERY) => {}
+                _ = tokio::time::sleep(wake) => {}
                 // A write-through failed: its entity may be stale in Redis.
-                _ = self.materialize_wanted.notified() => wanted = true,
+                _ = self.materialize_wanted.notified() => repair = true,
                 // The operator asked for a run.
                 _ = hup => wanted = true,
             }

@@ -57,7 +57,7 @@ use crate::error::FeaturesError;
 use crate::memory::FeatureCache;
 use crate::metrics::FeatureMetrics;
 
-mod materialize;
+pub mod materialize;
 mod postgres_tier;
 pub mod redis_link;
 mod redis_tier;
