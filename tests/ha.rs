@@ -66,11 +66,8 @@ async fn promote_after_failover(mesh: &HaMesh, version: &str) -> Duration {
     let started = Instant::now();
     let mut admin = mesh_proto::admin::model_admin_client::ModelAdminClient::with_interceptor(
         channel(mesh.gateway.addr),
-        |mut request: tonic::Request<()>| {
-            let key = ADMIN_KEY.parse().expect("ascii key");
-            request.metadata_mut().insert("x-admin-key", key);
-            Ok(request)
-        },
+        mesh_proto::admin_key::AdminKey::new(ADMIN_KEY, Duration::from_secs(10))
+            .expect("ascii key"),
     );
     let promote = mesh_proto::admin::PromoteRequest {
         model: "churn".into(),

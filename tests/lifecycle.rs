@@ -316,9 +316,10 @@ impl tonic::service::Interceptor for AdminKey {
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(key) = self.0 {
-            request
-                .metadata_mut()
-                .insert("x-admin-key", key.parse().expect("key"));
+            request.metadata_mut().insert(
+                mesh_proto::admin_key::ADMIN_KEY_HEADER,
+                key.parse().expect("key"),
+            );
         }
         request.set_timeout(Duration::from_secs(5));
         Ok(request)

@@ -88,3 +88,50 @@ pub mod service_names {
     pub const CATALOG: &str = "mesh.catalog.v1.ModelCatalog";
     pub const ADMIN: &str = "mesh.admin.v1.ModelAdmin";
 }
+
+/// Calling the gateway's admin API (`mesh.admin.v1.ModelAdmin`): the admin key travels in the
+/// [`ADMIN_KEY_HEADER`](admin_key::ADMIN_KEY_HEADER) metadata entry, never with the API keys.
+pub mod admin_key {
+    use std::time::Duration;
+
+    use tonic::metadata::{errors::InvalidMetadataValue, Ascii, MetadataValue};
+
+    /// The metadata entry carrying an admin key (one of the gateway's `MESH_ADMIN_KEYS`).
+    pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
+
+    /// Adds the admin key and a deadline to every call of a client.
+    #[derive(Clone)]
+    pub struct AdminKey {
+        key: MetadataValue<Ascii>,
+        timeout: Duration,
+    }
+
+    impl AdminKey {
+        /// `key` on every call, each with `timeout` as its deadline; an error if `key` cannot
+        /// be sent as gRPC metadata (not visible ASCII).
+        pub fn new(key: &str, timeout: Duration) -> Result<Self, InvalidMetadataValue> {
+            Ok(Self {
+                key: key.parse()?,
+                timeout,
+            })
+        }
+    }
+
+    impl tonic::service::Interceptor for AdminKey {
+        fn call(
+            &mut self,
+            mut request: tonic::Request<()>,
+        ) -> Result<tonic::Request<()>, tonic::Status> {
+            request
+                .metadata_mut()
+                .insert(ADMIN_KEY_HEADER, self.key.clone());
+            request.set_timeout(self.timeout);
+            Ok(request)
+        }
+    }
+
+    /// A client of the admin API sending an admin key.
+    pub type AdminClient<T> = crate::admin::model_admin_client::ModelAdminClient<
+        tonic::service::interceptor::InterceptedService<T, AdminKey>,
+    >;
+}

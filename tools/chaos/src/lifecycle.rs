@@ -86,24 +86,8 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds `x-admin-key` and a 5 s deadline to every admin call.
-#[derive(Clone)]
-pub struct AdminKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for AdminKey {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("x-admin-key", self.0.clone());
-        request.set_timeout(Duration::from_secs(5));
-        Ok(request)
-    }
-}
-
-/// An admin client of one gateway.
-pub type Admin =
-    ModelAdminClient<tonic::service::interceptor::InterceptedService<Channel, AdminKey>>;
+/// An admin client of one gateway (the admin key and a 5 s deadline on every call).
+pub type Admin = mesh_proto::admin_key::AdminClient<Channel>;
 
 /// An admin client of the gateway at `url`.
 pub fn admin(url: &str, key: &str) -> anyhow::Result<Admin> {
@@ -112,7 +96,7 @@ pub fn admin(url: &str, key: &str) -> anyhow::Result<Admin> {
         .connect_lazy();
     Ok(ModelAdminClient::with_interceptor(
         channel,
-        AdminKey(key.parse().context("admin key")?),
+        mesh_proto::admin_key::AdminKey::new(key, Duration::from_secs(5)).context("admin key")?,
     ))
 }
 

@@ -1,6 +1,7 @@
 //! `meshctl models …`: the model lifecycle through the gateway's admin API
 //! (`mesh.admin.v1.ModelAdmin`), with the admin key from `--admin-key` / `MESH_ADMIN_KEY`.
 
+use mesh_proto::admin_key::AdminKey;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -102,37 +103,19 @@ enum AdminCommand {
     },
 }
 
-type Client = ModelAdminClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AdminKey>,
->;
-
-/// Adds the admin key and a deadline to every call.
-#[derive(Clone)]
-struct AdminKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for AdminKey {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("x-admin-key", self.0.clone());
-        request.set_timeout(Duration::from_secs(10));
-        Ok(request)
-    }
-}
+type Client = mesh_proto::admin_key::AdminClient<tonic::transport::Channel>;
 
 /// A client of the admin API at `url`, sending `key`.
 async fn connect(url: &str, key: Option<&str>) -> anyhow::Result<Client> {
-    let key = key
-        .context("an admin key is needed: --admin-key or MESH_ADMIN_KEY")?
-        .parse()
+    let key = key.context("an admin key is needed: --admin-key or MESH_ADMIN_KEY")?;
+    let key = AdminKey::new(key, Duration::from_secs(10))
         .context("--admin-key / MESH_ADMIN_KEY is not a valid metadata value")?;
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
         .with_context(|| format!("cannot reach the gateway at {url}"))?;
-    Ok(ModelAdminClient::with_interceptor(channel, AdminKey(key)))
+    Ok(ModelAdminClient::with_interceptor(channel, key))
 }
 
 impl Admin {

@@ -21,7 +21,7 @@ use super::shadow::Shadow;
 use crate::auth::{constant_time_eq, ApiKey};
 
 /// The metadata entry carrying the admin key.
-pub const ADMIN_KEY_HEADER: &str = "x-admin-key";
+pub use mesh_proto::admin_key::ADMIN_KEY_HEADER;
 
 /// The admin service.
 pub struct AdminService {
