@@ -22,10 +22,15 @@ bash scripts/bootstrap.sh
 source .tools/env
 bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
-# Twelve consecutive free ports: 5 gRPC, PostgreSQL, Redis, 5 metrics.
+# Twelve consecutive free ports: 5 gRPC, PostgreSQL, Redis, 5 metrics. Below the kernel's
+# ephemeral range: a port there can be taken at any moment as the local end of an outgoing
+# connection (seen: the features service's port, between this check and its bind).
+ephemeral_lo="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+span=$(( ephemeral_lo - 10000 - 12 ))
+[ "$span" -gt 100 ] || span=20000
 base=""
 for _ in $(seq 1 20); do
-  candidate=$(( 20000 + RANDOM % 20000 ))
+  candidate=$(( 10000 + RANDOM % span ))
   busy=0
   for port in $(seq "$candidate" $((candidate + 11))); do
     if port_open "$port"; then busy=1; break; fi

@@ -251,9 +251,13 @@ run_phase() { # log timeout script [until]
 # 6. make up, until it has served the prediction and printed its help ("The mesh is up.").
 up_ok=1
 [ "$test_only" = 1 ] || {
+# Below the kernel's ephemeral range (a port there can be taken by an outgoing connection).
+ephemeral_lo="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+span=$(( ephemeral_lo - 10000 - 13 ))
+[ "$span" -gt 100 ] || span=20000
 base=""
 for _ in $(seq 1 30); do
-  candidate=$((20000 + RANDOM % 20000)) busy=0
+  candidate=$((10000 + RANDOM % span)) busy=0
   for port in $(seq "$candidate" $((candidate + 12))); do port_open "$port" && { busy=1; break; }; done
   [ "$busy" = 0 ] && { base=$candidate; break; }
 done
