@@ -317,3 +317,50 @@ async fn a_run_whose_callers_all_went_away_stops() {
     // Still held by the proxy: only stopping the run can have released its counts.
     mesh.assert_idle().await;
 }
+
+/// Lanes are keyed by what requests name: invented model names must not leave lanes behind
+/// (the map, and `mesh_predict_lanes`, go back to 0 once nothing is in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_model_names_leave_no_lane_behind() {
+    let mesh = Mesh::start(|c| c.bulkheads.coalesce_runs = 1).await;
+    mesh.seed(50).await;
+    for proxy in &mesh.inference_proxies {
+        proxy.set_delay(Duration::from_millis(30));
+    }
+    let row = fixture()[0].clone();
+    let calls = (0..60).map(|i| {
+        let mut client = mesh.gateway_client();
+        let row = row.clone();
+        async move {
+            let mut r = request(
+                &row.entity_id,
+                request_features(&row),
+                Duration::from_secs(5),
+            );
+            if i % 2 == 1 {
+                r.get_mut().model = format!("invented-{i}");
+            }
+            (i, client.predict(r).await)
+        }
+    });
+    let sample = async {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        metric(mesh.gateway_http, "mesh_predict_lanes").await
+    };
+    let (answers, during) = tokio::join!(futures::future::join_all(calls), sample);
+    assert!(during >= 1.0, "a lane was open during the burst: {during}");
+    for (i, answer) in answers {
+        if i % 2 == 1 {
+            let status = answer.expect_err("an invented model");
+            assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        } else {
+            answer.unwrap_or_else(|s| panic!("churn call {i}: {s}"));
+        }
+    }
+    assert_eq!(
+        metric(mesh.gateway_http, "mesh_predict_lanes").await,
+        0.0,
+        "no lane left"
+    );
+    mesh.assert_idle().await;
+}

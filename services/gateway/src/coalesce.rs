@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use mesh_proto::gateway::PredictResponse;
 use mesh_runtime::Deadline;
 use opentelemetry::trace::TraceContextExt as _;
-use prometheus::{Histogram, HistogramOpts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntGauge, Registry};
 use tokio::sync::oneshot;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -77,6 +77,7 @@ pub struct Coalescer {
     max: usize,
     runs: usize,
     sizes: Histogram,
+    lanes_open: IntGauge,
 }
 
 impl Coalescer {
@@ -92,16 +93,50 @@ impl Coalescer {
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
         )?;
         registry.register(Box::new(sizes.clone()))?;
+        let lanes_open = IntGauge::new(
+            "mesh_predict_lanes",
+            "Models (with the version or alias named) that have Predict runs in flight",
+        )?;
+        registry.register(Box::new(lanes_open.clone()))?;
         Ok(Self {
             lanes: Mutex::default(),
             max: max.max(1),
             runs: runs.max(1),
             sizes,
+            lanes_open,
         })
     }
 
-    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<LaneKey, Lane>> {
-        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    fn lanes(&self) -> Lanes<'_> {
+        Lanes {
+            map: self.lanes.lock().unwrap_or_else(|e| e.into_inner()),
+            gauge: &self.lanes_open,
+        }
+    }
+}
+
+/// The lanes, locked; the gauge follows their count when the lock is released.
+struct Lanes<'a> {
+    map: std::sync::MutexGuard<'a, HashMap<LaneKey, Lane>>,
+    gauge: &'a IntGauge,
+}
+
+impl std::ops::Deref for Lanes<'_> {
+    type Target = HashMap<LaneKey, Lane>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Lanes<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl Drop for Lanes<'_> {
+    fn drop(&mut self) {
+        self.gauge.set(self.map.len() as i64);
     }
 }
 
@@ -145,7 +180,7 @@ impl Drop for WorkerGuard<'_> {
 
 /// One run of lane `key` ended with nothing queued: its place is freed, and the lane goes with
 /// its last run.
-fn finish_run(lanes: &mut HashMap<LaneKey, Lane>, key: &LaneKey) {
+fn finish_run(lanes: &mut Lanes<'_>, key: &LaneKey) {
     if let Some(lane) = lanes.get_mut(key) {
         lane.running = lane.running.saturating_sub(1);
         if lane.running == 0 && lane.waiting.is_empty() {
