@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A/B of Predict coalescing (issue 12's adaptive batching at the gateway) against a running
 # `make up` mesh: starts a second gateway beside make up's (same features, inference replicas
-# and logger; its own free loopback ports and spool directory) with MESH_PREDICT_COALESCE=1
-# (coalescing off), then alternates closed-loop Predict runs (c=CONCURRENCY, default 32) between
-# make up's gateway (A: coalescing on, the default) and the second one (B: off), A, B, A, B …,
+# and logger; its own free loopback ports and spool directory) with B_ENV (default
+# MESH_PREDICT_COALESCE=1: coalescing off; e.g. B_ENV="MESH_PREDICT_RUNS=4" to compare a setting),
+# then alternates closed-loop Predict runs (c=CONCURRENCY, default 32) between make up's gateway
+# (A: its settings, by default coalescing on) and the second one (B), A, B, A, B …,
 # so drift of this shared machine hits both alike. Prints each pair's throughput ratio A/B and
 # p99s, and their median; writes bench-results/ab-coalesce.json. Bounded: PAIRS pairs (default
 # 3) of SECONDS_PER_RUN (default 15). Stops only the gateway it started (its spool is delivered
@@ -14,6 +15,7 @@ cd "$root"
 pairs="${PAIRS:-3}"
 seconds="${SECONDS_PER_RUN:-15}"
 concurrency="${CONCURRENCY:-32}"
+read -r -a b_env <<<"${B_ENV:-MESH_PREDICT_COALESCE=1}"
 run="$root/.run"
 [ -r "$run/pids/gateway" ] && kill -0 "$(cat "$run/pids/gateway")" 2>/dev/null ||
   { echo "[ab-coalesce] no make up gateway running: start the mesh with 'make up' first" >&2; exit 1; }
@@ -32,12 +34,12 @@ cleanup() {
 }
 trap cleanup EXIT
 # The second gateway gets make up's gateway environment (downstreams, token, registry), with
-# its own ports and spool, and coalescing off.
+# its own ports and spool, and B_ENV.
 env_of_gateway="$(tr '\0' '\n' <"/proc/$(cat "$run/pids/gateway")/environ" | grep -E '^(MESH_|OTEL_)' |
-  grep -vE '^MESH_(LISTEN_ADDR|METRICS_ADDR|SPOOL_DIR|PREDICT_COALESCE)=')"
+  grep -vE '^MESH_(LISTEN_ADDR|METRICS_ADDR|SPOOL_DIR)=')"
 mapfile -t gateway_env <<<"$env_of_gateway"
 env -i PATH="$PATH" "${gateway_env[@]}" MESH_LISTEN_ADDR="127.0.0.1:$port" \
-  MESH_METRICS_ADDR="127.0.0.1:$metrics" MESH_SPOOL_DIR="$spool" MESH_PREDICT_COALESCE=1 \
+  MESH_METRICS_ADDR="127.0.0.1:$metrics" MESH_SPOOL_DIR="$spool" "${b_env[@]}" \
   OTEL_SERVICE_NAME=gateway-ab "$root/target/release/mesh-gateway" >"$log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
@@ -67,9 +69,9 @@ for on, off in zip(runs[0::2], runs[1::2]):
     pairs.append({"on_rps": on["ok_rps"], "off_rps": off["ok_rps"], "ratio": ratio,
                   "on_p99_ms": on["latency_ms"]["p99"], "off_p99_ms": off["latency_ms"]["p99"],
                   "on_errors": err_on, "off_errors": err_off})
-    print("coalescing on {:.0f}/s (p99 {:.1f} ms, {} errors) vs off {:.0f}/s (p99 {:.1f} ms, {} errors): {:.2f}x".format(
+    print("A {:.0f}/s (p99 {:.1f} ms, {} errors) vs B {:.0f}/s (p99 {:.1f} ms, {} errors): {:.2f}x".format(
         on["ok_rps"], on["latency_ms"]["p99"], err_on, off["ok_rps"], off["latency_ms"]["p99"], err_off, ratio))
 ratios = sorted(p["ratio"] for p in pairs)
 median = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
-print("median on/off: {:.2f}x".format(median))
-json.dump({"pairs": pairs, "median_ratio": median}, open(sys.argv[1], "w"), indent=2)' bench-results/ab-coalesce.json
+print("B: {}; median A/B: {:.2f}x".format(sys.argv[2], median))
+json.dump({"b_env": sys.argv[2], "pairs": pairs, "median_ratio": median}, open(sys.argv[1], "w"), indent=2)' bench-results/ab-coalesce.json "${b_env[*]}"

@@ -35,7 +35,8 @@ async fn successes(mesh: &Mesh, url: &str) -> f64 {
 /// a tenth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowed_replica_gets_at_most_a_tenth_of_the_calls() {
-    let mesh = Mesh::start(|_| {}).await;
+    // Coalescing off: one ModelInfer per prediction, so the calls count the predictions.
+    let mesh = Mesh::start(|c| c.bulkheads.coalesce = 1).await;
     let slow = mesh.inference_proxies[0].url();
     let fast = mesh.inference_proxies[1].url();
     mesh.inference_proxies[0].set_delay(Duration::from_millis(400));

@@ -70,7 +70,7 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
         ),
         Setting::value(
             "MESH_PREDICT_RUNS",
-            "8",
+            "4",
             "pipeline runs of one model in flight before further `Predict` calls queue to be coalesced",
         ),
         Setting::value("MESH_MAX_BATCH_ITEMS", "1000", "items per `PredictBatch`"),
