@@ -3,7 +3,8 @@
 # `make up` mesh: starts a second gateway beside make up's (same features, inference replicas
 # and logger; its own free loopback ports and spool directory) with B_ENV (default
 # MESH_PREDICT_COALESCE=1: coalescing off; e.g. B_ENV="MESH_PREDICT_RUNS=4" to compare a setting),
-# then alternates closed-loop Predict runs (c=CONCURRENCY, default 32) between make up's gateway
+# or another gateway binary with B_BIN (default this checkout's release build; e.g. one built from
+# an earlier commit, to measure a change of code), then alternates closed-loop Predict runs (c=CONCURRENCY, default 32) between make up's gateway
 # (A: its settings, by default coalescing on) and the second one (B), A, B, A, B …,
 # so drift of this shared machine hits both alike. Prints each pair's throughput ratio A/B and
 # p99s, and their median; writes bench-results/ab-coalesce.json. Bounded: PAIRS pairs (default
@@ -15,7 +16,8 @@ cd "$root"
 pairs="${PAIRS:-3}"
 seconds="${SECONDS_PER_RUN:-15}"
 concurrency="${CONCURRENCY:-32}"
-read -r -a b_env <<<"${B_ENV:-MESH_PREDICT_COALESCE=1}"
+read -r -a b_env <<<"${B_ENV-MESH_PREDICT_COALESCE=1}"
+b_bin="${B_BIN:-$root/target/release/mesh-gateway}"
 run="$root/.run"
 [ -r "$run/pids/gateway" ] && kill -0 "$(cat "$run/pids/gateway")" 2>/dev/null ||
   { echo "[ab-coalesce] no make up gateway running: start the mesh with 'make up' first" >&2; exit 1; }
@@ -40,7 +42,7 @@ env_of_gateway="$(tr '\0' '\n' <"/proc/$(cat "$run/pids/gateway")/environ" | gre
 mapfile -t gateway_env <<<"$env_of_gateway"
 env -i PATH="$PATH" "${gateway_env[@]}" MESH_LISTEN_ADDR="127.0.0.1:$port" \
   MESH_METRICS_ADDR="127.0.0.1:$metrics" MESH_SPOOL_DIR="$spool" "${b_env[@]}" \
-  OTEL_SERVICE_NAME=gateway-ab "$root/target/release/mesh-gateway" >"$log" 2>&1 &
+  OTEL_SERVICE_NAME=gateway-ab "$b_bin" >"$log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
   "$root/target/release/meshctl" health --url "http://127.0.0.1:$port" >/dev/null 2>&1 && break
@@ -73,5 +75,5 @@ for on, off in zip(runs[0::2], runs[1::2]):
         on["ok_rps"], on["latency_ms"]["p99"], err_on, off["ok_rps"], off["latency_ms"]["p99"], err_off, ratio))
 ratios = sorted(p["ratio"] for p in pairs)
 median = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
-print("B: {}; median A/B: {:.2f}x".format(sys.argv[2], median))
-json.dump({"b_env": sys.argv[2], "pairs": pairs, "median_ratio": median}, open(sys.argv[1], "w"), indent=2)' bench-results/ab-coalesce.json "${b_env[*]}"
+print("B: {} {}; median A/B: {:.2f}x".format(sys.argv[3], sys.argv[2], median))
+json.dump({"b_env": sys.argv[2], "b_bin": sys.argv[3], "pairs": pairs, "median_ratio": median}, open(sys.argv[1], "w"), indent=2)' bench-results/ab-coalesce.json "${b_env[*]}" "$b_bin"
