@@ -100,23 +100,6 @@ pub fn admin(url: &str, key: &str) -> anyhow::Result<Admin> {
     ))
 }
 
-/// Adds `x-mesh-internal-token` to calls to an inference replica.
-#[derive(Clone)]
-pub struct Internal(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Internal {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("x-mesh-internal-token", self.0.clone());
-        request.set_timeout(Duration::from_secs(1));
-        Ok(request)
-    }
-}
-
 /// Churn's versions on the replica at `url` (`ListVersions`, bounded to 1 s): version →
 /// (state, since unix µs). `None` when the replica cannot be asked (down, starting).
 pub async fn catalog(url: &str, token: &str) -> Option<BTreeMap<String, (String, i64)>> {
@@ -128,8 +111,11 @@ pub async fn catalog(url: &str, token: &str) -> Option<BTreeMap<String, (String,
             .connect()
             .await
             .ok()?;
-        let mut client =
-            ModelCatalogClient::with_interceptor(channel, Internal(token.parse().ok()?));
+        let token = mesh_runtime::internal::InternalToken::new(token).ok()?;
+        let mut client = ModelCatalogClient::new(mesh_runtime::internal::WithToken::new(
+            channel,
+            Some(&token),
+        ));
         let versions = client
             .list_versions(mesh_proto::catalog::ListVersionsRequest {})
             .await
