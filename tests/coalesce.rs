@@ -31,15 +31,6 @@ fn request(
     r
 }
 
-/// The request-time features of a fixture row (the rest come from the store).
-fn request_features(row: &FixtureRow) -> HashMap<String, FeatureValue> {
-    let all = json_features(&row.features);
-    ["support_calls_30d", "channel"]
-        .iter()
-        .map(|k| ((*k).to_owned(), all[*k].clone()))
-        .collect()
-}
-
 async fn coalesced(mesh: &Mesh) -> (f64, f64) {
     (
         metric(mesh.gateway_http, "mesh_predict_coalesced_items_count").await,

@@ -635,6 +635,16 @@ pub fn json_features(v: &serde_json::Value) -> std::collections::HashMap<String,
         .collect()
 }
 
+/// The request-time features of a fixture row, `support_calls_30d` and `channel`: the rest
+/// come from the store (the entity must be seeded).
+pub fn request_features(row: &FixtureRow) -> std::collections::HashMap<String, FeatureValue> {
+    let all = json_features(&row.features);
+    ["support_calls_30d", "channel"]
+        .iter()
+        .map(|k| ((*k).to_owned(), all[*k].clone()))
+        .collect()
+}
+
 /// One row of the training/serving skew fixture made by the Python pipeline.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct FixtureRow {

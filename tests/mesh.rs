@@ -9,14 +9,6 @@ use mesh_proto::types::{FeatureTier, FeatureValue};
 use mesh_tests::*;
 use tonic::Code;
 
-fn request_features(row: &FixtureRow) -> HashMap<String, FeatureValue> {
-    let all = json_features(&row.features);
-    ["support_calls_30d", "channel"]
-        .iter()
-        .map(|k| ((*k).to_owned(), all[*k].clone()))
-        .collect()
-}
-
 fn predict(model: &str, entity: &str, features: HashMap<String, FeatureValue>) -> PredictRequest {
     PredictRequest {
         model: model.into(),
