@@ -250,8 +250,8 @@ impl Shadow {
                 };
                 if queue.copies.is_empty() {
                     // Decided under the lock `send` takes: a copy queued after this starts a
-                    // worker of its own.
-                    queue.running = false;
+                    // worker of its own. An idle queue goes, so a stopped shadow leaves none.
+                    queues.remove(&key);
                     running.done = true;
                     return;
                 }
