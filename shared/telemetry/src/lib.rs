@@ -144,6 +144,16 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
         .unwrap_or_else(|_| EnvFilter::new(&config.default_log_filter));
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        // Per span, the layer's defaults add source location, thread and target attributes,
+        // read the clock on every enter and exit (busy/idle time) and push an OpenTelemetry
+        // context per enter: allocations and work on every request, sampled or not, for
+        // attributes nobody queries (the trace tree and timings stay). Nothing here reads
+        // `opentelemetry::Context::current()`; trace context comes from the tracing span.
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let installed = tracing_subscriber::registry()
         .with(otel)
