@@ -19,6 +19,7 @@
 //! throughput `make bench` divides the mesh's by.
 
 mod floor;
+mod pace;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -653,47 +654,56 @@ async fn run(
             }
         }
         Some(rate) => {
-            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
             let outstanding = Arc::new(AtomicU64::new(0));
-            let mut tasks = Vec::new();
-            let mut k: u64 = 0;
-            loop {
-                // Each request has an intended start on a fixed schedule.
-                let intended = started + interval.mul_f64(k as f64);
-                if intended >= end || stop.requested() {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(intended)) => {}
-                    _ = stop.notify.notified() => break,
-                }
-                let Some(n) = take() else { break };
-                k += 1;
-                if outstanding.load(Ordering::Relaxed) >= load.max_outstanding {
-                    recorder.record(
-                        intended - started,
-                        Duration::from_millis(load.timeout_ms),
-                        Err(Failure {
-                            code: tonic::Code::ResourceExhausted,
-                            class: Class::Transport,
-                            detail: "mesh-bench: --max-outstanding reached, not sent".into(),
-                        }),
-                    );
-                    continue;
-                }
-                outstanding.fetch_add(1, Ordering::Relaxed);
-                let caller = caller.clone();
-                let recorder = recorder.clone();
-                let outstanding = outstanding.clone();
-                tasks.push(tokio::spawn(async move {
-                    let result = caller.call(n, timeout).await;
-                    recorder.record(intended - started, intended.elapsed(), result);
-                    outstanding.fetch_sub(1, Ordering::Relaxed);
-                }));
-                if tasks.len() > 4096 {
-                    tasks.retain(|t| !t.is_finished());
-                }
-            }
+            let tasks = Arc::new(Mutex::new(Vec::<tokio::task::JoinHandle<()>>::new()));
+            let handle = tokio::runtime::Handle::current();
+            let (caller, recorder, stop, spawned) = (
+                caller.clone(),
+                recorder.clone(),
+                stop.clone(),
+                tasks.clone(),
+            );
+            let (timeout_ms, max_outstanding) = (load.timeout_ms, load.max_outstanding);
+            let pacer = std::thread::spawn(move || {
+                pace::open_loop(
+                    rate,
+                    started,
+                    end,
+                    || stop.requested(),
+                    |intended| {
+                        let Some(n) = take() else { return false };
+                        if outstanding.load(Ordering::Relaxed) >= max_outstanding {
+                            recorder.record(
+                                intended - started,
+                                Duration::from_millis(timeout_ms),
+                                Err(Failure {
+                                    code: tonic::Code::ResourceExhausted,
+                                    class: Class::Transport,
+                                    detail: "mesh-bench: --max-outstanding reached, not sent"
+                                        .into(),
+                                }),
+                            );
+                            return true;
+                        }
+                        outstanding.fetch_add(1, Ordering::Relaxed);
+                        let (caller, recorder, outstanding) =
+                            (caller.clone(), recorder.clone(), outstanding.clone());
+                        let task = handle.spawn(async move {
+                            let result = caller.call(n, timeout).await;
+                            recorder.record(intended - started, intended.elapsed(), result);
+                            outstanding.fetch_sub(1, Ordering::Relaxed);
+                        });
+                        let mut spawned = spawned.lock().unwrap_or_else(|e| e.into_inner());
+                        spawned.push(task);
+                        if spawned.len() > 4096 {
+                            spawned.retain(|t| !t.is_finished());
+                        }
+                        true
+                    },
+                )
+            });
+            let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+            let tasks = std::mem::take(&mut *tasks.lock().unwrap_or_else(|e| e.into_inner()));
             for t in tasks {
                 let _ = t.await;
             }
