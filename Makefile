@@ -1,5 +1,5 @@
 # The two commands a newcomer needs, and a few more. See README.md.
-.PHONY: up up-ha test bootstrap build bench check-deploy fmt lint
+.PHONY: up up-ha test bootstrap build bench soak check-deploy fmt lint
 
 ## Install what is missing, build, run the whole mesh locally until Ctrl-C.
 up:
@@ -20,6 +20,11 @@ bootstrap:
 ## Run the benchmark against a running `make up` mesh (release build).
 bench:
 	bash scripts/bench.sh
+
+## Open-loop Predict load for 10 minutes against `make up`: latency tail, every record logged,
+## RSS of each service (after `make bench`, or with RATE=<per second>).
+soak:
+	bash scripts/soak.sh
 
 ## Validate deploy/ (compose schema, Dockerfile consistency).
 check-deploy:
