@@ -154,7 +154,14 @@ impl LoadedModel {
     pub fn run(&self, columns: Vec<Column>) -> Result<Vec<Output>, InferenceError> {
         let rows = columns.first().map(Column::len).unwrap_or(0);
         let inputs = self.tensors(columns)?;
-        let _span = tracing::info_span!("onnx.run", otel.name = "onnx.run", model = self.manifest.name.as_str(), version = self.manifest.version.as_str(), rows).entered();
+        let _span = tracing::info_span!(
+            "onnx.run",
+            otel.name = "onnx.run",
+            model = self.manifest.name.as_str(),
+            version = self.manifest.version.as_str(),
+            rows
+        )
+        .entered();
         let mut session = self.acquire()?;
         let outputs = session
             .run(inputs)
