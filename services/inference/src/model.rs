@@ -6,6 +6,7 @@
 //! with `try_lock` and runs inline on its own task. With as many tokio workers as sessions, a
 //! free session is almost always found; otherwise the request waits on one lock.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -13,7 +14,7 @@ use std::sync::{Mutex, OnceLock};
 use mesh_runtime::registry::{FeatureKind, ModelManifest, ModelVersion};
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
 use crate::error::InferenceError;
@@ -82,6 +83,11 @@ pub struct LoadedModel {
     pub outputs: Vec<OutputInfo>,
     sessions: Vec<Mutex<Session>>,
     next: AtomicUsize,
+    /// Per input (in manifest order; empty for numbers): a one-row string tensor of each
+    /// category the manifest declares. Most calls are one row, and ONNX Runtime copies every
+    /// string into a tensor it creates, so these are made once at load and passed by reference
+    /// (ONNX Runtime does not write to its inputs).
+    one_row_categories: Vec<HashMap<String, DynValue>>,
 }
 
 impl LoadedModel {
@@ -142,11 +148,30 @@ impl LoadedModel {
             })
             .collect();
         drop(first);
+        let one_row_categories = version
+            .manifest
+            .features
+            .iter()
+            .map(|f| match f.kind {
+                FeatureKind::Number => Ok(HashMap::new()),
+                FeatureKind::Category => f
+                    .categories
+                    .iter()
+                    .map(|c| {
+                        let t =
+                            Tensor::from_string_array(([1usize, 1usize], std::slice::from_ref(c)))?;
+                        Ok((c.clone(), t.into_dyn()))
+                    })
+                    .collect(),
+            })
+            .collect::<ort::Result<Vec<_>>>()
+            .map_err(|e| InferenceError::Runtime(e.to_string()))?;
         Ok(Self {
             manifest: version.manifest.clone(),
             outputs,
             sessions,
             next: AtomicUsize::new(0),
+            one_row_categories,
         })
     }
 
@@ -235,24 +260,33 @@ impl LoadedModel {
         Ok(())
     }
 
-    fn tensors(&self, columns: Vec<Column>) -> Result<Vec<(String, DynValue)>, InferenceError> {
+    /// The graph's inputs for `columns`, by name: one-row categories from
+    /// `one_row_categories`, everything else made for this call.
+    fn tensors(
+        &self,
+        columns: Vec<Column>,
+    ) -> Result<Vec<(&str, SessionInputValue<'_>)>, InferenceError> {
         let rows = columns.first().map(Column::len).unwrap_or(0);
         self.manifest
             .features
             .iter()
+            .zip(&self.one_row_categories)
             .zip(columns)
-            .map(|(feature, column)| {
-                let value = match column {
-                    Column::Numbers(v) => {
-                        Tensor::from_array(([rows, 1usize], v)).map(|t| t.into_dyn())
-                    }
-                    Column::Categories(v) => {
-                        Tensor::from_string_array(([rows, 1usize], v.as_slice()))
-                            .map(|t| t.into_dyn())
-                    }
-                }
-                .map_err(|e| InferenceError::Runtime(e.to_string()))?;
-                Ok((feature.name.clone(), value))
+            .map(|((feature, made), column)| {
+                let value: SessionInputValue<'_> = match column {
+                    Column::Numbers(v) => Tensor::from_array(([rows, 1usize], v))
+                        .map_err(|e| InferenceError::Runtime(e.to_string()))?
+                        .into_dyn()
+                        .into(),
+                    Column::Categories(v) => match v.first().and_then(|c| made.get(c)) {
+                        Some(tensor) if rows == 1 => tensor.into(),
+                        _ => Tensor::from_string_array(([rows, 1usize], v.as_slice()))
+                            .map_err(|e| InferenceError::Runtime(e.to_string()))?
+                            .into_dyn()
+                            .into(),
+                    },
+                };
+                Ok((feature.name.as_str(), value))
             })
             .collect()
     }
