@@ -75,6 +75,10 @@ pub struct OutputInfo {
     pub shape: Vec<i64>,
 }
 
+/// Most one-row category tensors made at load per input: a manifest declaring more (rare; each
+/// costs a small ONNX Runtime tensor) has the rest made per call, as for several rows.
+const PREBUILT_CATEGORIES: usize = 1024;
+
 /// A model version ready to run.
 pub struct LoadedModel {
     /// Its manifest: input names and types.
@@ -157,6 +161,7 @@ impl LoadedModel {
                 FeatureKind::Category => f
                     .categories
                     .iter()
+                    .take(PREBUILT_CATEGORIES)
                     .map(|c| {
                         let t =
                             Tensor::from_string_array(([1usize, 1usize], std::slice::from_ref(c)))?;
@@ -179,14 +184,17 @@ impl LoadedModel {
     pub fn run(&self, columns: Vec<Column>) -> Result<Vec<Output>, InferenceError> {
         let rows = columns.first().map(Column::len).unwrap_or(0);
         let inputs = self.tensors(columns)?;
-        let _span = tracing::info_span!(
-            "onnx.run",
-            otel.name = "onnx.run",
-            model = self.manifest.name.as_str(),
-            version = self.manifest.version.as_str(),
-            rows
-        )
-        .entered();
+        // In an unsampled trace (most calls) the span would never be exported: none is opened.
+        let _span = (!mesh_telemetry::propagation::in_unsampled_trace()).then(|| {
+            tracing::info_span!(
+                "onnx.run",
+                otel.name = "onnx.run",
+                model = self.manifest.name.as_str(),
+                version = self.manifest.version.as_str(),
+                rows
+            )
+            .entered()
+        });
         let mut session = self.acquire()?;
         let outputs = session
             .run(inputs)

@@ -59,10 +59,26 @@ pub fn current_trace_id() -> Option<String> {
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
+/// Whether the current span is in a trace that was decided not to be sampled (most requests:
+/// the default samples 5 %). Spans opened there would never be exported, so the helpers below
+/// open none ([`tracing::Span::none`]): the trace id, its propagation (from the enclosing server
+/// span) and log lines are unchanged, and the request does not pay for spans nobody sees. Work
+/// outside any request (no valid current context) still opens its spans, which sample as roots.
+pub fn in_unsampled_trace() -> bool {
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid() && !sc.is_sampled()
+}
+
 /// A client span for an outgoing call to `service`/`method` (e.g. `mesh.features.v1.Features`,
 /// `GetFeatures`). Enter it (or `instrument` the call with it) and call [`inject_current`]
-/// inside it, so the callee's server span becomes its child.
+/// inside it, so the callee's server span becomes its child. None in an unsampled trace
+/// ([`in_unsampled_trace`]): the callee's span is then the current span's child.
 pub fn client_span(service: &str, method: &str) -> tracing::Span {
+    if in_unsampled_trace() {
+        return tracing::Span::none();
+    }
     tracing::info_span!(
         "grpc.client",
         otel.name = format!("{service}/{method}"),
@@ -172,8 +188,12 @@ pub fn response_code<B>(response: &http::Response<B>) -> tonic::Code {
 }
 
 /// A client span for a call to a store (Redis, PostgreSQL): `statement` is its name in traces,
-/// e.g. `SELECT feature_values`; `items` the keys or rows involved.
+/// e.g. `SELECT feature_values`; `items` the keys or rows involved. None in an unsampled trace
+/// ([`in_unsampled_trace`]).
 pub fn store_span(system: &'static str, statement: &'static str, items: usize) -> tracing::Span {
+    if in_unsampled_trace() {
+        return tracing::Span::none();
+    }
     tracing::info_span!(
         "store",
         otel.name = statement,
@@ -193,4 +213,73 @@ pub fn split_path(path: &str) -> (&str, &str) {
 /// gRPC conventions for server spans.
 fn is_server_error(code: i32) -> bool {
     matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    /// Under a tracer sampling with `sampler`: whether a client span and a store span opened
+    /// inside a request's span are real spans, the request's trace id, and the trace id the
+    /// client span's callee would receive.
+    fn inside_request(sampler: Sampler) -> (bool, bool, Option<String>, Option<String>) {
+        // As `init` does.
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let server = tracing::info_span!("grpc.server");
+            let _entered = server.enter();
+            let trace_id = current_trace_id();
+            let client = client_span("mesh.features.v1.Features", "GetFeatures");
+            let store = store_span("redis", "redis MGET", 1);
+            let _in_client = client.enter();
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            inject_current(&mut metadata);
+            let sent = metadata
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split('-').nth(1).map(str::to_owned));
+            (!client.is_none(), !store.is_none(), trace_id, sent)
+        })
+    }
+
+    #[test]
+    fn an_unsampled_request_opens_no_client_or_store_spans_and_keeps_its_trace_id() {
+        let (client, store, trace_id, sent) = inside_request(Sampler::AlwaysOff);
+        assert!(!client && !store, "no spans in an unsampled trace");
+        let trace_id = trace_id.expect("an unsampled request still has a trace id");
+        assert_eq!(
+            sent.as_deref(),
+            Some(trace_id.as_str()),
+            "the callee gets the request's trace id"
+        );
+    }
+
+    #[test]
+    fn a_sampled_request_opens_its_client_and_store_spans() {
+        let (client, store, trace_id, sent) = inside_request(Sampler::AlwaysOn);
+        assert!(client && store, "a sampled trace keeps every span");
+        assert_eq!(sent, trace_id);
+    }
+
+    #[test]
+    fn work_outside_a_request_opens_its_spans() {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::AlwaysOff)
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(!in_unsampled_trace());
+            assert!(!store_span("postgres", "SELECT feature_values", 3).is_none());
+        });
+    }
 }
