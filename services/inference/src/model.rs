@@ -152,25 +152,7 @@ impl LoadedModel {
             })
             .collect();
         drop(first);
-        let one_row_categories = version
-            .manifest
-            .features
-            .iter()
-            .map(|f| match f.kind {
-                FeatureKind::Number => Ok(HashMap::new()),
-                FeatureKind::Category => f
-                    .categories
-                    .iter()
-                    .take(PREBUILT_CATEGORIES)
-                    .map(|c| {
-                        let t =
-                            Tensor::from_string_array(([1usize, 1usize], std::slice::from_ref(c)))?;
-                        Ok((c.clone(), t.into_dyn()))
-                    })
-                    .collect(),
-            })
-            .collect::<ort::Result<Vec<_>>>()
-            .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+        let one_row_categories = one_row_categories(&version.manifest)?;
         Ok(Self {
             manifest: version.manifest.clone(),
             outputs,
@@ -298,6 +280,30 @@ impl LoadedModel {
             })
             .collect()
     }
+}
+
+/// Per input of `manifest` (empty for numbers): a one-row string tensor of each declared
+/// category, up to [`PREBUILT_CATEGORIES`].
+fn one_row_categories(
+    manifest: &ModelManifest,
+) -> Result<Vec<HashMap<String, DynValue>>, InferenceError> {
+    manifest
+        .features
+        .iter()
+        .map(|f| match f.kind {
+            FeatureKind::Number => Ok(HashMap::new()),
+            FeatureKind::Category => f
+                .categories
+                .iter()
+                .take(PREBUILT_CATEGORIES)
+                .map(|c| {
+                    let t = Tensor::from_string_array(([1usize, 1usize], std::slice::from_ref(c)))?;
+                    Ok((c.clone(), t.into_dyn()))
+                })
+                .collect(),
+        })
+        .collect::<ort::Result<Vec<_>>>()
+        .map_err(|e| InferenceError::Runtime(e.to_string()))
 }
 
 fn open_session(env: &Environment, path: &Path) -> Result<Session, InferenceError> {
