@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 /// The calls whose failure or ordering decides what survives a crash.
@@ -14,6 +15,12 @@ pub trait Disk: Send + Sync {
     fn write(&self, file: &mut File, path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = path;
         file.write_all(bytes)
+    }
+
+    /// Writes all of `bytes` to `file` (at `path`) at position `offset`.
+    fn write_at(&self, file: &File, path: &Path, bytes: &[u8], offset: u64) -> io::Result<()> {
+        let _ = path;
+        file.write_all_at(bytes, offset)
     }
 
     /// `fdatasync` of `file` (at `path`).
@@ -46,6 +53,7 @@ pub(crate) use faulty::FaultyDisk;
 mod faulty {
     use std::fs::File;
     use std::io::{self, Write};
+    use std::os::unix::fs::FileExt as _;
     use std::path::Path;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::sync::Mutex;
@@ -105,6 +113,15 @@ mod faulty {
                 return Err(io::Error::from_raw_os_error(ENOSPC));
             }
             file.write_all(bytes)
+        }
+
+        fn write_at(&self, file: &File, path: &Path, bytes: &[u8], offset: u64) -> io::Result<()> {
+            self.log(format!("write {}", name(path)));
+            if self.full.load(Ordering::SeqCst) {
+                file.write_all_at(&bytes[..bytes.len() / 2], offset)?;
+                return Err(io::Error::from_raw_os_error(ENOSPC));
+            }
+            file.write_all_at(bytes, offset)
         }
 
         fn sync_data(&self, file: &File, path: &Path) -> io::Result<()> {

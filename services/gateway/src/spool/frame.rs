@@ -100,8 +100,9 @@ fn eof_is(e: io::Error, stop: Stop) -> io::Result<Result<Vec<u8>, Stop>> {
 pub(super) enum Header {
     /// This format.
     Valid,
-    /// Empty, or the start of the header only: created but never written to (a crash or a
-    /// failed write at creation). It holds no record.
+    /// Empty, the start of the header only, or zeros (a spare whose header was never written):
+    /// created but never written to (a crash or a failed write at creation). It holds no
+    /// record.
     Unwritten,
     /// Something else: format 1 (no header), or damage.
     Foreign,
@@ -114,7 +115,7 @@ pub(super) fn header(path: &Path) -> io::Result<Header> {
     (&mut file).take(HEADER_LEN).read_to_end(&mut bytes)?;
     Ok(if bytes == SEGMENT_HEADER {
         Header::Valid
-    } else if SEGMENT_HEADER.starts_with(&bytes) {
+    } else if SEGMENT_HEADER.starts_with(&bytes) || bytes.iter().all(|b| *b == 0) {
         Header::Unwritten
     } else {
         Header::Foreign
@@ -130,6 +131,9 @@ pub(super) struct Scan {
     pub(super) good_end: u64,
     /// Length of the file.
     pub(super) len: u64,
+    /// Whether everything after `good_end` is zeros (a spare's unused space, or nothing): a
+    /// clean end, not a torn or damaged tail.
+    pub(super) clean: bool,
 }
 
 /// Frames of the segment at `path` from file position `from` (at least [`HEADER_LEN`]).
@@ -142,6 +146,7 @@ pub(super) fn scan(path: &Path, from: u64) -> io::Result<Scan> {
             frames: 0,
             good_end: len,
             len,
+            clean: true,
         });
     }
     let mut reader = BufReader::new(file);
@@ -151,11 +156,25 @@ pub(super) fn scan(path: &Path, from: u64) -> io::Result<Scan> {
         frames += 1;
         at += FRAME_HEADER + payload.len() as u64;
     }
+    reader.seek(SeekFrom::Start(at))?;
     Ok(Scan {
         frames,
         good_end: at,
         len,
+        clean: only_zeros(reader)?,
     })
+}
+
+/// Whether everything `reader` has left is zeros.
+fn only_zeros(mut reader: impl Read) -> io::Result<bool> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut chunk)? {
+            0 => return Ok(true),
+            n if chunk[..n].iter().any(|b| *b != 0) => return Ok(false),
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]

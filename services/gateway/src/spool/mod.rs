@@ -6,12 +6,14 @@
 //! both (see `frame` for the bytes). Appends are written and `fdatasync`ed in
 //! groups (one sync for every record that arrived while the previous sync ran). A new segment
 //! is synced, and so is the directory, before records go into it; a rotation that fails is
-//! tried again at the next append. The file `cursor` holds the offset up to which the logger
+//! tried again at the next append. A new segment is, when one is ready, the spare: a file of
+//! zeros made ahead of time (see [`spare`]), so the bytes after a segment's last frame may be
+//! zeros. The file `cursor` holds the offset up to which the logger
 //! has committed the records (see [`cursor`]); segments wholly before it are deleted.
 //!
 //! Recovery on open: segments before the cursor are removed, the rest are scanned, and a torn
 //! tail (a frame cut short by a crash, or with a wrong checksum) is truncated from the newest
-//! segment. Records after the cursor are delivered again: the logger's insert is idempotent on
+//! segment; zeros after the last frame are a clean end, not a torn tail. Records after the cursor are delivered again: the logger's insert is idempotent on
 //! the prediction id, so a record acknowledged but not yet in the cursor is stored once. For
 //! the same reason a missing or garbled cursor, or one behind the first segment (segments are
 //! freed before the cursor is written, so that a full disk cannot keep them), only means
@@ -28,6 +30,8 @@
 //! - `frame`: segment header and frame bytes; reading a frame, scanning a segment.
 //! - [`cursor`]: the self-checking cursor file.
 //! - [`disk`]: the writes and syncs, behind a trait for fault injection in tests.
+//! - [`spare`]: the next segment, zero-filled ahead of time off the writer's path, so that an
+//!   append's sync writes data only.
 //! - `reader`: [`Reader`], the delivering side.
 
 use std::fs::{self, File, OpenOptions};
@@ -40,9 +44,12 @@ pub mod disk;
 mod frame;
 mod reader;
 mod recover;
+mod spare;
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod spare_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -96,17 +103,29 @@ pub fn release(dir: &Path, keep_from: u64) -> io::Result<usize> {
 /// A file left there by an earlier attempt never held a record, so it is started afresh.
 fn create_segment(disk: &dyn Disk, dir: &Path, start: u64) -> io::Result<File> {
     let path = segment_path(dir, start);
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .open(&path)?;
-    disk.write(&mut file, &path, &SEGMENT_HEADER)?;
-    disk.sync_data(&file, &path)?;
+    start_segment(disk, dir, &path, file)
+}
+
+/// Makes the spare at `spare` the segment starting at `start` (see [`spare`]).
+fn adopt_spare(disk: &dyn Disk, dir: &Path, spare: &Path, start: u64) -> io::Result<File> {
+    let path = segment_path(dir, start);
+    disk.rename(spare, &path)?;
+    let file = OpenOptions::new().write(true).open(&path)?;
+    start_segment(disk, dir, &path, file)
+}
+
+/// Writes the header of the new segment `file` at `path`, synced with its directory entry.
+fn start_segment(disk: &dyn Disk, dir: &Path, path: &Path, file: File) -> io::Result<File> {
+    disk.write_at(&file, path, &SEGMENT_HEADER, 0)?;
+    disk.sync_data(&file, path)?;
     // The new name must survive a crash too.
     disk.sync_dir(dir)?;
-    drop(file);
-    OpenOptions::new().append(true).open(&path)
+    Ok(file)
 }
 
 /// The appending side, owned by one writer thread.
@@ -119,6 +138,8 @@ pub struct Spool {
     end: u64,
     /// A failed append left bytes after `end` that could not be cut off yet.
     torn_tail: bool,
+    /// The next segment, made ahead (dropped, and so stopped, before the lock is released).
+    spare: spare::Spare,
     _lock: File,
 }
 
@@ -172,10 +193,12 @@ impl Spool {
         let path = segment_path(&self.dir, self.segment_start);
         let written = self
             .disk
-            .write(&mut self.file, &path, &buf)
+            .write_at(&self.file, &path, &buf, self.end - self.segment_start)
             .and_then(|_| self.disk.sync_data(&self.file, &path));
         if let Err(e) = written {
-            // Appends go to the end of the file: what this write left must go before the next.
+            // Complete frames this write left after `end` must not be read as records by a
+            // recovery: cut off (losing the rest of a spare's zeros, which only makes this
+            // segment's later syncs slower).
             if self.file.set_len(self.end - self.segment_start).is_err() {
                 self.torn_tail = true;
             }
@@ -185,10 +208,16 @@ impl Spool {
         Ok(offsets)
     }
 
-    /// Starts a new segment at the end. On failure the current one stays in use and the next
-    /// append tries again (the half-made file is started afresh then).
+    /// Starts a new segment at the end: the spare if one is ready, else a new file. On failure
+    /// the current one stays in use and the next append tries again (the half-made file is
+    /// started afresh then).
     fn rotate(&mut self) -> io::Result<()> {
-        self.file = create_segment(&*self.disk, &self.dir, self.end)?;
+        let next = match self.spare.take() {
+            Some(spare) => adopt_spare(&*self.disk, &self.dir, &spare, self.end),
+            None => create_segment(&*self.disk, &self.dir, self.end),
+        };
+        self.spare.start();
+        self.file = next?;
         self.segment_start = self.end;
         self.end += HEADER_LEN;
         Ok(())

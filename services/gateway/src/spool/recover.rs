@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::cursor::{self, Found};
 use super::disk::Disk;
 use super::frame::{self, HEADER_LEN};
+use super::spare::Spare;
 use super::{create_segment, segment_path, segments, Recovered, Spool};
 
 /// A segment file the spool cannot use, and what to do about it.
@@ -49,16 +50,17 @@ pub(super) fn open(dir: &Path, segment_bytes: u64, disk: Arc<dyn Disk>) -> io::R
         starts.push(cursor);
     }
     cursor = cursor.max(starts[0] + HEADER_LEN);
-    let (mut pending_records, mut dropped_bytes) = (0, 0);
+    let (mut pending_records, mut dropped_bytes, mut newest_end) = (0, 0, HEADER_LEN);
     for (i, &start) in starts.iter().enumerate() {
         let path = segment_path(dir, start);
         let scan = frame::scan(&path, cursor.saturating_sub(start))?;
         pending_records += scan.frames;
-        if scan.good_end < scan.len {
+        newest_end = scan.good_end;
+        if !scan.clean {
             dropped_bytes += scan.len - scan.good_end;
             if i + 1 == starts.len() {
                 // A torn tail of the newest segment: cut it off and append after the last
-                // good frame.
+                // good frame. (Zeros after it are a spare's unused space, kept.)
                 OpenOptions::new()
                     .write(true)
                     .open(&path)?
@@ -68,9 +70,9 @@ pub(super) fn open(dir: &Path, segment_bytes: u64, disk: Arc<dyn Disk>) -> io::R
     }
     let segment_start = starts[starts.len() - 1];
     let file = OpenOptions::new()
-        .append(true)
+        .write(true)
         .open(segment_path(dir, segment_start))?;
-    let end = segment_start + file.metadata()?.len();
+    let end = segment_start + newest_end.max(HEADER_LEN);
     Ok(Recovered {
         spool: Spool {
             dir: dir.to_owned(),
@@ -80,6 +82,7 @@ pub(super) fn open(dir: &Path, segment_bytes: u64, disk: Arc<dyn Disk>) -> io::R
             segment_start,
             end,
             torn_tail: false,
+            spare: Spare::new(dir, segment_bytes),
             _lock: lock,
         },
         cursor: cursor.min(end),
