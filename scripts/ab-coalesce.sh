@@ -4,7 +4,8 @@
 # and logger; its own free loopback ports and spool directory) with B_ENV (default
 # MESH_PREDICT_COALESCE=1: coalescing off; e.g. B_ENV="MESH_PREDICT_RUNS=4" to compare a setting),
 # or another gateway binary with B_BIN (default this checkout's release build; e.g. one built from
-# an earlier commit, to measure a change of code), then alternates closed-loop Predict runs (c=CONCURRENCY, default 32) between make up's gateway
+# an earlier commit, to measure a change of code), then alternates closed-loop Predict runs
+# (c=CONCURRENCY, default 32; or open-loop ones at RATE requests/s) between make up's gateway
 # (A: its settings, by default coalescing on) and the second one (B), A, B, A, B …,
 # so drift of this shared machine hits both alike. Prints each pair's throughput ratio A/B and
 # p99s, and their median; writes bench-results/ab-coalesce.json. Bounded: PAIRS pairs (default
@@ -16,6 +17,9 @@ cd "$root"
 pairs="${PAIRS:-3}"
 seconds="${SECONDS_PER_RUN:-15}"
 concurrency="${CONCURRENCY:-32}"
+# RATE (requests/s): open-loop runs at that rate instead of closed-loop ones; compare the p50s
+# and p99s.
+if [ -n "${RATE:-}" ]; then load=(--rate "$RATE"); else load=(--concurrency "$concurrency"); fi
 read -r -a b_env <<<"${B_ENV-MESH_PREDICT_COALESCE=1}"
 b_bin="${B_BIN:-$root/target/release/mesh-gateway}"
 run="$root/.run"
@@ -52,7 +56,7 @@ done
 a="http://127.0.0.1:${MESH_GATEWAY_PORT:-50051}"
 b="http://127.0.0.1:$port"
 once() { # url → JSON line
-  "$root/target/release/mesh-bench" predict --url "$1" --concurrency "$concurrency" \
+  "$root/target/release/mesh-bench" predict --url "$1" "${load[@]}" \
     --duration "$seconds" --format json 2>/dev/null | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))'
 }
 results=()
@@ -69,10 +73,12 @@ for on, off in zip(runs[0::2], runs[1::2]):
     err_on, err_off = sum(on["errors"].values()), sum(off["errors"].values())
     ratio = on["ok_rps"] / off["ok_rps"]
     pairs.append({"on_rps": on["ok_rps"], "off_rps": off["ok_rps"], "ratio": ratio,
+                  "on_p50_ms": on["latency_ms"]["p50"], "off_p50_ms": off["latency_ms"]["p50"],
                   "on_p99_ms": on["latency_ms"]["p99"], "off_p99_ms": off["latency_ms"]["p99"],
                   "on_errors": err_on, "off_errors": err_off})
-    print("A {:.0f}/s (p99 {:.1f} ms, {} errors) vs B {:.0f}/s (p99 {:.1f} ms, {} errors): {:.2f}x".format(
-        on["ok_rps"], on["latency_ms"]["p99"], err_on, off["ok_rps"], off["latency_ms"]["p99"], err_off, ratio))
+    print("A {:.0f}/s (p50 {:.2f}, p99 {:.1f} ms, {} errors) vs B {:.0f}/s (p50 {:.2f}, p99 {:.1f} ms, {} errors): {:.2f}x".format(
+        on["ok_rps"], on["latency_ms"]["p50"], on["latency_ms"]["p99"], err_on,
+        off["ok_rps"], off["latency_ms"]["p50"], off["latency_ms"]["p99"], err_off, ratio))
 ratios = sorted(p["ratio"] for p in pairs)
 median = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
 print("B: {} {}; median A/B: {:.2f}x".format(sys.argv[3], sys.argv[2], median))
