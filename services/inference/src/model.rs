@@ -85,13 +85,39 @@ pub struct LoadedModel {
     pub manifest: ModelManifest,
     /// Outputs of the graph.
     pub outputs: Vec<OutputInfo>,
-    sessions: Vec<Mutex<Session>>,
+    sessions: Vec<Mutex<Slot>>,
     next: AtomicUsize,
     /// Per input (in manifest order; empty for numbers): a one-row string tensor of each
     /// category the manifest declares. Most calls are one row, and ONNX Runtime copies every
     /// string into a tensor it creates, so these are made once at load and passed by reference
     /// (ONNX Runtime does not write to its inputs).
     one_row_categories: Vec<HashMap<String, DynValue>>,
+}
+
+/// A session of the pool, and per input (in manifest order; `None` for categories) a one-row
+/// number tensor only it uses: a one-row call, holding the session, writes its numbers into
+/// them and passes them by reference instead of having ONNX Runtime make tensors per call.
+struct Slot {
+    session: Session,
+    one_row_numbers: Vec<Option<Tensor<f32>>>,
+}
+
+impl Slot {
+    fn new(session: Session, manifest: &ModelManifest) -> Result<Self, InferenceError> {
+        let one_row_numbers = manifest
+            .features
+            .iter()
+            .map(|f| match f.kind {
+                FeatureKind::Number => Tensor::from_array(([1usize, 1usize], vec![0f32])).map(Some),
+                FeatureKind::Category => Ok(None),
+            })
+            .collect::<ort::Result<Vec<_>>>()
+            .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+        Ok(Self {
+            session,
+            one_row_numbers,
+        })
+    }
 }
 
 impl LoadedModel {
@@ -104,11 +130,13 @@ impl LoadedModel {
     ) -> Result<Self, InferenceError> {
         let mut sessions = Vec::with_capacity(pool_size);
         for _ in 0..pool_size.max(1) {
-            sessions.push(Mutex::new(open_session(env, &version.model_path)?));
+            let session = open_session(env, &version.model_path)?;
+            sessions.push(Mutex::new(Slot::new(session, &version.manifest)?));
         }
-        let first = sessions[0]
+        let guard = sessions[0]
             .lock()
             .map_err(|_| InferenceError::Runtime("session lock poisoned".into()))?;
+        let first = &guard.session;
         for feature in &version.manifest.features {
             let input = first
                 .inputs()
@@ -151,7 +179,7 @@ impl LoadedModel {
                     .unwrap_or_default(),
             })
             .collect();
-        drop(first);
+        drop(guard);
         let one_row_categories = one_row_categories(&version.manifest)?;
         Ok(Self {
             manifest: version.manifest.clone(),
@@ -165,7 +193,6 @@ impl LoadedModel {
     /// Runs the graph on `columns` (one per manifest feature, in manifest order, equal lengths).
     pub fn run(&self, columns: Vec<Column>) -> Result<Vec<Output>, InferenceError> {
         let rows = columns.first().map(Column::len).unwrap_or(0);
-        let inputs = self.tensors(columns)?;
         // In an unsampled trace (most calls) the span would never be exported: none is opened.
         let _span = (!mesh_telemetry::propagation::in_unsampled_trace()).then(|| {
             tracing::info_span!(
@@ -177,7 +204,12 @@ impl LoadedModel {
             )
             .entered()
         });
-        let mut session = self.acquire()?;
+        let mut slot = self.acquire()?;
+        let Slot {
+            session,
+            one_row_numbers,
+        } = &mut *slot;
+        let inputs = self.tensors(columns, one_row_numbers)?;
         let outputs = session
             .run(inputs)
             .map_err(|e| InferenceError::Runtime(e.to_string()))?;
@@ -206,7 +238,7 @@ impl LoadedModel {
         Ok(result)
     }
 
-    fn acquire(&self) -> Result<std::sync::MutexGuard<'_, Session>, InferenceError> {
+    fn acquire(&self) -> Result<std::sync::MutexGuard<'_, Slot>, InferenceError> {
         let n = self.sessions.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         for i in 0..n {
@@ -237,11 +269,15 @@ impl LoadedModel {
     /// initialisation inside ONNX Runtime.
     pub fn warm_up(&self, iterations: usize) -> Result<(), InferenceError> {
         for session in &self.sessions {
-            let mut session = session
+            let mut slot = session
                 .lock()
                 .map_err(|_| InferenceError::Runtime("session lock poisoned".into()))?;
+            let Slot {
+                session,
+                one_row_numbers,
+            } = &mut *slot;
             for _ in 0..iterations.max(1) {
-                let inputs = self.tensors(self.warmup_columns())?;
+                let inputs = self.tensors(self.warmup_columns(), one_row_numbers)?;
                 session
                     .run(inputs)
                     .map_err(|e| InferenceError::Runtime(format!("warm-up failed: {e}")))?;
@@ -251,23 +287,37 @@ impl LoadedModel {
     }
 
     /// The graph's inputs for `columns`, by name: one-row categories from
-    /// `one_row_categories`, everything else made for this call.
-    fn tensors(
-        &self,
+    /// `one_row_categories`, one-row numbers written into the session's `numbers`, everything
+    /// else made for this call.
+    fn tensors<'a>(
+        &'a self,
         columns: Vec<Column>,
-    ) -> Result<Vec<(&str, SessionInputValue<'_>)>, InferenceError> {
+        numbers: &'a mut [Option<Tensor<f32>>],
+    ) -> Result<Vec<(&'a str, SessionInputValue<'a>)>, InferenceError> {
         let rows = columns.first().map(Column::len).unwrap_or(0);
+        for (tensor, column) in numbers.iter_mut().zip(&columns) {
+            if let (Some(tensor), Column::Numbers(v), 1) = (tensor, column, rows) {
+                if let ([value], [slot]) = (v.as_slice(), tensor.extract_tensor_mut().1) {
+                    *slot = *value;
+                }
+            }
+        }
+        let numbers: &'a [Option<Tensor<f32>>] = numbers;
         self.manifest
             .features
             .iter()
             .zip(&self.one_row_categories)
+            .zip(numbers)
             .zip(columns)
-            .map(|((feature, made), column)| {
-                let value: SessionInputValue<'_> = match column {
-                    Column::Numbers(v) => Tensor::from_array(([rows, 1usize], v))
-                        .map_err(|e| InferenceError::Runtime(e.to_string()))?
-                        .into_dyn()
-                        .into(),
+            .map(|(((feature, made), number), column)| {
+                let value: SessionInputValue<'a> = match column {
+                    Column::Numbers(v) => match number {
+                        Some(tensor) if rows == 1 && v.len() == 1 => tensor.into(),
+                        _ => Tensor::from_array(([rows, 1usize], v))
+                            .map_err(|e| InferenceError::Runtime(e.to_string()))?
+                            .into_dyn()
+                            .into(),
+                    },
                     Column::Categories(v) => match v.first().and_then(|c| made.get(c)) {
                         Some(tensor) if rows == 1 => tensor.into(),
                         _ => Tensor::from_string_array(([rows, 1usize], v.as_slice()))
