@@ -7,7 +7,7 @@
 //! groups (one sync for every record that arrived while the previous sync ran). A new segment
 //! is synced, and so is the directory, before records go into it; a rotation that fails is
 //! tried again at the next append. A new segment is, when one is ready, the spare: a file of
-//! zeros made ahead of time (see [`spare`]), so the bytes after a segment's last frame may be
+//! zeros made ahead of time (see `spare`), so the bytes after a segment's last frame may be
 //! zeros. The file `cursor` holds the offset up to which the logger
 //! has committed the records (see [`cursor`]); segments wholly before it are deleted.
 //!
@@ -30,7 +30,7 @@
 //! - `frame`: segment header and frame bytes; reading a frame, scanning a segment.
 //! - [`cursor`]: the self-checking cursor file.
 //! - [`disk`]: the writes and syncs, behind a trait for fault injection in tests.
-//! - [`spare`]: the next segment, zero-filled ahead of time off the writer's path, so that an
+//! - `spare`: the next segment, zero-filled ahead of time off the writer's path, so that an
 //!   append's sync writes data only.
 //! - `reader`: [`Reader`], the delivering side.
 
@@ -111,7 +111,7 @@ fn create_segment(disk: &dyn Disk, dir: &Path, start: u64) -> io::Result<File> {
     start_segment(disk, dir, &path, file)
 }
 
-/// Makes the spare at `spare` the segment starting at `start` (see [`spare`]).
+/// Makes the spare at `spare` the segment starting at `start` (see `spare`).
 fn adopt_spare(disk: &dyn Disk, dir: &Path, spare: &Path, start: u64) -> io::Result<File> {
     let path = segment_path(dir, start);
     disk.rename(spare, &path)?;
