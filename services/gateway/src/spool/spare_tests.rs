@@ -43,6 +43,11 @@ fn fill_into_next_segment(spool: &mut Spool, dir: &Path, mut next: u32) -> u32 {
     next
 }
 
+/// Opens (or reopens) the spool in `dir` with small segments on the real disk.
+fn open(dir: &Path) -> Recovered {
+    Spool::open(dir, SEGMENT, Arc::new(RealDisk)).expect("open")
+}
+
 fn newest_segment(dir: &Path) -> (u64, std::path::PathBuf) {
     let start = *segments(dir).expect("segments").last().expect("a segment");
     (start, segment_path(dir, start))
@@ -51,9 +56,7 @@ fn newest_segment(dir: &Path) -> (u64, std::path::PathBuf) {
 #[test]
 fn a_segment_made_from_the_spare_is_full_size_and_its_zeros_are_a_clean_end() {
     let dir = temp_dir("spare");
-    let mut spool = Spool::open(&dir, SEGMENT, Arc::new(RealDisk))
-        .expect("open")
-        .spool;
+    let mut spool = open(&dir).spool;
     spare_ready(&dir);
     let next = fill_into_next_segment(&mut spool, &dir, 0);
     let (start, path) = newest_segment(&dir);
@@ -67,7 +70,7 @@ fn a_segment_made_from_the_spare_is_full_size_and_its_zeros_are_a_clean_end() {
     let end = spool.end();
     drop(spool);
 
-    let recovered = Spool::open(&dir, SEGMENT, Arc::new(RealDisk)).expect("reopen");
+    let recovered = open(&dir);
     assert_eq!(recovered.dropped_bytes, 0, "zeros are not a torn tail");
     assert_eq!(recovered.pending_records, u64::from(next));
     assert_eq!(
@@ -92,9 +95,7 @@ fn a_segment_made_from_the_spare_is_full_size_and_its_zeros_are_a_clean_end() {
 #[test]
 fn a_write_torn_by_a_crash_inside_the_spare_is_cut_off_and_counted() {
     let dir = temp_dir("spare-torn");
-    let mut spool = Spool::open(&dir, SEGMENT, Arc::new(RealDisk))
-        .expect("open")
-        .spool;
+    let mut spool = open(&dir).spool;
     spare_ready(&dir);
     let next = fill_into_next_segment(&mut spool, &dir, 0);
     let (start, path) = newest_segment(&dir);
@@ -109,7 +110,7 @@ fn a_write_torn_by_a_crash_inside_the_spare_is_cut_off_and_counted() {
     file.write_all_at(&[7; 3], at + 600).expect("write");
     drop(file);
 
-    let recovered = Spool::open(&dir, SEGMENT, Arc::new(RealDisk)).expect("reopen");
+    let recovered = open(&dir);
     assert_eq!(recovered.pending_records, u64::from(next));
     assert_eq!(
         recovered.dropped_bytes,
@@ -121,7 +122,7 @@ fn a_write_torn_by_a_crash_inside_the_spare_is_cut_off_and_counted() {
     spool.append(&[record(next).as_slice()]).expect("append");
     assert_eq!(read_all(&dir, 0, spool.end()), names(0..next + 1));
     drop(spool);
-    let reopened = Spool::open(&dir, SEGMENT, Arc::new(RealDisk)).expect("reopen");
+    let reopened = open(&dir);
     assert_eq!(reopened.dropped_bytes, 0, "cut off once, for good");
     drop(reopened);
     let _ = fs::remove_dir_all(&dir);
@@ -130,9 +131,7 @@ fn a_write_torn_by_a_crash_inside_the_spare_is_cut_off_and_counted() {
 #[test]
 fn a_spare_renamed_into_place_without_its_header_holds_no_record() {
     let dir = temp_dir("spare-headerless");
-    let mut spool = Spool::open(&dir, SEGMENT, Arc::new(RealDisk))
-        .expect("open")
-        .spool;
+    let mut spool = open(&dir).spool;
     let mut next = 0;
     while spool.end() < 200 {
         spool.append(&[record(next).as_slice()]).expect("append");
@@ -143,7 +142,7 @@ fn a_spare_renamed_into_place_without_its_header_holds_no_record() {
     // A crash between the rename of the spare and its header's write.
     fs::write(segment_path(&dir, end), vec![0u8; SEGMENT as usize]).expect("spare");
 
-    let recovered = Spool::open(&dir, SEGMENT, Arc::new(RealDisk)).expect("reopen");
+    let recovered = open(&dir);
     assert_eq!(recovered.pending_records, u64::from(next));
     assert_eq!(recovered.dropped_bytes, 0);
     let mut spool = recovered.spool;
