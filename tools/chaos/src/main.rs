@@ -42,6 +42,7 @@ mod mesh;
 mod poison;
 mod probe;
 mod procs;
+mod tempspace;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

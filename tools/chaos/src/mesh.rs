@@ -198,6 +198,7 @@ impl Mesh {
             bail!("ORT_DYLIB_PATH is not set: `source .tools/env` first (scripts/chaos.sh does)");
         }
         std::fs::create_dir_all(&paths.logs)?;
+        crate::tempspace::check(&std::env::temp_dir())?;
         let stores = Stores::start(mode).await?;
         let db_url = stores.db_url();
         let tmp = tempfile::Builder::new().prefix("mesh-chaos-").tempdir()?;
@@ -315,6 +316,10 @@ impl Mesh {
                 ("MESH_INFERENCE_URLS", inference_urls.clone()),
                 ("MESH_LOGGER_URL", logger.url()),
                 ("MESH_SPOOL_DIR", spool.display().to_string()),
+                (
+                    "MESH_SPOOL_MAX_BYTES",
+                    crate::tempspace::SPOOL_MAX_BYTES.to_string(),
+                ),
                 ("MESH_REGISTRY_DATABASE_URL", db_url.clone()),
                 ("MESH_ADMIN_KEYS", format!("chaos:{admin_key}")),
             ]);
