@@ -14,9 +14,9 @@
 //!
 //! Making the spare is kept off the writer's path: it runs while the current segment fills, in
 //! 1 MiB steps each synced (so no flush of the device ever waits on megabytes), and stops early
-//! when the spool is dropped. A rotation that finds no spare ready creates a segment as before;
-//! one that fails to make one (a full disk) is not tried again for [`RETRY_AFTER`], and its
-//! partial file is removed at once so that it holds no space.
+//! when the spool is dropped, which also removes the spare. A rotation that finds no spare ready
+//! creates a segment as before; one that fails to make one (a full disk) is not tried again for
+//! [`RETRY_AFTER`], and its partial file is removed at once so that it holds no space.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
@@ -111,10 +111,15 @@ impl Spare {
 }
 
 impl Drop for Spare {
+    /// Stops a spare being made and removes the spare: a spool that is closed (the gateway
+    /// stopping) leaves no segment of zeros behind. The next open makes a new one anyway.
     fn drop(&mut self) {
         if let Some(job) = self.job.take() {
             job.stop.store(true, Ordering::Relaxed);
             let _ = job.handle.join();
+        }
+        for name in [READY, PARTIAL] {
+            let _ = fs::remove_file(self.dir.join(name));
         }
     }
 }

@@ -151,3 +151,18 @@ fn a_spare_renamed_into_place_without_its_header_holds_no_record() {
     drop(spool);
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_closed_spool_leaves_no_spare_behind() {
+    let dir = temp_dir("spare-closed");
+    let mut spool = open(&dir).spool;
+    spool.append(&[record(0).as_slice()]).expect("append");
+    spare_ready(&dir);
+    drop(spool);
+    assert!(
+        !dir.join("spare.prealloc").exists() && !dir.join("spare.prealloc.tmp").exists(),
+        "a spare outlived its spool"
+    );
+    assert_eq!(open(&dir).pending_records, 1, "the records stay");
+    let _ = fs::remove_dir_all(&dir);
+}
