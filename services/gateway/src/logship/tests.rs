@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::*;
 use crate::spool::disk::FaultyDisk;
-use crate::spool::tests::temp_dir;
+use crate::spool::tests::{temp_dir, TempDir};
 
 /// Records whose model is this are refused by the fake logger, with every call carrying one.
 const POISON: &str = "poison";
@@ -73,7 +73,7 @@ struct Harness {
     logger: Arc<FakeLogger>,
     shipper: LogShipper,
     metrics: ShipMetrics,
-    dir: std::path::PathBuf,
+    dir: TempDir,
 }
 
 async fn start(name: &str, disk: Arc<dyn Disk>, tune: impl FnOnce(&mut ShipConfig)) -> Harness {
@@ -99,7 +99,7 @@ async fn start(name: &str, disk: Arc<dyn Disk>, tune: impl FnOnce(&mut ShipConfi
     let metrics = ShipMetrics::register(&registry).expect("metrics");
     let dir = temp_dir(name);
     let mut config = ShipConfig {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         max_bytes: 1 << 20,
         segment_bytes: 1 << 20,
         capacity: 1000,

@@ -8,10 +8,33 @@ use std::sync::Arc;
 use super::disk::FaultyDisk;
 use super::*;
 
-pub(crate) fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("mesh-spool-{name}-{}", uuid::Uuid::now_v7()));
     fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    TempDir(dir)
+}
+
+/// A test's spool directory, removed when the test ends (declared before the spool, it is
+/// dropped after it, so no spare thread is still writing into it).
+pub(crate) struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Opens the spool, retrying for up to 2 s while its lock is held. Other tests of this binary
@@ -302,7 +325,8 @@ impl Tmpfs {
     /// Mounts a tmpfs of `size` (e.g. `256k`), or says why it cannot (not root, no
     /// CAP_SYS_ADMIN, no `mount`).
     fn mount(size: &str) -> Result<Self, String> {
-        let dir = temp_dir("tmpfs");
+        let dir = std::env::temp_dir().join(format!("mesh-spool-tmpfs-{}", uuid::Uuid::now_v7()));
+        fs::create_dir_all(&dir).map_err(|e| format!("mount point: {e}"))?;
         let status = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(&dir)
