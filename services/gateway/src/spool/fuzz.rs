@@ -28,7 +28,7 @@ fn runner(cases: u32) -> TestRunner {
 fn open_and_read(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
     let dir = temp_dir("fuzz");
     fs::write(segment_path(&dir, 0), bytes).expect("write");
-    let result = Spool::open(&dir, 1 << 20, Arc::new(RealDisk))
+    Spool::open(&dir, 1 << 20, Arc::new(RealDisk))
         .ok()
         .map(|recovered| {
             let end = recovered.spool.end();
@@ -37,9 +37,7 @@ fn open_and_read(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
             assert_eq!(frames.len() as u64, recovered.pending_records);
             assert!(end <= bytes.len().max(HEADER_LEN as usize) as u64);
             frames.into_iter().map(|f| f.payload).collect::<Vec<_>>()
-        });
-    let _ = fs::remove_dir_all(&dir);
-    result
+        })
 }
 
 fn segment(payloads: &[Vec<u8>]) -> Vec<u8> {

@@ -89,7 +89,6 @@ fn a_segment_made_from_the_spare_is_full_size_and_its_zeros_are_a_clean_end() {
         .expect("append after reopening");
     assert_eq!(read_all(&dir, 0, spool.end()), names(0..next + 1));
     drop(spool);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -125,7 +124,6 @@ fn a_write_torn_by_a_crash_inside_the_spare_is_cut_off_and_counted() {
     let reopened = open(&dir);
     assert_eq!(reopened.dropped_bytes, 0, "cut off once, for good");
     drop(reopened);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -149,7 +147,6 @@ fn a_spare_renamed_into_place_without_its_header_holds_no_record() {
     spool.append(&[record(next).as_slice()]).expect("append");
     assert_eq!(read_all(&dir, 0, spool.end()), names(0..next + 1));
     drop(spool);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -164,5 +161,4 @@ fn a_closed_spool_leaves_no_spare_behind() {
         "a spare outlived its spool"
     );
     assert_eq!(open(&dir).pending_records, 1, "the records stay");
-    let _ = fs::remove_dir_all(&dir);
 }

@@ -110,7 +110,6 @@ fn records_are_read_back_in_order_across_segments_and_after_reopening() {
     let mut spool = recovered.spool;
     append(&mut spool, 20..21).expect("append");
     assert_eq!(read_all(&dir, recovered.cursor, spool.end()), names(7..21));
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -134,7 +133,6 @@ fn a_torn_tail_is_cut_off_and_appending_resumes_after_the_last_good_record() {
     let mut spool = recovered.spool;
     append(&mut spool, 3..4).expect("append");
     assert_eq!(read_all(&dir, 0, spool.end()), names(0..4));
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -149,7 +147,6 @@ fn a_spool_in_use_cannot_be_opened_twice() {
     drop(first);
     // Free once closed (`open` panics if the lock stays taken).
     let _reopened = open(&dir, 1 << 20);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Review item 1. The sequence of calls is observed through the fault-injection disk: whether
@@ -169,7 +166,6 @@ fn the_cursor_is_synced_then_renamed_then_its_directory_synced() {
         ]
     );
     assert_eq!(cursor::read(&dir), CursorFound::Valid(4242));
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Review item 2: a garbled cursor is recognised (not read as an offset), start-up goes on,
@@ -200,7 +196,6 @@ fn a_garbled_or_missing_cursor_does_not_stop_the_open_and_delivery_restarts_at_t
     let recovered = open(&dir, 64);
     assert_eq!(recovered.cursor_found, CursorFound::Missing);
     assert_eq!(recovered.pending_records, 10);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Review item 3, at the spool: a fault injection at the write call (this machine cannot
@@ -243,7 +238,6 @@ fn a_full_disk_refuses_appends_frees_delivered_segments_and_recovers_when_space_
     let recovered = Spool::open(&dir, 64, disk).expect("reopen");
     let pending = read_all(&dir, recovered.cursor, recovered.spool.end());
     assert!(pending.ends_with(&names(12..14)), "{pending:?}");
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Review item 3, recovery: a cursor behind the first segment (segments freed, cursor not
@@ -265,7 +259,6 @@ fn a_cursor_behind_the_first_segment_reads_from_the_first_segment() {
     assert_eq!(recovered.cursor, starts[2] + 8);
     let read = read_all(&dir, recovered.cursor, end);
     assert!(read.ends_with(&names(11..12)) && read.len() as u64 == recovered.pending_records);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Review item 4, by fault injection (a directory `fsync` cannot be made to fail for real).
@@ -286,7 +279,6 @@ fn a_failed_directory_sync_at_rotation_does_not_wedge_later_rotations() {
     drop(spool);
     let recovered = open(&dir, 64);
     assert_eq!(recovered.pending_records, 30);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Review item 5: segments of the old format (no header, checksum over the payload only).
@@ -314,7 +306,6 @@ fn old_format_segments_are_deleted_once_delivered_and_otherwise_named_in_a_clear
     );
     assert_eq!(recovered.pending_records, 0);
     assert_eq!(segments(&dir).expect("segments"), [old.len() as u64]);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// A small tmpfs mounted for one test, unmounted (and its mount point removed) when dropped,
