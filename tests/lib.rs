@@ -3,7 +3,7 @@
 //! through generated gRPC clients, exactly as separate deployments would be.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_proto::features::features_client::FeaturesClient;
@@ -20,6 +20,9 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 pub mod ha_mesh;
+mod scratch;
+
+pub use scratch::scratch_dir;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -205,56 +208,6 @@ pub fn logger_config(pg: &PostgresServer) -> mesh_logger::Config {
     config.batching.flush_interval = Duration::from_millis(20);
     config.batching.queue_capacity = 10_000;
     config
-}
-
-/// A new empty directory for this test process, under `mesh-tests-<pid>-<nanos>` in the system's
-/// temporary directory.
-///
-/// Tests hand these to services that outlive the test's scope (a gateway's spool, a TLS key), so
-/// nothing removes them when a test ends. Instead the first call in each process removes the
-/// directories of test processes that are gone: a run leaves behind at most what its last test
-/// processes made (a gateway's spool holds a 16 MiB spare segment while it runs).
-pub fn scratch_dir(what: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::OnceLock;
-    static PROCESS_DIR: OnceLock<PathBuf> = OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let parent = PROCESS_DIR.get_or_init(|| {
-        remove_dirs_of_finished_tests();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        std::env::temp_dir().join(format!("mesh-tests-{}-{nanos}", std::process::id()))
-    });
-    let dir = parent.join(format!("{what}-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-/// Removes `mesh-tests-<pid>-*` directories (and the older `mesh-test-<what>-<pid>-<n>-<nanos>`
-/// ones) of processes that no longer run.
-fn remove_dirs_of_finished_tests() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let pid = if let Some(rest) = name.strip_prefix("mesh-tests-") {
-            rest.split('-').next()
-        } else if name.starts_with("mesh-test-") {
-            name.rsplit('-').nth(2)
-        } else {
-            None
-        };
-        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 /// Configuration of the gateway for tests, pointing at the given downstreams (each with a
