@@ -17,8 +17,8 @@ cd "$root"
 pairs="${PAIRS:-3}"
 seconds="${SECONDS_PER_RUN:-15}"
 concurrency="${CONCURRENCY:-32}"
-# RATE (requests/s): open-loop runs at that rate instead of closed-loop ones; compare the p50s
-# and p99s.
+# RATE (requests/s): open-loop runs at that rate instead of closed-loop ones; compare the p50s,
+# p99s and p99.9s.
 if [ -n "${RATE:-}" ]; then load=(--rate "$RATE"); else load=(--concurrency "$concurrency"); fi
 read -r -a b_env <<<"${B_ENV-MESH_PREDICT_COALESCE=1}"
 b_bin="${B_BIN:-$root/target/release/mesh-gateway}"
@@ -75,10 +75,11 @@ for on, off in zip(runs[0::2], runs[1::2]):
     pairs.append({"on_rps": on["ok_rps"], "off_rps": off["ok_rps"], "ratio": ratio,
                   "on_p50_ms": on["latency_ms"]["p50"], "off_p50_ms": off["latency_ms"]["p50"],
                   "on_p99_ms": on["latency_ms"]["p99"], "off_p99_ms": off["latency_ms"]["p99"],
+                  "on_p999_ms": on["latency_ms"]["p99_9"], "off_p999_ms": off["latency_ms"]["p99_9"],
                   "on_errors": err_on, "off_errors": err_off})
-    print("A {:.0f}/s (p50 {:.2f}, p99 {:.1f} ms, {} errors) vs B {:.0f}/s (p50 {:.2f}, p99 {:.1f} ms, {} errors): {:.2f}x".format(
-        on["ok_rps"], on["latency_ms"]["p50"], on["latency_ms"]["p99"], err_on,
-        off["ok_rps"], off["latency_ms"]["p50"], off["latency_ms"]["p99"], err_off, ratio))
+    print("A {:.0f}/s (p50 {:.2f}, p99 {:.1f}, p99.9 {:.1f} ms, {} errors) vs B {:.0f}/s (p50 {:.2f}, p99 {:.1f}, p99.9 {:.1f} ms, {} errors): {:.2f}x".format(
+        on["ok_rps"], on["latency_ms"]["p50"], on["latency_ms"]["p99"], on["latency_ms"]["p99_9"], err_on,
+        off["ok_rps"], off["latency_ms"]["p50"], off["latency_ms"]["p99"], off["latency_ms"]["p99_9"], err_off, ratio))
 ratios = sorted(p["ratio"] for p in pairs)
 median = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
 print("B: {} {}; median A/B: {:.2f}x".format(sys.argv[3], sys.argv[2], median))
