@@ -88,7 +88,6 @@ fn a_segment_made_from_the_spare_is_full_size_and_its_zeros_are_a_clean_end() {
         .append(&[record(next).as_slice()])
         .expect("append after reopening");
     assert_eq!(read_all(&dir, 0, spool.end()), names(0..next + 1));
-    drop(spool);
 }
 
 #[test]
@@ -123,7 +122,6 @@ fn a_write_torn_by_a_crash_inside_the_spare_is_cut_off_and_counted() {
     drop(spool);
     let reopened = open(&dir);
     assert_eq!(reopened.dropped_bytes, 0, "cut off once, for good");
-    drop(reopened);
 }
 
 #[test]
@@ -146,7 +144,6 @@ fn a_spare_renamed_into_place_without_its_header_holds_no_record() {
     let mut spool = recovered.spool;
     spool.append(&[record(next).as_slice()]).expect("append");
     assert_eq!(read_all(&dir, 0, spool.end()), names(0..next + 1));
-    drop(spool);
 }
 
 #[test]
