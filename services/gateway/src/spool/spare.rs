@@ -10,7 +10,7 @@
 //! c=32 the mean group sync went from 300 to 200 µs, and open-loop Predict at 1,000/s from
 //! p50 0.89 to 0.83 ms (median of 4 alternating pairs). The cost: every segment's bytes are
 //! written twice (zeros, then records), in the background, and one spare segment of disk is
-//! held.
+//! held while the spool is open.
 //!
 //! Making the spare is kept off the writer's path: it runs while the current segment fills, in
 //! 1 MiB steps each synced (so no flush of the device ever waits on megabytes), and stops early
