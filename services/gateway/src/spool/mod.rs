@@ -213,7 +213,14 @@ impl Spool {
     /// started afresh then).
     fn rotate(&mut self) -> io::Result<()> {
         let next = match self.spare.take() {
-            Some(spare) => adopt_spare(&*self.disk, &self.dir, &spare, self.end),
+            // A spare removed by hand is not a reason to refuse records.
+            Some(spare) => adopt_spare(&*self.disk, &self.dir, &spare, self.end).or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    create_segment(&*self.disk, &self.dir, self.end)
+                } else {
+                    Err(e)
+                }
+            }),
             None => create_segment(&*self.disk, &self.dir, self.end),
         };
         self.spare.start();

@@ -159,3 +159,13 @@ fn a_closed_spool_leaves_no_spare_behind() {
     );
     assert_eq!(open(&dir).pending_records, 1, "the records stay");
 }
+
+#[test]
+fn a_spare_removed_by_hand_does_not_refuse_records() {
+    let dir = temp_dir("spare-removed");
+    let mut spool = open(&dir).spool;
+    spare_ready(&dir);
+    fs::remove_file(dir.join("spare.prealloc")).expect("remove the spare");
+    let next = fill_into_next_segment(&mut spool, &dir, 0);
+    assert_eq!(read_all(&dir, 0, spool.end()), names(0..next));
+}
