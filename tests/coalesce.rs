@@ -31,6 +31,13 @@ fn request(
     r
 }
 
+/// One run of a model in flight at a time, and none counted as stalled: every other call
+/// queues behind it, however slow the run.
+fn one_run_at_a_time(c: &mut mesh_gateway::Config) {
+    c.bulkheads.coalesce_runs = 1;
+    c.bulkheads.coalesce_stall = Duration::from_secs(60);
+}
+
 async fn coalesced(mesh: &Mesh) -> (f64, f64) {
     (
         metric(mesh.gateway_http, "mesh_predict_coalesced_items_count").await,
@@ -112,7 +119,8 @@ async fn burst(mesh: &Mesh) -> Burst {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_predicts_share_runs_and_keep_their_own_answers_errors_deadlines_and_traces() {
-    let mesh = Mesh::start(|_| {}).await;
+    // The shipped settings, but no stall: the proxy's 30 ms exceed MESH_PREDICT_RUN_STALL_MS.
+    let mesh = Mesh::start(|c| c.bulkheads.coalesce_stall = Duration::from_secs(60)).await;
     mesh.seed(50).await;
     for proxy in &mesh.inference_proxies {
         proxy.set_delay(Duration::from_millis(30));
@@ -210,7 +218,7 @@ async fn with_coalescing_off_every_predict_runs_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lead_call_cancelled_mid_run_does_not_strand_the_queue() {
     // One run at a time: the other calls queue behind the lead call's.
-    let mesh = Mesh::start(|c| c.bulkheads.coalesce_runs = 1).await;
+    let mesh = Mesh::start(one_run_at_a_time).await;
     mesh.seed(50).await;
     for proxy in &mesh.inference_proxies {
         proxy.set_delay(Duration::from_millis(200));
@@ -268,7 +276,7 @@ async fn a_lead_call_cancelled_mid_run_does_not_strand_the_queue() {
 /// deadlines): the run stops and releases what it held, instead of waiting out the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_callers_all_went_away_stops() {
-    let mesh = Mesh::start(|c| c.bulkheads.coalesce_runs = 1).await;
+    let mesh = Mesh::start(one_run_at_a_time).await;
     mesh.seed(50).await;
     for proxy in &mesh.inference_proxies {
         proxy.set_fault(mesh_testkit::proxy::Fault::Hold);
@@ -313,7 +321,7 @@ async fn a_run_whose_callers_all_went_away_stops() {
 /// (the map, and `mesh_predict_lanes`, go back to 0 once nothing is in flight).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_model_names_leave_no_lane_behind() {
-    let mesh = Mesh::start(|c| c.bulkheads.coalesce_runs = 1).await;
+    let mesh = Mesh::start(one_run_at_a_time).await;
     mesh.seed(50).await;
     for proxy in &mesh.inference_proxies {
         proxy.set_delay(Duration::from_millis(30));
@@ -353,5 +361,65 @@ async fn invented_model_names_leave_no_lane_behind() {
         0.0,
         "no lane left"
     );
+    mesh.assert_idle().await;
+}
+
+/// A run that hangs on a downstream call (the features service held: a paused network, the
+/// faked fault) stops holding back the calls queued behind it once it has been in flight for
+/// `MESH_PREDICT_RUN_STALL_MS`: a queued call that needs nothing from features is answered
+/// while the hung run still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_run_does_not_hold_up_the_queue() {
+    let stall = Duration::from_millis(100);
+    let mesh = Mesh::start(|c| {
+        c.bulkheads.coalesce_runs = 1;
+        c.bulkheads.coalesce_stall = stall;
+    })
+    .await;
+    mesh.seed(50).await;
+    let rows: Vec<FixtureRow> = fixture().into_iter().take(2).collect();
+    mesh.features_proxy
+        .set_fault(mesh_testkit::proxy::Fault::Hold);
+    // The lead call needs stored features: its run hangs in GetFeatures.
+    let mut hung_client = mesh.gateway_client();
+    let (lead, lead_features) = (rows[0].entity_id.clone(), request_features(&rows[0]));
+    let hung = tokio::spawn(async move {
+        let started = Instant::now();
+        let answer = hung_client
+            .predict(request(&lead, lead_features, Duration::from_secs(3)))
+            .await;
+        (answer.map(|_| ()), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Queued behind it (one run at a time); it brings all its features, so needs no GetFeatures.
+    let queued_at = Instant::now();
+    let answer = mesh
+        .gateway_client()
+        .predict(request(
+            &rows[1].entity_id,
+            json_features(&rows[1].features),
+            Duration::from_secs(3),
+        ))
+        .await
+        .expect("the queued call is answered");
+    let waited = queued_at.elapsed();
+    assert!((answer.into_inner().score - rows[1].probability).abs() < SKEW_TOLERANCE);
+    assert!(
+        !hung.is_finished(),
+        "the queued call was answered while the hung run still waited"
+    );
+    assert!(
+        waited < Duration::from_secs(1),
+        "answered {waited:?} after it queued: it waited for the hung run"
+    );
+    assert_eq!(
+        metric(mesh.gateway_http, "mesh_predict_stalled_runs_total").await,
+        1.0,
+        "one run was started past the stalled one"
+    );
+    mesh.features_proxy
+        .set_fault(mesh_testkit::proxy::Fault::None);
+    let (hung, took) = hung.await.expect("the hung call ends");
+    println!("queued call answered after {waited:?}; hung call ended after {took:?}: {hung:?}");
     mesh.assert_idle().await;
 }

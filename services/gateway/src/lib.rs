@@ -248,8 +248,12 @@ async fn wire(
     let inference =
         client::InferenceDownstream::new(replicas, versions, margin, downstream("inference"));
     let parts = lifecycle_parts(config, metrics, store, &router, &inference, &log)?;
-    let coalescer =
-        coalesce::Coalescer::new(limits.coalesce, limits.coalesce_runs, &metrics.registry)?;
+    let coalescer = coalesce::Coalescer::new(
+        limits.coalesce,
+        limits.coalesce_runs,
+        limits.coalesce_stall,
+        &metrics.registry,
+    )?;
     let predictions = prediction_metrics::PredictionMetrics::register(&metrics.registry)?;
     let service = Arc::new_cyclic(|me| service::GatewayService {
         router,

@@ -102,13 +102,7 @@ impl GatewayService {
             }
             Joined::Wait(answer) => answer,
         };
-        match tokio::time::timeout_at(deadline.instant(), answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(GatewayError::Unavailable(
-                "the gateway stopped the run this call was queued for".into(),
-            )),
-            Err(_) => Err(GatewayError::DeadlineExceeded),
-        }
+        self.wait(&key, answer, deadline).await
     }
 
     /// `PredictBatch`: admission in the batch class, limits, then the pipeline; each item's

@@ -89,6 +89,8 @@ pub struct Bulkheads {
     pub coalesce: usize,
     /// `MESH_PREDICT_RUNS`: runs of one model in flight before further `Predict`s queue.
     pub coalesce_runs: usize,
+    /// `MESH_PREDICT_RUN_STALL_MS`: a run in flight longer no longer holds back the queue.
+    pub coalesce_stall: Duration,
     /// `MESH_MAX_BATCH_ITEMS`: items per `PredictBatch`.
     pub max_batch_items: usize,
 }
@@ -170,6 +172,9 @@ impl FromSettings for Config {
                 shadow_queue: s.positive("MESH_SHADOW_QUEUE")?,
                 coalesce: s.positive("MESH_PREDICT_COALESCE")?,
                 coalesce_runs: s.positive("MESH_PREDICT_RUNS")?,
+                coalesce_stall: Duration::from_millis(
+                    s.positive("MESH_PREDICT_RUN_STALL_MS")? as u64
+                ),
                 max_batch_items: s.positive("MESH_MAX_BATCH_ITEMS")?,
             },
             spool: SpoolSettings {

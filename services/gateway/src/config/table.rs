@@ -70,8 +70,13 @@ pub const SETTINGS: &[Setting] = mesh_runtime::settings_table!(
         ),
         Setting::value(
             "MESH_PREDICT_RUNS",
-            "4",
+            "1",
             "pipeline runs of one model in flight before further `Predict` calls queue to be coalesced",
+        ),
+        Setting::value(
+            "MESH_PREDICT_RUN_STALL_MS",
+            "25",
+            "a run in flight longer than this no longer holds its place: queued `Predict` calls start a run of their own (`mesh_predict_stalled_runs_total`)",
         ),
         Setting::value("MESH_MAX_BATCH_ITEMS", "1000", "items per `PredictBatch`"),
         Setting::value(
