@@ -168,6 +168,13 @@ impl Spool {
         self.end
     }
 
+    /// Waits until no spare is being made (tests that fill a disk: a spare being made holds
+    /// space, and gives it back when it fails).
+    #[cfg(test)]
+    pub(super) fn settle_spare(&self) {
+        self.spare.settle();
+    }
+
     /// Bytes a record of `payload_len` takes on disk.
     pub fn frame_len(payload_len: usize) -> u64 {
         FRAME_HEADER + payload_len as u64

@@ -85,6 +85,16 @@ impl Spare {
         }
     }
 
+    /// Waits until the spare being made, if any, is finished (made, or failed and removed).
+    #[cfg(test)]
+    pub(super) fn settle(&self) {
+        if let Some(job) = &self.job {
+            while !job.handle.is_finished() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
     /// The ready spare's path, if the last one made is finished (it is then the caller's to
     /// rename); `None` while it is being made or after it failed.
     pub(super) fn take(&mut self) -> Option<PathBuf> {
