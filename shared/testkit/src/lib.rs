@@ -28,9 +28,55 @@ pub enum HarnessError {
     Io(#[from] std::io::Error),
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 (bound, then released), below the kernel's ephemeral range and
+/// not handed out before by this process.
+///
+/// A port from the ephemeral range (what binding port 0 gives) can be taken at any moment as
+/// the local end of an outgoing connection, between this check and the server's own bind: seen
+/// in CI, where a Patroni member's PostgreSQL could not bind its port seconds later. Below that
+/// range only another listener can take it.
 pub fn free_port() -> Result<u16, HarnessError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    if ephemeral_low <= LOW + 1_000 {
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let span = u64::from(ephemeral_low - LOW);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 32);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1_000 {
+        // splitmix64 over a per-process counter: spread, and different in every process.
+        let mut x = seed.wrapping_add(
+            DRAWS
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        let port = LOW + (x % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    Err(HarnessError::Setup(format!(
+        "no free loopback port in {LOW}..{ephemeral_low} after 1000 tries"
+    )))
 }
 
 fn wait_for_port(port: u16, timeout: Duration, what: &str) -> Result<(), HarnessError> {
