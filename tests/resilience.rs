@@ -244,9 +244,12 @@ async fn deadlines_are_kept_even_when_a_dependency_is_slow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_inference_bulkhead_sheds_excess_and_health_still_answers() {
+    // Coalescing off: every Predict makes its own downstream calls, so ten of them at once are
+    // ten calls against a limit of two (coalesced, they would share one or two calls).
     let mesh = Mesh::start(|config| {
         config.bulkheads.inference = 2;
         config.bulkheads.features = 2;
+        config.bulkheads.coalesce = 1;
     })
     .await;
     // Fault injection via the test proxy: inference takes 300 ms, so calls pile up.
