@@ -280,12 +280,10 @@ impl GatewayService {
             context: tracing::Span::current().context(),
             reply,
         });
-        // A place is free although calls queue: the runs that held it have stalled.
-        let stalled = free.then(|| lane.start_run(now));
         drop(lanes);
-        if let Some(run) = stalled {
-            coalescer.stalled.inc();
-            self.spawn_worker(key, run);
+        // A place is free although calls queue: the runs that held it have stalled.
+        if free {
+            self.unstall(&key);
         }
         Joined::Wait(answer)
     }
