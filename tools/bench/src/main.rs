@@ -607,7 +607,7 @@ async fn run(
     limit: Option<u64>,
     recorder: Arc<Recorder>,
     stop: &Stop,
-) -> Duration {
+) -> anyhow::Result<Duration> {
     let timeout = Duration::from_millis(load.timeout_ms);
     let started = Instant::now();
     let end = started + duration;
@@ -654,71 +654,74 @@ async fn run(
             }
         }
         Some(rate) => {
+            // Paced on this task and spawned onto this (single-threaded, see `main`) runtime:
+            // no thread but the runtime's wakes for a request.
+            let caller = Arc::new(caller.clone());
             let outstanding = Arc::new(AtomicU64::new(0));
-            let tasks = Arc::new(Mutex::new(Vec::<tokio::task::JoinHandle<()>>::new()));
-            let handle = tokio::runtime::Handle::current();
-            let (caller, recorder, stop, spawned) = (
-                caller.clone(),
-                recorder.clone(),
-                stop.clone(),
-                tasks.clone(),
-            );
+            let mut tasks = tokio::task::JoinSet::new();
             let (timeout_ms, max_outstanding) = (load.timeout_ms, load.max_outstanding);
-            let pacer = std::thread::spawn(move || {
-                pace::open_loop(
-                    rate,
-                    started,
-                    end,
-                    || stop.requested(),
-                    |intended| {
-                        let Some(n) = take() else { return false };
-                        if outstanding.load(Ordering::Relaxed) >= max_outstanding {
-                            recorder.record(
-                                intended - started,
-                                Duration::from_millis(timeout_ms),
-                                Err(Failure {
-                                    code: tonic::Code::ResourceExhausted,
-                                    class: Class::Transport,
-                                    detail: "mesh-bench: --max-outstanding reached, not sent"
-                                        .into(),
-                                }),
-                            );
-                            return true;
-                        }
-                        outstanding.fetch_add(1, Ordering::Relaxed);
-                        let (caller, recorder, outstanding) =
-                            (caller.clone(), recorder.clone(), outstanding.clone());
-                        let task = handle.spawn(async move {
-                            let result = caller.call(n, timeout).await;
-                            recorder.record(intended - started, intended.elapsed(), result);
-                            outstanding.fetch_sub(1, Ordering::Relaxed);
-                        });
-                        let mut spawned = spawned.lock().unwrap_or_else(|e| e.into_inner());
-                        spawned.push(task);
-                        if spawned.len() > 4096 {
-                            spawned.retain(|t| !t.is_finished());
-                        }
-                        true
-                    },
-                )
-            });
-            let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
-            let tasks = std::mem::take(&mut *tasks.lock().unwrap_or_else(|e| e.into_inner()));
-            for t in tasks {
-                let _ = t.await;
-            }
+            let paced = pace::open_loop(
+                rate,
+                started,
+                end,
+                || stop.requested(),
+                |intended| {
+                    let Some(n) = take() else { return false };
+                    if outstanding.load(Ordering::Relaxed) >= max_outstanding {
+                        recorder.record(
+                            intended - started,
+                            Duration::from_millis(timeout_ms),
+                            Err(Failure {
+                                code: tonic::Code::ResourceExhausted,
+                                class: Class::Transport,
+                                detail: "mesh-bench: --max-outstanding reached, not sent".into(),
+                            }),
+                        );
+                        return true;
+                    }
+                    outstanding.fetch_add(1, Ordering::Relaxed);
+                    let (caller, recorder, outstanding) =
+                        (caller.clone(), recorder.clone(), outstanding.clone());
+                    tasks.spawn(async move {
+                        let result = caller.call(n, timeout).await;
+                        recorder.record(intended - started, intended.elapsed(), result);
+                        outstanding.fetch_sub(1, Ordering::Relaxed);
+                    });
+                    // Reap what finished, so a long run does not keep every task's result.
+                    while tasks.try_join_next().is_some() {}
+                    true
+                },
+            )
+            .await;
+            while tasks.join_next().await.is_some() {}
+            paced.context("open-loop pacing (timerfd) failed")?;
         }
     }
     if let Some(flusher) = flusher {
         flusher.abort();
     }
     recorder.flush();
-    started.elapsed()
+    Ok(started.elapsed())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // An open loop paces on the runtime's thread and its requests stay on it: one thread is
+    // cheaper for the machine under test than two that wake each other (see `pace`). A closed
+    // loop, and the floor server, get a thread per core: the floor's rate is what the mesh is
+    // divided by, so it must not be held down by its client.
+    let runtime = match cli.load.rate {
+        Some(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run_cli(cli))
+}
+
+async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let load = cli.load.clone();
     let stop = Stop::default();
     if load.stop_on_signal {
@@ -771,7 +774,7 @@ async fn main() -> anyhow::Result<()> {
             Arc::new(Recorder::new(Duration::from_millis(load.timeout_ms))?),
             &stop,
         )
-        .await;
+        .await?;
     }
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -786,7 +789,7 @@ async fn main() -> anyhow::Result<()> {
         recorder.clone(),
         &stop,
     )
-    .await;
+    .await?;
 
     let histogram = recorder
         .histogram
