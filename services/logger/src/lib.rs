@@ -142,6 +142,30 @@ pub const MIGRATIONS: &[Migration] = &[
                                  date_trunc('day', now(), 'UTC') + interval '1 day');
               END $$;",
     },
+    Migration {
+        version: 5,
+        name: "gentle vacuum of the log",
+        // Every partition there is gets autovacuum's cost delay that maintenance gives the
+        // ones it makes (see `retention::VACUUM_COST_DELAY_MS`, which must match the 20 here):
+        // the insert-only log is vacuumed and analyzed in the background at a fifth of
+        // autovacuum's default I/O rate, so that it does not take the disk and CPU the request
+        // path needs. A partitioned parent holds no rows and takes no storage parameters.
+        sql: "DO $$
+              DECLARE
+                  part regclass;
+              BEGIN
+                  FOR part IN
+                      SELECT i.inhrelid::regclass FROM pg_inherits i
+                      JOIN pg_class c ON c.oid = i.inhrelid
+                      WHERE i.inhparent IN ('predictions'::regclass,
+                                            'prediction_rejects'::regclass,
+                                            'shadow_predictions'::regclass)
+                        AND c.relkind = 'r'
+                  LOOP
+                      EXECUTE format('ALTER TABLE %s SET (autovacuum_vacuum_cost_delay = 20)', part);
+                  END LOOP;
+              END $$;",
+    },
 ];
 
 /// Serves the prediction log on `listener` until `shutdown` resolves, then flushes.
