@@ -304,6 +304,17 @@ mod tests {
             .get(0)
     }
 
+    /// A fresh PostgreSQL with the logger's first `version` migrations applied (keep the
+    /// server: dropping it stops PostgreSQL).
+    async fn log_migrated_to(version: usize) -> (PostgresServer, Pool) {
+        let pg = PostgresServer::start().expect("postgres");
+        let db = pool(&pg.url(), 2, Duration::from_secs(10)).expect("pool");
+        migrate(&db, "logger", &MIGRATIONS[..version])
+            .await
+            .unwrap_or_else(|e| panic!("migrate 1-{version}: {e}"));
+        (pg, db)
+    }
+
     /// Leaf partitions of the three tables: (all, those with autovacuum's cost delay set to
     /// [`VACUUM_COST_DELAY_MS`]).
     async fn gentle_partitions(db: &Pool) -> (i64, i64) {
@@ -327,13 +338,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_partition_is_vacuumed_gently_those_made_before_and_after_migration_5() {
-        let pg = PostgresServer::start().expect("postgres");
-        let db = pool(&pg.url(), 2, Duration::from_secs(10)).expect("pool");
-        let now = SystemTime::now();
         // A log partitioned before migration 5, with partitions that maintenance made then.
-        migrate(&db, "logger", &MIGRATIONS[..4])
-            .await
-            .expect("migrate 1-4");
+        let (_pg, db) = log_migrated_to(4).await;
+        let now = SystemTime::now();
         client(&db)
             .await
             .batch_execute(
@@ -362,14 +369,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn old_partitions_are_dropped_whole_and_recent_data_is_untouched() {
-        let pg = PostgresServer::start().expect("postgres");
-        let db = pool(&pg.url(), 2, Duration::from_secs(10)).expect("pool");
-        let now = SystemTime::now();
-
         // A log from before partitioning, with a record and a reject.
-        migrate(&db, "logger", &MIGRATIONS[..2])
-            .await
-            .expect("migrate 1-2");
+        let (_pg, db) = log_migrated_to(2).await;
+        let now = SystemTime::now();
         // Before partitioning the unique key was prediction_id alone.
         client(&db)
             .await
