@@ -423,3 +423,105 @@ async fn a_stalled_run_does_not_hold_up_the_queue() {
     println!("queued call answered after {waited:?}; hung call ended after {took:?}: {hung:?}");
     mesh.assert_idle().await;
 }
+
+/// `mesh_predict_step_seconds` says which step a slow prediction spent its time in: with the
+/// features service behind a slow network the `fetch` step takes the delay and `score` does
+/// not; with the inference replicas behind it, the other way round; and calls queued behind a
+/// slow run show that wait in `queue`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_step_histogram_names_the_step_that_was_slow() {
+    let mesh = Mesh::start(one_run_at_a_time).await;
+    mesh.seed(50).await;
+    let rows: Vec<FixtureRow> = fixture().into_iter().take(8).collect();
+    let delay = Duration::from_millis(40);
+    // (sum, count) of each step so far.
+    let steps = || async {
+        let mut out = HashMap::new();
+        for step in ["queue", "fetch", "score", "record"] {
+            let sum = format!("mesh_predict_step_seconds_sum{{step=\"{step}\"}}");
+            let count = format!("mesh_predict_step_seconds_count{{step=\"{step}\"}}");
+            out.insert(
+                step,
+                (
+                    metric(mesh.gateway_http, &sum).await,
+                    metric(mesh.gateway_http, &count).await,
+                ),
+            );
+        }
+        out
+    };
+    // One call at a time, each needing stored features: every run fetches, scores and records.
+    let one_by_one = |rows: &[FixtureRow]| {
+        let rows = rows.to_vec();
+        let mut client = mesh.gateway_client();
+        async move {
+            for row in rows {
+                client
+                    .predict(request(
+                        &row.entity_id,
+                        request_features(&row),
+                        Duration::from_secs(5),
+                    ))
+                    .await
+                    .expect("answered");
+            }
+        }
+    };
+    // The mean of `step` between two readings, and how many samples it got.
+    let mean = |before: &HashMap<&str, (f64, f64)>, after: &HashMap<&str, (f64, f64)>, step| {
+        let (s0, c0) = before[step];
+        let (s1, c1) = after[step];
+        (
+            Duration::from_secs_f64((s1 - s0) / (c1 - c0).max(1.0)),
+            c1 - c0,
+        )
+    };
+
+    mesh.features_proxy.set_delay(delay);
+    let before = steps().await;
+    one_by_one(&rows[..3]).await;
+    let slow_features = steps().await;
+    let (fetch, fetches) = mean(&before, &slow_features, "fetch");
+    let (score, scores) = mean(&before, &slow_features, "score");
+    let (_, records) = mean(&before, &slow_features, "record");
+    println!("features delayed: fetch {fetch:?} score {score:?} (runs: {fetches})");
+    assert_eq!(
+        (fetches, scores, records),
+        (3.0, 3.0, 3.0),
+        "one sample per step and run"
+    );
+    assert!(fetch >= delay, "fetch took the features' delay: {fetch:?}");
+    assert!(score < delay, "score did not: {score:?}");
+
+    mesh.features_proxy.set_delay(Duration::ZERO);
+    for proxy in &mesh.inference_proxies {
+        proxy.set_delay(delay);
+    }
+    one_by_one(&rows[3..6]).await;
+    let slow_inference = steps().await;
+    let (fetch, _) = mean(&slow_features, &slow_inference, "fetch");
+    let (score, _) = mean(&slow_features, &slow_inference, "score");
+    println!("inference delayed: fetch {fetch:?} score {score:?}");
+    assert!(score >= delay, "score took the replicas' delay: {score:?}");
+    assert!(fetch < delay, "fetch did not: {fetch:?}");
+    let (_, queued) = mean(&before, &slow_inference, "queue");
+    assert_eq!(queued, 0.0, "calls one at a time never queue");
+
+    // Concurrent calls queue behind the slow run in flight (one run at a time): each waits at
+    // least for the rest of it.
+    let lead = one_by_one(&rows[6..7]);
+    let behind = async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        futures::future::join_all((0..4).map(|_| one_by_one(&rows[7..8]))).await
+    };
+    tokio::join!(lead, behind);
+    let after = steps().await;
+    let (queue, queued) = mean(&slow_inference, &after, "queue");
+    println!("queued: {queued} calls, mean wait {queue:?}");
+    assert_eq!(queued, 4.0, "the four calls behind the lead queued");
+    assert!(
+        queue >= delay / 2,
+        "they waited for the run in flight: {queue:?}"
+    );
+    mesh.assert_idle().await;
+}

@@ -40,6 +40,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::error::GatewayError;
 use crate::pipeline::{Call, Item};
+use crate::prediction_metrics::Step;
 use crate::service::GatewayService;
 
 /// A lane: the model and the version or alias the calls named.
@@ -401,6 +402,10 @@ impl GatewayService {
     /// One pipeline run for the queued calls of `batch`; each gets its own result.
     async fn run_coalesced(&self, (model, version): &LaneKey, batch: Vec<Waiter>) {
         self.coalescer.sizes.observe(batch.len() as f64);
+        for waiter in &batch {
+            self.predictions
+                .step(Step::Queue, waiter.pending.item.arrived.elapsed());
+        }
         let span = tracing::info_span!(
             "predict.coalesced",
             otel.name = "coalesced predict",

@@ -10,6 +10,12 @@
 //!   router splits across versions counts once per version), from the earliest arrival to the
 //!   answer.
 //! - `mesh_prediction_score{model,version}`: each score served.
+//! - `mesh_predict_step_seconds{step}`: where a run's time goes, one sample per step of a
+//!   pipeline run and version: `fetch` (the `GetFeatures` call, retries included), `score` (the
+//!   `ModelInfer` call, failover included), `record` (writing the records to the spool and
+//!   waiting for the disk); and `queue`, one sample per coalesced `Predict`, from its arrival
+//!   to the start of the run that serves it. A step cut short (the call went away) is not
+//!   timed. Its label is one of those four names, never anything from a request.
 //!
 //! Labels are only ever the name and version of a manifest the router resolved (a version the
 //! registry knows and a replica has ready), never what the request said: a call naming an
@@ -26,12 +32,39 @@ use mesh_proto::gateway::PredictResponse;
 use mesh_proto::types::FeatureTier;
 use mesh_runtime::registry::ModelManifest;
 use mesh_telemetry::metrics::{code_label, LATENCY_BUCKETS};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::error::GatewayError;
 
 /// Score buckets: the models serve probabilities, so tenths of [0, 1].
 const SCORE_BUCKETS: &[f64] = &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// A step of a pipeline run, timed in `mesh_predict_step_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A coalesced call waiting for the run that serves it.
+    Queue,
+    /// The `GetFeatures` call.
+    Fetch,
+    /// The `ModelInfer` call.
+    Score,
+    /// Writing the records to the spool and waiting for the disk.
+    Record,
+}
+
+impl Step {
+    const ALL: [Step; 4] = [Step::Queue, Step::Fetch, Step::Score, Step::Record];
+
+    /// Its `step` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Step::Queue => "queue",
+            Step::Fetch => "fetch",
+            Step::Score => "score",
+            Step::Record => "record",
+        }
+    }
+}
 
 /// The per-model prediction metrics.
 #[derive(Clone)]
@@ -39,6 +72,9 @@ pub struct PredictionMetrics {
     predictions: IntCounterVec,
     duration: HistogramVec,
     score: HistogramVec,
+    /// `mesh_predict_step_seconds`, one child per [`Step`] (in [`Step::ALL`]'s order), looked
+    /// up once.
+    steps: [Histogram; 4],
 }
 
 impl PredictionMetrics {
@@ -67,14 +103,31 @@ impl PredictionMetrics {
             .buckets(SCORE_BUCKETS.to_vec()),
             &["model", "version"],
         )?;
+        let step = HistogramVec::new(
+            HistogramOpts::new(
+                "mesh_predict_step_seconds",
+                "Time of each step of a prediction run (fetch, score, record) and of a coalesced \
+                 call's wait for its run (queue)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["step"],
+        )?;
         registry.register(Box::new(predictions.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(score.clone()))?;
+        registry.register(Box::new(step.clone()))?;
+        let steps = Step::ALL.map(|s| step.with_label_values(&[s.label()]));
         Ok(Self {
             predictions,
             duration,
             score,
+            steps,
         })
+    }
+
+    /// Records that `step` took `elapsed`.
+    pub fn step(&self, step: Step, elapsed: std::time::Duration) {
+        self.steps[step as usize].observe(elapsed.as_secs_f64());
     }
 
     /// Starts observing `items` items of a call, scored by `manifest`'s version.

@@ -35,6 +35,7 @@ use rows::{assemble, infer_request, plan};
 use crate::client::Compartments;
 use crate::error::GatewayError;
 use crate::lifecycle::shadow::Copied;
+use crate::prediction_metrics::Step;
 use crate::service::GatewayService;
 use crate::validate;
 
@@ -235,7 +236,10 @@ impl GatewayService {
             }
         }
         if !rows.is_empty() {
-            let scored = self.score(manifest, &rows, call).await?;
+            let started = Instant::now();
+            let scored = self.score(manifest, &rows, call).await;
+            self.predictions.step(Step::Score, started.elapsed());
+            let scored = scored?;
             if strict && scored.0.iter().any(|s| !s.is_finite()) {
                 return Err(GatewayError::Unavailable(format!(
                     "version {} returned a score that is not a finite number",
@@ -264,7 +268,9 @@ impl GatewayService {
                             .collect::<Vec<_>>(),
                     )
                 });
+            let started = Instant::now();
             let answers = self.record_and_answer(manifest, rows, scored, call).await;
+            self.predictions.step(Step::Record, started.elapsed());
             if let Some((shadow_manifest, rows)) = shadow.filter(|(_, rows)| !rows.is_empty()) {
                 let copies = rows
                     .into_iter()
@@ -311,7 +317,10 @@ impl GatewayService {
             });
         }
         let bulkhead = &call.compartments.features;
-        match self.features.get(ids, call.deadline, bulkhead).await {
+        let started = Instant::now();
+        let fetched = self.features.get(ids, call.deadline, bulkhead).await;
+        self.predictions.step(Step::Fetch, started.elapsed());
+        match fetched {
             Ok(response) => Ok(Stored::Found {
                 entities: response
                     .entities
