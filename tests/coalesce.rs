@@ -433,7 +433,7 @@ async fn the_step_histogram_names_the_step_that_was_slow() {
     let mesh = Mesh::start(one_run_at_a_time).await;
     mesh.seed(50).await;
     let rows: Vec<FixtureRow> = fixture().into_iter().take(8).collect();
-    let delay = Duration::from_millis(40);
+    let delay = Duration::from_millis(80);
     // (sum, count) of each step so far.
     let steps = || async {
         let mut out = HashMap::new();
