@@ -130,6 +130,15 @@ impl PredictionMetrics {
         self.steps[step as usize].observe(elapsed.as_secs_f64());
     }
 
+    /// Awaits `work` and records its time as `step`, whatever its result; dropped before it
+    /// finishes (the call went away), nothing is recorded.
+    pub async fn timed<T>(&self, step: Step, work: impl std::future::Future<Output = T>) -> T {
+        let started = Instant::now();
+        let output = work.await;
+        self.step(step, started.elapsed());
+        output
+    }
+
     /// Starts observing `items` items of a call, scored by `manifest`'s version.
     pub fn observe(&self, manifest: &ModelManifest, items: usize, started: Instant) -> Observation {
         Observation {

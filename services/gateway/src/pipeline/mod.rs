@@ -236,10 +236,10 @@ impl GatewayService {
             }
         }
         if !rows.is_empty() {
-            let started = Instant::now();
-            let scored = self.score(manifest, &rows, call).await;
-            self.predictions.step(Step::Score, started.elapsed());
-            let scored = scored?;
+            let scored = self
+                .predictions
+                .timed(Step::Score, self.score(manifest, &rows, call))
+                .await?;
             if strict && scored.0.iter().any(|s| !s.is_finite()) {
                 return Err(GatewayError::Unavailable(format!(
                     "version {} returned a score that is not a finite number",
@@ -268,9 +268,13 @@ impl GatewayService {
                             .collect::<Vec<_>>(),
                     )
                 });
-            let started = Instant::now();
-            let answers = self.record_and_answer(manifest, rows, scored, call).await;
-            self.predictions.step(Step::Record, started.elapsed());
+            let answers = self
+                .predictions
+                .timed(
+                    Step::Record,
+                    self.record_and_answer(manifest, rows, scored, call),
+                )
+                .await;
             if let Some((shadow_manifest, rows)) = shadow.filter(|(_, rows)| !rows.is_empty()) {
                 let copies = rows
                     .into_iter()
@@ -317,10 +321,8 @@ impl GatewayService {
             });
         }
         let bulkhead = &call.compartments.features;
-        let started = Instant::now();
-        let fetched = self.features.get(ids, call.deadline, bulkhead).await;
-        self.predictions.step(Step::Fetch, started.elapsed());
-        match fetched {
+        let fetch = self.features.get(ids, call.deadline, bulkhead);
+        match self.predictions.timed(Step::Fetch, fetch).await {
             Ok(response) => Ok(Stored::Found {
                 entities: response
                     .entities
