@@ -342,11 +342,23 @@ async fn invented_model_names_leave_no_lane_behind() {
             (i, client.predict(r).await)
         }
     });
-    let sample = async {
-        tokio::time::sleep(Duration::from_millis(15)).await;
-        metric(mesh.gateway_http, "mesh_predict_lanes").await
+    // The gauge's highest reading while the burst lasts (sampled throughout, not at a fixed
+    // instant: on a loaded machine the calls take a while to connect).
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let burst = async {
+        let answers = futures::future::join_all(calls).await;
+        done.store(true, std::sync::atomic::Ordering::Release);
+        answers
     };
-    let (answers, during) = tokio::join!(futures::future::join_all(calls), sample);
+    let sample = async {
+        let mut highest: f64 = 0.0;
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            highest = highest.max(metric(mesh.gateway_http, "mesh_predict_lanes").await);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        highest
+    };
+    let (answers, during) = tokio::join!(burst, sample);
     assert!(during >= 1.0, "a lane was open during the burst: {during}");
     for (i, answer) in answers {
         if i % 2 == 1 {
