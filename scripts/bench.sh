@@ -10,6 +10,13 @@
 # of the floor's from the same run, the median over the pairs (this machine is shared and noisy:
 # ratios, not absolute rates, are comparable).
 #
+# Two more runs put the open-loop tail in context: the floor's own ModelInfer tail at the same
+# half rate (one bare hop, where the mesh's Predict makes four in a row plus a disk flush), and
+# Predict at a light load (a twentieth of saturation: the mesh's tail with next to no queueing).
+# Each run also reports the CPU time per request of the load generator and, where this machine
+# runs them, of the server processes (the floor; the replica listening on the inference URL; the
+# processes `make up` started, from .run/pids), so a ratio comes with what each side costs.
+#
 # Writes bench-results/<scenario>.json, bench-results/ratios.json and bench-results/summary.md,
 # and prints the summary. Override durations with BENCH_SECONDS (default 20; BENCH_OPEN_SECONDS
 # for the open-loop run, default the same), the pause between scenarios with BENCH_PAUSE
@@ -62,28 +69,54 @@ done
 grep -q "ModelInfer on" "$out/floor.log" || { cat "$out/floor.log" >&2; echo "the floor server did not start" >&2; exit 1; }
 floor="http://127.0.0.1:$floor_port"
 
+# Whose CPU time each run reports beside its own (`--cpu-of NAME=PID[,PID...]`), for processes
+# on this machine only: the one listening on a URL's port, and the processes of `make up`.
+listener_pid() { # URL -> the pid listening on its port here, if any
+  local port="${1##*:}"; port="${port%%/*}"
+  ss -H -ltnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true
+}
+alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+floor_cpu=(--cpu-of "floor=$floor_pid")
+replica_cpu=()
+replica_pid="$(listener_pid "$inference")"
+alive "$replica_pid" && replica_cpu=(--cpu-of "replica=$replica_pid")
+mesh_cpu=()
+for name in gateway features inference-1 inference-2 logger redis; do
+  pid="$(cat "$root/.run/pids/$name" 2>/dev/null || true)"
+  alive "$pid" && mesh_cpu+=(--cpu-of "$name=$pid")
+done
+pg="$(cat "$root/.run/pids/postgres" 2>/dev/null || true)"
+if alive "$pg"; then
+  # The postmaster and its children (the logger's backends among them).
+  mesh_cpu+=(--cpu-of "postgres=$(echo "$pg" $(pgrep -P "$pg" || true) | tr ' ' ',')")
+fi
+
 # Floor and mesh alternate, PAIRS times per load, so a burst of noise on this shared machine hits
 # one run of a pair rather than every floor figure; each ratio is the median of the pairs'.
 # (ModelInfer calls leave no backlog, so these runs need no pause between them.)
 for i in $(seq "$pairs"); do
-  nopause=1 run "floor-infer-1row-c32-$i" infer --url "$floor" --rows 1 --concurrency 32 --duration "$seconds"
-  nopause=1 run "infer-1row-c32-$i"       infer --url "$inference" --rows 1 --concurrency 32 --duration "$seconds"
+  nopause=1 run "floor-infer-1row-c32-$i" infer --url "$floor" --rows 1 --concurrency 32 --duration "$seconds" "${floor_cpu[@]}"
+  nopause=1 run "infer-1row-c32-$i"       infer --url "$inference" --rows 1 --concurrency 32 --duration "$seconds" "${replica_cpu[@]}"
 done
 for i in $(seq "$pairs"); do
-  nopause=1 run "floor-infer-32rows-c16-$i" infer --url "$floor" --rows 32 --concurrency 16 --duration "$seconds"
-  nopause=1 run "infer-32rows-c16-$i"       infer --url "$inference" --rows 32 --concurrency 16 --duration "$seconds"
+  nopause=1 run "floor-infer-32rows-c16-$i" infer --url "$floor" --rows 32 --concurrency 16 --duration "$seconds" "${floor_cpu[@]}"
+  nopause=1 run "infer-32rows-c16-$i"       infer --url "$inference" --rows 32 --concurrency 16 --duration "$seconds" "${replica_cpu[@]}"
 done
-run predict-closed-c32       predict --url "$gateway" --concurrency 32 --duration "$seconds"
+run predict-closed-c32       predict --url "$gateway" --concurrency 32 --duration "$seconds" "${mesh_cpu[@]}"
 # Half of the saturation just measured: the open-loop tail target's load.
 half="$(python3 -c 'import json,sys; print(max(1, int(json.load(open(sys.argv[1]))["ok_rps"] / 2)))' "$out/predict-closed-c32.json")"
-run predict-open-half        predict --url "$gateway" --rate "$half" --duration "$open_seconds"
+run predict-open-half        predict --url "$gateway" --rate "$half" --duration "$open_seconds" "${mesh_cpu[@]}"
+# The tail in context: one bare hop at the same rate, and the mesh at a twentieth of saturation.
+nopause=1 run floor-open-half infer --url "$floor" --rows 1 --rate "$half" --duration "$seconds" "${floor_cpu[@]}"
+light="$(( half / 10 > 50 ? half / 10 : 50 ))"
+run predict-open-light       predict --url "$gateway" --rate "$light" --duration "$seconds" "${mesh_cpu[@]}"
 
 python3 - "$out" "$pairs" <<'PY'
 import json, sys, pathlib, datetime, statistics
 out, pairs = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 loads = [("floor-infer-1row-c32", "infer-1row-c32"), ("floor-infer-32rows-c16", "infer-32rows-c16")]
 names = [f"{n}-{i}" for floor, mesh in loads for i in range(1, pairs + 1) for n in (floor, mesh)]
-names += ["predict-closed-c32", "predict-open-half"]
+names += ["predict-closed-c32", "predict-open-half", "floor-open-half", "predict-open-light"]
 r = {n: json.loads((out / f"{n}.json").read_text()) for n in names}
 rows = []
 for name in names:
@@ -113,10 +146,40 @@ tail_rows = [
     f"| open loop p99.9 | {tail['p99_9']:.2f} ms | ≤ 20 ms | {'met' if tail['p99_9'] <= 20 else 'NOT met'} |",
     f"| open loop errors | {open_errors} | 0 | {'met' if open_errors == 0 else 'NOT met'} |",
 ]
+floor_open, light_run = r["floor-open-half"], r["predict-open-light"]
+context_rows = [
+    f"| floor, one bare ModelInfer hop, open loop at {floor_open['rate']:.0f}/s | {floor_open['latency_ms']['p50']:.2f} | {floor_open['latency_ms']['p99']:.2f} | {floor_open['latency_ms']['p99_9']:.2f} |",
+    f"| mesh Predict, open loop at {light_run['rate']:.0f}/s (a twentieth of saturation) | {light_run['latency_ms']['p50']:.2f} | {light_run['latency_ms']['p99']:.2f} | {light_run['latency_ms']['p99_9']:.2f} |",
+    f"| mesh Predict, open loop at {open_run['rate']:.0f}/s (half of saturation) | {tail['p50']:.2f} | {tail['p99']:.2f} | {tail['p99_9']:.2f} |",
+]
+# CPU per request: the median over the pairs for the ModelInfer loads, each process's own.
+def cpu_of(name):
+    return r[name].get("cpu_us_per_request", {})
+def median_cpu(prefix):
+    runs = [cpu_of(f"{prefix}-{i}") for i in range(1, pairs + 1)]
+    keys = sorted(set().union(*runs)) if runs else []
+    return {k: statistics.median(x[k] for x in runs if k in x) for k in keys}
+cpu = {
+    "ModelInfer 1 row, floor": median_cpu("floor-infer-1row-c32"),
+    "ModelInfer 1 row, mesh": median_cpu("infer-1row-c32"),
+    "ModelInfer 32 rows, floor": median_cpu("floor-infer-32rows-c16"),
+    "ModelInfer 32 rows, mesh": median_cpu("infer-32rows-c16"),
+    f"Predict closed loop c=32": cpu_of("predict-closed-c32"),
+    f"Predict open loop at {open_run['rate']:.0f}/s": cpu_of("predict-open-half"),
+    f"Predict open loop at {light_run['rate']:.0f}/s": cpu_of("predict-open-light"),
+}
+def order(k):
+    return (k == "total", k == "client", k)
+cpu_rows = [f"| {what} | " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(each.items(), key=lambda kv: order(kv[0]))) + " |" for what, each in cpu.items() if each]
 (out / "ratios.json").write_text(json.dumps({
     "ratios": {what: value for what, value, _, _ in ratios},
     "pairs": {what: each for what, _, each, _ in ratios if each},
     "open_loop": {"rate": open_run["rate"], "p99_ms": tail["p99"], "p99_9_ms": tail["p99_9"], "errors": open_errors},
+    "tail_context": {
+        "floor_open_half": {"rate": floor_open["rate"], **{k: floor_open["latency_ms"][k] for k in ("p50", "p99", "p99_9")}},
+        "predict_open_light": {"rate": light_run["rate"], **{k: light_run["latency_ms"][k] for k in ("p50", "p99", "p99_9")}},
+    },
+    "cpu_us_per_request": cpu,
 }, indent=2))
 text = "\n".join([
     f"Benchmark run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (floor and mesh alternating, {pairs} pairs per ModelInfer load)",
@@ -127,7 +190,22 @@ text = "\n".join([
     "",
     "| against the floor (same run) | measured | target | |",
     "|---|---|---|---|",
-    *ratio_rows, *tail_rows, ""])
+    *ratio_rows, *tail_rows,
+    "",
+    "The open-loop tail in context (same run): one bare hop of the floor at the same rate, and the mesh with next to no queueing.",
+    "",
+    "| open loop | p50 ms | p99 ms | p99.9 ms |",
+    "|---|---|---|---|",
+    *context_rows,
+    *([
+        "",
+        "CPU time per request, in microseconds, of each process this machine ran for it (from schedstat, over the measured run; `client` is the load generator, beside the servers on the same cores).",
+        "",
+        "| load | CPU us per request |",
+        "|---|---|",
+        *cpu_rows,
+    ] if cpu_rows else []),
+    ""])
 (out / "summary.md").write_text(text)
 print(text)
 PY

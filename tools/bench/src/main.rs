@@ -18,6 +18,7 @@
 //! `mesh-bench floor` serves the other side instead: the bare KServe server ([`floor`]) whose
 //! throughput `make bench` divides the mesh's by.
 
+mod cpu;
 mod floor;
 mod pace;
 
@@ -142,6 +143,11 @@ struct Load {
     /// finish, and write the report as usual.
     #[arg(long, global = true)]
     stop_on_signal: bool,
+    /// Also report the CPU time per request of these processes on this machine, over the
+    /// measured run (`NAME=PID[,PID...]`, repeatable; the load generator's own is always
+    /// reported, as `client`), under `cpu_us_per_request` with their `total`.
+    #[arg(long = "cpu-of", global = true, value_name = "NAME=PID[,PID...]")]
+    cpu_of: Vec<cpu::Watched>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -781,6 +787,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_default()
         .as_millis();
     let recorder = Arc::new(Recorder::measured(&load, started_unix_ms)?);
+    let cpu_before = cpu::Snapshot::take(&load.cpu_of);
     let elapsed = run(
         &caller,
         &load,
@@ -790,6 +797,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         &stop,
     )
     .await?;
+    let cpu_after = cpu::Snapshot::take(&load.cpu_of);
 
     let histogram = recorder
         .histogram
@@ -825,6 +833,8 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         },
         "started_unix_ms": started_unix_ms as u64,
     });
+    let cpu = cpu_before.per_request(&cpu_after, total);
+    report["cpu_us_per_request"] = serde_json::json!(cpu);
     if let Some(timeline) = recorder.timeline_json() {
         report["ok_within_deadline"] = recorder.ok_within_deadline.load(Ordering::Relaxed).into();
         report["timeline"] = timeline;
@@ -854,6 +864,15 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 ms(0.999),
                 histogram.max() as f64 / 1000.0
             );
+            if !cpu.is_empty() {
+                println!(
+                    "  CPU us per request: {}",
+                    cpu.iter()
+                        .map(|(k, v)| format!("{k} {v:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             if errors.is_empty() {
                 println!("  errors: none");
             } else {
