@@ -71,9 +71,34 @@ floor="http://127.0.0.1:$floor_port"
 
 # Whose CPU time each run reports beside its own (`--cpu-of NAME=PID[,PID...]`), for processes
 # on this machine only: the one listening on a URL's port, and the processes of `make up`.
-listener_pid() { # URL -> the pid listening on its port here, if any
+listener_pid() { # URL -> the pid listening on its port here, if any (from /proc: no `ss` needed)
   local port="${1##*:}"; port="${port%%/*}"
-  ss -H -ltnp "sport = :$port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true
+  python3 - "$port" <<'PY' 2>/dev/null || true
+import os, sys
+port = int(sys.argv[1])
+inodes = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        lines = open(table).read().splitlines()[1:]
+    except OSError:
+        continue
+    for line in lines:
+        f = line.split()
+        if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+            inodes.add(f"socket:[{f[9]}]")
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        continue
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                print(pid)
+                sys.exit(0)
+        except OSError:
+            pass
+PY
 }
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 floor_cpu=(--cpu-of "floor=$floor_pid")
