@@ -113,7 +113,17 @@ done
 pg="$(cat "$root/.run/pids/postgres" 2>/dev/null || true)"
 if alive "$pg"; then
   # The postmaster and its children (the logger's backends among them).
-  mesh_cpu+=(--cpu-of "postgres=$(echo "$pg" $(pgrep -P "$pg" || true) | tr ' ' ',')")
+  children="$(python3 -c '
+import os, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        continue
+    if stat.rsplit(")", 1)[1].split()[1] == sys.argv[1]:  # the field after the state: ppid
+        print(pid)
+' "$pg" 2>/dev/null || true)"
+  mesh_cpu+=(--cpu-of "postgres=$(echo "$pg" $children | tr ' ' ',')")
 fi
 
 # Floor and mesh alternate, PAIRS times per load, so a burst of noise on this shared machine hits
