@@ -106,25 +106,11 @@ replica_cpu=()
 replica_pid="$(listener_pid "$inference")"
 alive "$replica_pid" && replica_cpu=(--cpu-of "replica=$replica_pid")
 mesh_cpu=()
-for name in gateway features inference-1 inference-2 logger redis; do
+# Each with its child processes: PostgreSQL's postmaster with its backends (the logger's among them).
+for name in gateway features inference-1 inference-2 logger redis postgres; do
   pid="$(cat "$root/.run/pids/$name" 2>/dev/null || true)"
   alive "$pid" && mesh_cpu+=(--cpu-of "$name=$pid")
 done
-pg="$(cat "$root/.run/pids/postgres" 2>/dev/null || true)"
-if alive "$pg"; then
-  # The postmaster and its children (the logger's backends among them).
-  children="$(python3 -c '
-import os, sys
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        continue
-    if stat.rsplit(")", 1)[1].split()[1] == sys.argv[1]:  # the field after the state: ppid
-        print(pid)
-' "$pg" 2>/dev/null || true)"
-  mesh_cpu+=(--cpu-of "postgres=$(echo "$pg" $children | tr ' ' ',')")
-fi
 
 # Floor and mesh alternate, PAIRS times per load, so a burst of noise on this shared machine hits
 # one run of a pair rather than every floor figure; each ratio is the median of the pairs'.

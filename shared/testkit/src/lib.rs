@@ -10,6 +10,7 @@
 //! - this module: [`RedisServer`], [`PostgresServer`], [`http_get`].
 //! - [`ha`]: the HA stores of `make up-ha`: a Patroni cluster, Redis under Sentinel.
 //! - [`proxy`]: the fault-injecting TCP proxy (delay, hold, refuse).
+//! - [`procs`]: processes on this machine, from `/proc` (a process's children).
 //! - [`readme`]: the README's configuration table checked against the services' settings.
 
 use std::net::TcpListener;
@@ -391,6 +392,7 @@ pub async fn http_get(
 }
 
 pub mod ha;
+pub mod procs;
 mod signal;
 
 pub use signal::sigterm;

@@ -7,14 +7,17 @@
 //! explained (e.g. the model server costs twice the floor server per call) rather than only
 //! quoted. Read from `/proc/<pid>/task/*/schedstat` (time on a CPU, in nanoseconds, of every
 //! thread; a thread that exited during the run takes its time with it, which the services here
-//! do not do: their threads live as long as they do).
+//! do not do: their threads live as long as they do). A watched process counts with its child
+//! processes, so PostgreSQL is its postmaster's pid.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::str::FromStr;
 
-/// `NAME=PID[,PID…]`: a process (or several, e.g. PostgreSQL's backends) whose CPU time is
-/// reported under `NAME`.
+use mesh_testkit::procs::children_of;
+
+/// `NAME=PID[,PID…]`: a process (or several) whose CPU time, with that of its child processes
+/// (e.g. PostgreSQL's backends under the postmaster), is reported under `NAME`.
 #[derive(Clone, Debug)]
 pub struct Watched {
     /// The name in the report.
@@ -68,6 +71,18 @@ pub fn process_ns(pid: &str) -> io::Result<u64> {
     Ok(total)
 }
 
+/// Nanoseconds on a CPU so far of process `pid` and of its children alive now (a child that
+/// ended takes its time with it; one that started during a run brings all of its own, which
+/// that run spent).
+fn with_children_ns(pid: u32) -> io::Result<u64> {
+    let own = process_ns(&pid.to_string())?;
+    let children: u64 = children_of(pid)
+        .into_iter()
+        .filter_map(|child| process_ns(&child.to_string()).ok())
+        .sum();
+    Ok(own + children)
+}
+
 /// CPU time so far of the load generator and of each watched process (`None`: it could not be
 /// read, e.g. it exited).
 pub struct Snapshot {
@@ -86,7 +101,7 @@ impl Snapshot {
                     let sum = w
                         .pids
                         .iter()
-                        .map(|pid| process_ns(&pid.to_string()))
+                        .map(|&pid| with_children_ns(pid))
                         .sum::<io::Result<u64>>()
                         .ok();
                     (w.name.clone(), sum)
@@ -174,6 +189,38 @@ mod tests {
         );
         assert_eq!(per["total"], client);
         assert!(before.per_request(&after, 0).is_empty());
+    }
+
+    #[test]
+    fn a_watched_process_counts_its_children() {
+        // A parent that only waits, and a child of it that spins for about two seconds.
+        let mut parent = std::process::Command::new("bash")
+            .args([
+                "-c",
+                "(end=$((SECONDS + 2)); while [ $SECONDS -lt $end ]; do :; done) & wait",
+            ])
+            .spawn()
+            .expect("bash");
+        let watched = Watched {
+            name: "parent".into(),
+            pids: vec![parent.id()],
+        };
+        let before = Snapshot::take(std::slice::from_ref(&watched));
+        // Until the parent's figure shows 20 ms: only its spinning child can give it that.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let counted = loop {
+            let now = Snapshot::take(std::slice::from_ref(&watched));
+            let us = before.per_request(&now, 1).get("parent").copied();
+            if us.is_some_and(|us| us >= 20_000.0) || std::time::Instant::now() > deadline {
+                break us;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let _ = parent.wait();
+        assert!(
+            counted.is_some_and(|us| us >= 20_000.0),
+            "the spinning child's CPU was not counted under its parent: {counted:?} us"
+        );
     }
 
     #[test]

@@ -143,8 +143,8 @@ struct Load {
     /// finish, and write the report as usual.
     #[arg(long, global = true)]
     stop_on_signal: bool,
-    /// Also report the CPU time per request of these processes on this machine, over the
-    /// measured run (`NAME=PID[,PID...]`, repeatable; the load generator's own is always
+    /// Also report the CPU time per request of these processes on this machine, each with its
+    /// child processes, over the measured run (`NAME=PID[,PID...]`, repeatable; the load generator's own is always
     /// reported, as `client`), under `cpu_us_per_request` with their `total`.
     #[arg(long = "cpu-of", global = true, value_name = "NAME=PID[,PID...]")]
     cpu_of: Vec<cpu::Watched>,

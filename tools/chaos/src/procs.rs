@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use mesh_testkit::procs::children_of;
 
 /// Sends `signal` to `pid`. Callers pass only PIDs of children they spawned and have not
 /// reaped (checked with `try_wait` first), so the PID cannot belong to another process.
@@ -262,27 +263,6 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
-}
-
-/// The PIDs whose parent is `parent` (from `/proc/<pid>/stat`).
-pub fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                // The command name is in parentheses and may contain spaces: parse after it.
-                .and_then(|stat| {
-                    let after = &stat[stat.rfind(')')? + 1..];
-                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(parent)
-        })
-        .collect()
 }
 
 /// A process and its children stopped with SIGSTOP; dropping it sends SIGCONT to all of them,
